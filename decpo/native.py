@@ -1,0 +1,135 @@
+"""Loader for the CMake-built native CPU library (kernels/ -> libdecpo_native.so).
+
+The library exposes a plain C ABI and is called through ctypes with tensor data
+pointers, so it never links against libtorch and works with any installed torch.
+Set DECPO_NATIVE_LIB to a library path to override where it is looked for.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.metadata
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+LIBRARY_NAME = "libdecpo_native.so"
+ABI_VERSION = 1
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def _candidate_paths() -> list[Path]:
+    paths = []
+    if env := os.environ.get("DECPO_NATIVE_LIB"):
+        paths.append(Path(env))
+    paths.append(Path(__file__).with_name(LIBRARY_NAME))
+    # Editable installs keep the Python sources in the checkout and the built
+    # library in site-packages: ask the installed distribution where it put it.
+    try:
+        for file in importlib.metadata.files("decpo") or []:
+            if file.name == LIBRARY_NAME:
+                paths.append(Path(str(file.locate())))
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    return paths
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    errors = []
+    for path in _candidate_paths():
+        if not path.is_file():
+            continue
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as exc:
+            errors.append(f"{path}: {exc}")
+            continue
+        lib.decpo_abi_version.restype = ctypes.c_int
+        if lib.decpo_abi_version() != ABI_VERSION:
+            errors.append(f"{path}: ABI version {lib.decpo_abi_version()} != {ABI_VERSION}")
+            continue
+        _declare(lib)
+        return lib, str(path)
+    reason = "; ".join(errors) or (
+        f"{LIBRARY_NAME} not found (build it with `pip install -e .` or "
+        "`cmake -S . -B build && cmake --build build`)"
+    )
+    return None, reason
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+    lib.decpo_logprobs_from_logits_fwd.restype = ctypes.c_int
+    lib.decpo_logprobs_from_logits_fwd.argtypes = [
+        ptr,
+        ctypes.c_int,
+        i64,
+        i64,
+        i64,  # logits, dtype, n_rows, n_vocab, row_stride
+        ptr,
+        i64,
+        f32,  # targets, ignore_index, inv_temperature
+        ptr,
+        ptr,  # logp, lse
+    ]
+
+
+def is_available() -> bool:
+    """True when the native library was built and loads."""
+    return _load()[0] is not None
+
+
+def unavailable_reason() -> str:
+    """Why the library cannot be used ('' when it can)."""
+    lib, reason = _load()
+    return "" if lib is not None else reason
+
+
+def library() -> ctypes.CDLL:
+    """The loaded library; RuntimeError with the reason when it cannot be loaded."""
+    lib, reason = _load()
+    if lib is None:
+        raise RuntimeError(f"decpo native library unavailable: {reason}")
+    return lib
+
+
+@functools.cache
+def warn_fallback(op: str) -> None:
+    """One warning per op when "auto" falls back from native to torch on CPU."""
+    warnings.warn(
+        f"decpo: native CPU library unavailable ({unavailable_reason()}); "
+        f"{op} uses the torch backend",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def logprobs_from_logits_fwd(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise log-softmax-and-gather in one pass: (logp, lse), both fp32 (N,).
+
+    logits (N, V) fp32 or bf16 on CPU with unit stride along V; targets (N,) int64.
+    """
+    assert logits.dim() == 2 and targets.shape == logits.shape[:1]
+    assert logits.device.type == "cpu" and logits.dtype in _DTYPE_CODES
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    targets = targets.contiguous()
+    n, v = logits.shape
+    logp = torch.empty(n, dtype=torch.float32)
+    lse = torch.empty(n, dtype=torch.float32)
+    status = library().decpo_logprobs_from_logits_fwd(
+        logits.data_ptr(), _DTYPE_CODES[logits.dtype], n, v, logits.stride(0),
+        targets.data_ptr(), ignore_index, 1.0 / temperature,
+        logp.data_ptr(), lse.data_ptr(),
+    )  # fmt: skip
+    if status == 2:
+        raise ValueError(f"targets must be in [0, {v}) or equal ignore_index={ignore_index}")
+    assert status == 0, f"decpo_logprobs_from_logits_fwd returned {status}"
+    return logp, lse

@@ -1,0 +1,1 @@
+"""Public ops: validation, backend dispatch, torch custom ops and autograd."""

@@ -1,0 +1,113 @@
+"""decorrelation_penalty: the DecPO feature-decorrelation regularizer.
+
+Layers: backend kernels (decpo.torch_backend.decorrelation, later Triton and native)
+-> the custom op decpo::decorrelation_penalty (loss and gradient in one forward)
+-> its autograd formula (backward scales the stored gradient by grad_output)
+-> the public function (validation, backend choice).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from decpo import checks
+from decpo.backend import resolve_backend
+from decpo.torch_backend import decorrelation as torch_impl
+
+REDUCTIONS = ("mean", "sum")
+
+
+@torch.library.custom_op("decpo::decorrelation_penalty", mutates_args=())
+def _decorrelation_op(
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    segment_ids: torch.Tensor | None,
+    normalize: bool,
+    offdiag: bool,
+    reduction: str,
+    backend: str,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss 0-dim, d loss / d hidden or an empty tensor) for hidden (L, N, D)."""
+    assert backend == "torch", backend
+    return torch_impl.decorrelation_penalty(
+        hidden, mask, segment_ids, normalize, offdiag, reduction, compute_grad
+    )
+
+
+@_decorrelation_op.register_fake
+def _(hidden, mask, segment_ids, normalize, offdiag, reduction, backend, compute_grad):
+    out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    grad = hidden.new_empty(hidden.shape) if compute_grad else hidden.new_empty(0)
+    return hidden.new_empty((), dtype=out_dtype), grad
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad_loss: torch.Tensor, _grad_of_grad: torch.Tensor):
+    (grad,) = ctx.saved_tensors
+    # The gradient was computed in the forward; scale it by the upstream gradient in
+    # fp32 or better.
+    scaled = grad.to(torch.promote_types(grad.dtype, torch.float32)) * grad_loss
+    return scaled.to(grad.dtype), None, None, None, None, None, None, None
+
+
+_decorrelation_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def decorrelation_penalty(
+    hidden: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
+    normalize: bool = True,
+    offdiag: bool = False,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Frobenius penalty pushing the Gram matrix of (normalized) rows towards I.
+
+    hidden: (N, D) or (L, N, D) floating tensor, rows are tokens. mask: (N,) bool,
+    selects rows. segment_ids: (N,) int, groups rows (any order); rows interact only
+    within their group. normalize: rows are scaled to unit norm first. offdiag: count
+    only pairs i != j. reduction: "mean" (over counted pairs) or "sum". For (L, N, D)
+    the result is the mean over layers. Returns a 0-dim fp32 tensor (float64 for
+    float64 input); 0 with zero gradient when no pair is counted.
+    """
+    checks.floating("hidden", hidden)
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must be (N, D) or (L, N, D), got shape {tuple(hidden.shape)}")
+    if hidden.shape[-1] == 0:
+        raise ValueError(f"hidden must have at least one feature, got shape {tuple(hidden.shape)}")
+    n = hidden.shape[-2]
+    if mask is not None:
+        checks.tensor("mask", mask)
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got dtype {mask.dtype}")
+        if mask.shape != (n,):
+            raise ValueError(
+                f"mask must have shape (N,) = ({n},) for hidden {tuple(hidden.shape)}, "
+                f"got {tuple(mask.shape)}"
+            )
+    if segment_ids is not None:
+        checks.integer("segment_ids", segment_ids)
+        if segment_ids.shape != (n,):
+            raise ValueError(
+                f"segment_ids must have shape (N,) = ({n},) for hidden {tuple(hidden.shape)}, "
+                f"got {tuple(segment_ids.shape)}"
+            )
+    checks.same_device(hidden=hidden, mask=mask, segment_ids=segment_ids)
+    checks.flag("normalize", normalize)
+    checks.flag("offdiag", offdiag)
+    checks.choice("reduction", reduction, REDUCTIONS)
+    resolved = resolve_backend("decorrelation_penalty", backend, hidden.device)
+
+    compute_grad = hidden.requires_grad and torch.is_grad_enabled()
+    layered = hidden if hidden.dim() == 3 else hidden.unsqueeze(0)  # (L, N, D)
+    loss, _ = _decorrelation_op(
+        layered, mask, segment_ids, normalize, offdiag, reduction, resolved, compute_grad
+    )
+    return loss

@@ -1,0 +1,269 @@
+"""token_logprobs and logprobs_from_logits: per-token log p(y_t | context).
+
+Layers: backend kernels (decpo.torch_backend.logprobs, decpo.native, later Triton)
+-> custom ops decpo::token_logprobs / decpo::logprobs_from_logits and their
+backward ops -> autograd formulas -> the public functions (validation, flattening
+to 2-D, backend choice).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from decpo import checks
+from decpo.backend import resolve_backend
+from decpo.torch_backend import logprobs as torch_impl
+
+
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------- token_logprobs
+
+
+@torch.library.custom_op("decpo::token_logprobs", mutates_args=())
+def _token_logprobs_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    ignore_index: int,
+    temperature: float,
+    backend: str,
+    frozen_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp (N,), lse (N,), d logp / d hidden (N, D) if frozen_grad else empty)."""
+    assert backend == "torch", backend
+    checks.targets_in_range(targets, weight.shape[0], ignore_index)
+    return torch_impl.token_logprobs(
+        hidden, weight, targets, bias, ignore_index, temperature, frozen_grad
+    )
+
+
+@_token_logprobs_op.register_fake
+def _(hidden, weight, targets, bias, ignore_index, temperature, backend, frozen_grad):
+    n = hidden.shape[0]
+    out_dtype = _out_dtype(hidden.dtype)
+    grad = hidden.new_empty(hidden.shape) if frozen_grad else hidden.new_empty(0)
+    return hidden.new_empty(n, dtype=out_dtype), hidden.new_empty(n, dtype=out_dtype), grad
+
+
+@torch.library.custom_op("decpo::token_logprobs_backward", mutates_args=())
+def _token_logprobs_backward_op(
+    grad_logp: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    lse: torch.Tensor,
+    ignore_index: int,
+    temperature: float,
+    backend: str,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    assert backend == "torch", backend
+    return torch_impl.token_logprobs_backward(
+        grad_logp, hidden, weight, targets, bias, lse, ignore_index, temperature,
+        need_hidden, need_weight, need_bias,
+    )  # fmt: skip
+
+
+@_token_logprobs_backward_op.register_fake
+def _(grad_logp, hidden, weight, targets, bias, lse, ignore_index, temperature, backend,
+      need_hidden, need_weight, need_bias):  # fmt: skip
+    d_hidden = hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0)
+    d_weight = weight.new_empty(weight.shape) if need_weight else weight.new_empty(0)
+    d_bias = bias.new_empty(bias.shape) if (need_bias and bias is not None) else weight.new_empty(0)
+    return d_hidden, d_weight, d_bias
+
+
+def _token_setup_context(ctx, inputs, output) -> None:
+    hidden, weight, targets, bias, ignore_index, temperature, backend, frozen_grad = inputs
+    _logp, lse, grad = output
+    ctx.mark_non_differentiable(lse, grad)
+    ctx.frozen_grad = frozen_grad
+    ctx.args = (ignore_index, temperature, backend)
+    ctx.has_bias = bias is not None
+    if frozen_grad:
+        ctx.save_for_backward(grad)
+    else:
+        ctx.save_for_backward(hidden, weight, targets, bias, lse)
+
+
+def _token_backward(ctx, grad_logp: torch.Tensor, _g_lse, _g_grad):
+    if ctx.frozen_grad:
+        # One-pass frozen head: d hidden = g * (W_y - E) / T was computed in the forward.
+        (grad,) = ctx.saved_tensors
+        d_hidden = (grad.to(grad_logp.dtype) * grad_logp[:, None]).to(grad.dtype)
+        return d_hidden, None, None, None, None, None, None, None
+    hidden, weight, targets, bias, lse = ctx.saved_tensors
+    need_hidden, need_weight, _, need_bias = ctx.needs_input_grad[:4]
+    d_hidden, d_weight, d_bias = _token_logprobs_backward_op(
+        grad_logp.contiguous(), hidden, weight, targets, bias, lse, *ctx.args,
+        need_hidden, need_weight, need_bias and ctx.has_bias,
+    )  # fmt: skip
+    return (
+        d_hidden if need_hidden else None,
+        d_weight if need_weight else None,
+        None,
+        d_bias if (need_bias and ctx.has_bias) else None,
+        None, None, None, None,
+    )  # fmt: skip
+
+
+_token_logprobs_op.register_autograd(_token_backward, setup_context=_token_setup_context)
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """log softmax((hidden @ weight.T + bias) / temperature) gathered at targets,
+    without materializing the logits.
+
+    hidden (..., D) floating; weight (V, D), the LM head, same dtype; targets (...)
+    int64 in [0, V) or ignore_index; bias (V,) optional. Returns fp32 log-probs
+    (float64 for float64 input) shaped like targets, 0 where targets == ignore_index.
+    Differentiable in hidden, weight and bias; with a frozen head (weight and bias
+    not requiring grad) the gradient is computed in the forward pass.
+    """
+    checks.floating("hidden", hidden)
+    checks.floating("weight", weight)
+    checks.integer("targets", targets)
+    if hidden.dim() < 1:
+        raise ValueError("hidden must be (..., D), got a 0-dim tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be (V, D), got shape {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight (V, D) = {tuple(weight.shape)} does not match hidden (..., D) = "
+            f"{tuple(hidden.shape)}: D differs"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one vocabulary row, got V = 0")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"targets must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "
+            f"got {tuple(targets.shape)}"
+        )
+    if bias is not None:
+        checks.floating("bias", bias)
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(
+                f"bias must have shape (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}"
+            )
+    checks.same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
+    checks.same_dtype(hidden=hidden, weight=weight, bias=bias)
+    checks.integer_scalar("ignore_index", ignore_index)
+    temperature = checks.positive_float("temperature", temperature)
+    resolved = resolve_backend("token_logprobs", backend, hidden.device)
+
+    grad_on = torch.is_grad_enabled()
+    head_trainable = grad_on and (weight.requires_grad or (bias is not None and bias.requires_grad))
+    frozen_grad = grad_on and hidden.requires_grad and not head_trainable
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, D)
+    flat_targets = targets.reshape(-1).long()  # (N,)
+    logp, _, _ = _token_logprobs_op(
+        flat_hidden, weight, flat_targets, bias, ignore_index, temperature, resolved, frozen_grad
+    )
+    return logp.reshape(targets.shape)
+
+
+# ---------------------------------------------------------- logprobs_from_logits
+
+
+@torch.library.custom_op("decpo::logprobs_from_logits", mutates_args=())
+def _logits_op(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, temperature: float, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp (N,), lse (N,)) for logits (N, V)."""
+    assert backend == "torch", backend
+    checks.targets_in_range(targets, logits.shape[1], ignore_index)
+    return torch_impl.logprobs_from_logits(logits, targets, ignore_index, temperature)
+
+
+@_logits_op.register_fake
+def _(logits, targets, ignore_index, temperature, backend):
+    n = logits.shape[0]
+    out_dtype = _out_dtype(logits.dtype)
+    return logits.new_empty(n, dtype=out_dtype), logits.new_empty(n, dtype=out_dtype)
+
+
+@torch.library.custom_op("decpo::logprobs_from_logits_backward", mutates_args=())
+def _logits_backward_op(
+    grad_logp: torch.Tensor,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    ignore_index: int,
+    temperature: float,
+    backend: str,
+) -> torch.Tensor:
+    assert backend == "torch", backend
+    return torch_impl.logprobs_from_logits_backward(
+        grad_logp, logits, targets, lse, ignore_index, temperature
+    )
+
+
+@_logits_backward_op.register_fake
+def _(grad_logp, logits, targets, lse, ignore_index, temperature, backend):
+    return torch.empty_like(logits)
+
+
+def _logits_setup_context(ctx, inputs, output) -> None:
+    logits, targets, ignore_index, temperature, backend = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(logits, targets, output[1])
+    ctx.args = (ignore_index, temperature, backend)
+
+
+def _logits_backward(ctx, grad_logp: torch.Tensor, _g_lse):
+    logits, targets, lse = ctx.saved_tensors
+    d_logits = _logits_backward_op(grad_logp.contiguous(), logits, targets, lse, *ctx.args)
+    return d_logits, None, None, None, None
+
+
+_logits_op.register_autograd(_logits_backward, setup_context=_logits_setup_context)
+
+
+def logprobs_from_logits(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """log softmax(logits / temperature) gathered at targets, one read of the logits.
+
+    logits (..., V) floating; targets (...) int64 in [0, V) or ignore_index. Returns
+    fp32 log-probs (float64 for float64 input) shaped like targets, 0 at ignored
+    positions. Differentiable in logits.
+    """
+    checks.floating("logits", logits)
+    checks.integer("targets", targets)
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must be (..., V) with V >= 1, got shape {tuple(logits.shape)}")
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"targets must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
+            f"got {tuple(targets.shape)}"
+        )
+    checks.same_device(logits=logits, targets=targets)
+    checks.integer_scalar("ignore_index", ignore_index)
+    temperature = checks.positive_float("temperature", temperature)
+    resolved = resolve_backend("logprobs_from_logits", backend, logits.device)
+
+    flat_logits = logits.reshape(-1, logits.shape[-1])  # (N, V)
+    flat_targets = targets.reshape(-1).long()  # (N,)
+    logp, _ = _logits_op(flat_logits, flat_targets, ignore_index, temperature, resolved)
+    return logp.reshape(targets.shape)

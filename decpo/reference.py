@@ -1,0 +1,110 @@
+"""Pure-PyTorch references, shared by tests and benchmarks.
+
+Two kinds:
+- *_reference: the DESIGN formulas written as plainly as possible, run in float64
+  (callers pass float64 tensors), differentiable through autograd. They hold the
+  full N x N Gram and N x V logits, so keep shapes small.
+- eager_*: what a user writes in PyTorch at the input dtype, with autograd. Tests
+  use them to measure PyTorch's own rounding error at a dtype; benchmarks use them
+  (and torch.compile of them) as baselines.
+"""
+
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-6
+
+
+def decorrelation_penalty_reference(
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
+    normalize: bool = True,
+    offdiag: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """P for hidden (N, D) or (L, N, D) via the full Gram matrix of each group."""
+    if hidden.dim() == 3:
+        return torch.stack(
+            [
+                decorrelation_penalty_reference(h, mask, segment_ids, normalize, offdiag, reduction)
+                for h in hidden
+            ]
+        ).mean()
+    n = hidden.shape[0]
+    keep = torch.ones(n, dtype=torch.bool) if mask is None else mask.cpu()
+    seg = torch.zeros(n, dtype=torch.long) if segment_ids is None else segment_ids.cpu()
+    total = hidden.new_zeros(())
+    pairs = 0
+    for group in torch.unique(seg[keep]).tolist():
+        rows = torch.nonzero(keep & (seg == group)).squeeze(1).to(hidden.device)
+        h = hidden[rows]
+        z = h / h.norm(dim=1, keepdim=True).clamp_min(EPS) if normalize else h
+        err = z @ z.T - torch.eye(len(rows), dtype=z.dtype, device=z.device)
+        if offdiag:
+            err = err - torch.diag(torch.diagonal(err))
+            pairs += len(rows) * (len(rows) - 1)
+        else:
+            pairs += len(rows) ** 2
+        total = total + err.square().sum()
+    if pairs == 0:
+        return total
+    return total / pairs if reduction == "mean" else total
+
+
+def token_logprobs_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """log_softmax((h W^T + b) / T) at targets through full logits; 0 at ignore_index."""
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    return logprobs_from_logits_reference(logits, targets, ignore_index, temperature)
+
+
+def logprobs_from_logits_reference(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, temperature: float = 1.0
+) -> torch.Tensor:
+    valid = targets != ignore_index
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    picked = logp.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, picked, torch.zeros_like(picked))
+
+
+def eager_decorrelation_penalty(hidden: torch.Tensor) -> torch.Tensor:
+    """The penalty as a user writes it: fp32, normalize, full Gram, mean over pairs."""
+    z = torch.nn.functional.normalize(hidden.float(), dim=-1, eps=EPS)
+    gram = z @ z.transpose(-1, -2)
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    return (gram - eye).square().mean()
+
+
+def eager_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """hidden @ weight.T at the input dtype, then fp32 log_softmax and gather."""
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    return eager_logprobs_from_logits(logits, targets, ignore_index, temperature)
+
+
+def eager_logprobs_from_logits(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, temperature: float = 1.0
+) -> torch.Tensor:
+    """float log_softmax then gather, as TRL and most trainers do."""
+    valid = targets != ignore_index
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    picked = logp.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
+    return picked * valid

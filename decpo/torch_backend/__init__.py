@@ -1,0 +1,1 @@
+"""Pure-PyTorch backend: chunked, memory-lean implementations that run on any device."""

@@ -1,0 +1,188 @@
+"""Decorrelation penalty in pure PyTorch: loss and gradient together, per group.
+
+Per group of n selected rows Z (n, D) (normalized rows when normalize=True) the
+penalty is P_sum = sum over counted pairs (G_ij - delta_ij)^2 with G = Z Z^T.
+Two exact paths; the cheaper is chosen per group (DESIGN section 1):
+
+- Gram path, n <= D: G = Z Z^T costs n^2 D multiply-adds, dZ = 4 (G - I) Z another
+  n^2 D; the (n, n) matrix is no larger than Z itself.
+- Covariance path, n > D: C = Z^T Z costs n D^2, dZ = 4 Z (C - I) another n D^2,
+  and only the (D, D) matrix is held, never (n, n). Rows are streamed in chunks so
+  no fp32 copy of the whole group is held either. The loss is evaluated as
+      P_sum = ||C - cI||_F^2 + (s - D)^2 / D + (n - D)       (full, c = s / D)
+      P_sum = ||C - cI||_F^2 + s^2 / D - sum ||z_i||^4       (offdiag)
+  with s = sum ||z_i||^2 = tr C; this equals ||C||_F^2 - 2 s + n (resp.
+  ||C||_F^2 - sum ||z_i||^4) exactly, but the full form is a sum of non-negative
+  terms (n > D), so nothing cancels when n is close to D.
+
+All arithmetic is in fp32 (float64 for float64 input). The gradient is computed
+only when asked for and returned in the input dtype, already scaled for the
+reduction and the mean over layers; the autograd backward multiplies it by
+grad_output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-6
+# Rows per chunk on the covariance path: bounds the fp32 working copy to
+# ROW_CHUNK x D per layer.
+ROW_CHUNK = 4096
+
+
+def _normalize(h: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """z = h / max(||h||, eps) row-wise; returns (z, clamped norms or None)."""
+    if not normalize:
+        return h, None
+    denom = torch.linalg.vector_norm(h, dim=-1, keepdim=True).clamp_min(EPS)  # (L, n, 1)
+    return h / denom, denom
+
+
+def _normalize_backward(
+    dz: torch.Tensor, z: torch.Tensor, denom: torch.Tensor | None
+) -> torch.Tensor:
+    """dh from dz for z = h / max(||h||, eps): (dz - (dz . z) z) / ||h||, or dz / eps
+    where the norm was clamped (the exact derivative of the clamped formula)."""
+    if denom is None:
+        return dz
+    radial = (dz * z).sum(-1, keepdim=True) * z
+    return (dz - torch.where(denom > EPS, radial, torch.zeros_like(radial))) / denom
+
+
+def _gram_group(
+    h: torch.Tensor, normalize: bool, offdiag: bool, compute_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(P_sum per layer (L,), dH (L, n, D) or None) for one group with n <= D."""
+    z, denom = _normalize(h, normalize)  # (L, n, D)
+    e = z @ z.transpose(1, 2)  # (L, n, n) = G
+    diag = e.diagonal(dim1=1, dim2=2)
+    if offdiag:
+        diag.zero_()
+    else:
+        diag.sub_(1.0)
+    p_sum = e.square().sum((1, 2))  # (L,)
+    if not compute_grad:
+        return p_sum, None
+    dz = 4.0 * (e @ z)  # E is symmetric: dP/dz_i = 4 sum_j E_ij z_j
+    return p_sum, _normalize_backward(dz, z, denom)
+
+
+def _covariance_group(
+    hidden: torch.Tensor,
+    rows: torch.Tensor | None,
+    normalize: bool,
+    offdiag: bool,
+    compute_dtype: torch.dtype,
+    grad_out: torch.Tensor | None,
+    grad_scale: float,
+) -> torch.Tensor:
+    """P_sum per layer (L,) for one group with n > D; writes scaled dH into grad_out."""
+    n_layers, n_total, dim = hidden.shape
+    n = n_total if rows is None else rows.numel()
+
+    def chunk(start: int) -> torch.Tensor:  # (L, c, D) in compute dtype
+        if rows is None:
+            return hidden[:, start : start + ROW_CHUNK].to(compute_dtype)
+        return hidden[:, rows[start : start + ROW_CHUNK]].to(compute_dtype)
+
+    cov = hidden.new_zeros((n_layers, dim, dim), dtype=compute_dtype)  # C = Z^T Z
+    sq_sum = hidden.new_zeros(n_layers, dtype=torch.float64)  # s = sum ||z||^2
+    quad_sum = hidden.new_zeros(n_layers, dtype=torch.float64)  # sum ||z||^4
+    for start in range(0, n, ROW_CHUNK):
+        z, _ = _normalize(chunk(start), normalize)
+        cov.baddbmm_(z.transpose(1, 2), z)
+        sq = z.square().sum(-1).double()  # (L, c)
+        sq_sum += sq.sum(-1)
+        quad_sum += sq.square().sum(-1)
+
+    c = (sq_sum / dim).to(compute_dtype)  # (L,)
+    centered = cov - c[:, None, None] * torch.eye(dim, dtype=compute_dtype, device=cov.device)
+    p_sum = centered.square().sum((1, 2)).double()
+    if offdiag:
+        p_sum = p_sum + sq_sum.square() / dim - quad_sum
+    else:
+        p_sum = p_sum + (sq_sum - dim).square() / dim + (n - dim)
+
+    if grad_out is not None:
+        for start in range(0, n, ROW_CHUNK):
+            z, denom = _normalize(chunk(start), normalize)
+            zc = z @ cov  # (L, c, D)
+            if offdiag:
+                dz = 4.0 * (zc - z.square().sum(-1, keepdim=True) * z)
+            else:
+                dz = 4.0 * (zc - z)
+            dh = (_normalize_backward(dz, z, denom) * grad_scale).to(grad_out.dtype)
+            if rows is None:
+                grad_out[:, start : start + ROW_CHUNK] = dh
+            else:
+                grad_out[:, rows[start : start + ROW_CHUNK]] = dh
+    return p_sum.to(compute_dtype)
+
+
+def _groups(
+    n: int, mask: torch.Tensor | None, segment_ids: torch.Tensor | None, device: torch.device
+) -> list[torch.Tensor | None]:
+    """Row indices of each group (None = all n rows in one group). One host sync."""
+    if mask is None and segment_ids is None:
+        return [None]
+    rows = torch.arange(n, device=device) if mask is None else mask.nonzero().squeeze(1)
+    if segment_ids is None:
+        return [rows]
+    seg = segment_ids[rows]
+    seg_sorted, order = torch.sort(seg, stable=True)
+    rows = rows[order]
+    counts = torch.unique_consecutive(seg_sorted, return_counts=True)[1].tolist()
+    return list(torch.split(rows, counts))
+
+
+def decorrelation_penalty(
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    segment_ids: torch.Tensor | None,
+    normalize: bool,
+    offdiag: bool,
+    reduction: str,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Penalty and (if compute_grad) its gradient for hidden (L, N, D).
+
+    Returns (loss 0-dim, grad (L, N, D) in hidden's dtype, or an empty tensor).
+    """
+    n_layers, n, dim = hidden.shape
+    compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    groups = _groups(n, mask, segment_ids, hidden.device)
+    sizes = [n if rows is None else rows.numel() for rows in groups]
+    pairs = sum(s * (s - 1) if offdiag else s * s for s in sizes)
+
+    grad = torch.zeros_like(hidden) if compute_grad else hidden.new_empty(0)
+    if pairs == 0 or n_layers == 0:
+        return hidden.new_zeros((), dtype=compute_dtype), grad
+
+    # d(loss)/d(P_sum of layer l) for every layer: 1/L for the mean over layers,
+    # times 1/pairs for reduction="mean".
+    grad_scale = 1.0 / n_layers / (pairs if reduction == "mean" else 1)
+    p_sum = hidden.new_zeros(n_layers, dtype=compute_dtype)
+    for rows, size in zip(groups, sizes, strict=True):
+        if size == 0 or (offdiag and size == 1):
+            continue
+        if size <= dim:
+            h = (hidden if rows is None else hidden[:, rows]).to(compute_dtype)  # (L, n, D)
+            group_p, dh = _gram_group(h, normalize, offdiag, compute_grad)
+            if dh is not None:
+                dh = (dh * grad_scale).to(hidden.dtype)
+                if rows is None:
+                    grad.copy_(dh)
+                else:
+                    grad[:, rows] = dh
+        else:
+            group_p = _covariance_group(
+                hidden, rows, normalize, offdiag, compute_dtype,
+                grad if compute_grad else None, grad_scale,
+            )  # fmt: skip
+        p_sum += group_p
+
+    loss = p_sum.sum() * grad_scale
+    # NaN or Inf anywhere in the selected rows must not come out as a finite number.
+    loss = torch.where(torch.isfinite(loss), loss, torch.full_like(loss, float("nan")))
+    return loss, grad

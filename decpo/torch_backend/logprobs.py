@@ -1,0 +1,267 @@
+"""Per-token log-probs in pure PyTorch, tiled so no N x V fp32 buffer is ever held.
+
+token_logprobs: logits = (h W^T + b) / T are produced one (row chunk, vocab chunk)
+tile at a time and folded into a running max m and sum-exp s per row (the online
+logsumexp), with the target logit gathered from whichever tile holds it.
+
+With a frozen head (hidden needs a gradient, weight and bias do not) the forward
+also accumulates E_t = sum_v p_tv W_v online, flash-attention style (rescale the
+accumulator when the running max moves), so the gradient is known at the end of
+the forward: d logp_t / d h_t = (W_{y_t} - E_t) / T. Two matrix products per tile
+(2 N V D each): forward+gradient costs 4 N V D FLOPs, and the backward is one
+elementwise multiply by grad_output. When the weight or bias needs a gradient
+the backward recomputes each tile (6 N V D in all).
+
+logprobs_from_logits: one pass over each row chunk of the logits in the forward,
+one read and one write in the backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Elements per fp32 logit tile: 2^22 * 4 bytes = 16 MiB (64 MiB on GPUs).
+TILE_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 24}
+VOCAB_CHUNK = 8192
+
+
+def _tile(n_rows: int, n_vocab: int, device: torch.device) -> tuple[int, int]:
+    budget = TILE_ELEMENTS.get(device.type, 1 << 22)
+    vocab_chunk = min(n_vocab, VOCAB_CHUNK)
+    return max(1, min(n_rows, budget // vocab_chunk)), vocab_chunk
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _safe_max(m: torch.Tensor) -> torch.Tensor:
+    """The running max with -inf replaced by 0, so exp(x - m) stays finite for
+    all -inf rows; +inf is kept so that exp(inf - inf) = NaN propagates."""
+    return torch.where(m == float("-inf"), torch.zeros_like(m), m)
+
+
+def _logit_tile(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, v0: int, v1: int,
+    inv_t: float, compute_dtype: torch.dtype,
+) -> torch.Tensor:  # fmt: skip
+    """(h W[v0:v1]^T + b[v0:v1]) / T in the compute dtype: (rows, v1 - v0)."""
+    logits = (h @ weight[v0:v1].T).to(compute_dtype)
+    if bias is not None:
+        logits += bias[v0:v1].to(compute_dtype)
+    if inv_t != 1.0:
+        logits *= inv_t
+    return logits
+
+
+def _target_columns(targets: torch.Tensor, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(column of each row's target in the tile [v0, v1), clamped into range: (R, 1);
+    whether the target lies in the tile: (R,)). No host sync."""
+    local = targets - v0
+    inside = (local >= 0) & (local < v1 - v0)
+    return local.clamp(0, v1 - v0 - 1)[:, None], inside
+
+
+def _valid_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+    """Indices of rows to compute, or None when every row is valid."""
+    valid = targets != ignore_index
+    if bool(valid.all()):
+        return None
+    return valid.nonzero().squeeze(1)
+
+
+def token_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+    bias: torch.Tensor | None, ignore_index: int, temperature: float, frozen_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Forward for hidden (N, D), weight (V, D), targets (N,).
+
+    Returns logp (N,), lse (N,) in fp32 (float64 for float64 input; 0 at ignored
+    rows), and, if frozen_grad, d logp / d hidden (N, D) in hidden's dtype (else an
+    empty tensor). Ignored rows are compacted away first and cost nothing.
+    """
+    n, dim = hidden.shape
+    n_vocab = weight.shape[0]
+    cdt = _compute_dtype(hidden.dtype)
+    inv_t = 1.0 / temperature
+    logp = hidden.new_zeros(n, dtype=cdt)
+    lse = hidden.new_zeros(n, dtype=cdt)
+    grad = hidden.new_zeros((n, dim)) if frozen_grad else hidden.new_empty(0)
+    rows = _valid_rows(targets, ignore_index)
+    h_all = hidden if rows is None else hidden[rows]  # (M, D) valid rows
+    t_all = targets if rows is None else targets[rows]  # (M,)
+    m_rows = h_all.shape[0]
+    if m_rows == 0:
+        return logp, lse, grad
+
+    row_chunk, vocab_chunk = _tile(m_rows, n_vocab, hidden.device)
+    out_logp, out_lse, out_grad = [], [], []
+    for r0 in range(0, m_rows, row_chunk):
+        h = h_all[r0 : r0 + row_chunk]  # (R, D)
+        t = t_all[r0 : r0 + row_chunk]  # (R,)
+        m = h.new_full((h.shape[0],), float("-inf"), dtype=cdt)  # running max
+        s_other = h.new_zeros(h.shape[0], dtype=cdt)  # sum of exp(logit - m) over v != y
+        s_target = h.new_zeros(h.shape[0], dtype=cdt)  # exp(logit_y - m)
+        target_logit = h.new_zeros(h.shape[0], dtype=cdt)
+        # sum over v != y of exp(logit_v - m) W_v. The target's own term is kept out so
+        # that W_y - E = (s_other W_y - this) / s never subtracts two nearly equal
+        # low-precision vectors when p_y is close to 1.
+        other_w = h.new_zeros((h.shape[0], dim), dtype=cdt) if frozen_grad else None
+        for v0 in range(0, n_vocab, vocab_chunk):
+            v1 = min(v0 + vocab_chunk, n_vocab)
+            tile = _logit_tile(h, weight, bias, v0, v1, inv_t, cdt)  # (R, Vc)
+            local, inside = _target_columns(t, v0, v1)
+            target_logit = torch.where(inside, tile.gather(1, local).squeeze(1), target_logit)
+            m_new = torch.maximum(m, tile.amax(1))
+            m_safe = _safe_max(m_new)
+            rescale = torch.exp(m - m_safe)  # (R,)
+            tile.sub_(m_safe[:, None]).exp_()  # exp(logit - m), unnormalized p
+            p_target = tile.gather(1, local).squeeze(1)
+            tile.scatter_(1, local, torch.where(inside, 0.0, p_target)[:, None])
+            s_target = s_target * rescale + torch.where(inside, p_target, 0.0)
+            s_other = s_other * rescale + tile.sum(1)
+            if other_w is not None:
+                other_w.mul_(rescale[:, None])
+                other_w += (tile.to(weight.dtype) @ weight[v0:v1]).to(cdt)
+            m = m_new
+        s = s_other + s_target
+        row_lse = _safe_max(m) + torch.log(s)
+        out_logp.append(target_logit - row_lse)
+        out_lse.append(row_lse)
+        if other_w is not None:
+            # d logp / d h = (W_y - E) / T = (s_other W_y - other_w) / (s T)
+            w_target = weight[t].to(cdt)  # (R, D)
+            grad_rows = (s_other[:, None] * w_target - other_w) * (inv_t / s)[:, None]
+            out_grad.append(grad_rows.to(hidden.dtype))
+
+    # A NaN or Inf in the head makes every log-prob NaN, even for rows where it would
+    # only meet a -inf logit (which softmax would otherwise absorb). No host sync.
+    head_finite = torch.isfinite(weight).all()
+    if bias is not None:
+        head_finite &= torch.isfinite(bias).all()
+    out_logp = [torch.where(head_finite, x, float("nan")) for x in out_logp]
+    if rows is None:
+        logp, lse = torch.cat(out_logp), torch.cat(out_lse)
+        if frozen_grad:
+            grad = torch.cat(out_grad)
+    else:
+        logp[rows] = torch.cat(out_logp)
+        lse[rows] = torch.cat(out_lse)
+        if frozen_grad:
+            grad[rows] = torch.cat(out_grad)
+    return logp, lse, grad
+
+
+def token_logprobs_backward(
+    grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+    bias: torch.Tensor | None, lse: torch.Tensor, ignore_index: int, temperature: float,
+    need_hidden: bool, need_weight: bool, need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Recompute-in-backward for a trainable head: (d hidden, d weight, d bias), each
+    an empty tensor when not needed. Vocabulary chunks outside, row chunks inside,
+    so d weight is accumulated per chunk in fp32 and every tile is computed once.
+
+    d logp_t / d logit_tv = (1[v = y_t] - p_tv), and logit = (h W^T + b) / T.
+    """
+    n, dim = hidden.shape
+    n_vocab = weight.shape[0]
+    cdt = _compute_dtype(hidden.dtype)
+    inv_t = 1.0 / temperature
+    # Rows with zero upstream gradient or an ignored target contribute nothing.
+    rows = _valid_rows(targets, ignore_index)
+    h_all = hidden if rows is None else hidden[rows]
+    t_all = targets if rows is None else targets[rows]
+    g_all = (grad_logp if rows is None else grad_logp[rows]).to(cdt)
+    lse_all = lse if rows is None else lse[rows]
+    m_rows = h_all.shape[0]
+
+    d_hidden = hidden.new_zeros((m_rows, dim), dtype=cdt) if need_hidden else None
+    d_weight = torch.zeros_like(weight) if need_weight else weight.new_empty(0)
+    d_bias = torch.zeros_like(bias) if (need_bias and bias is not None) else weight.new_empty(0)
+    row_chunk, vocab_chunk = _tile(max(m_rows, 1), n_vocab, hidden.device)
+    for v0 in range(0, n_vocab, vocab_chunk):
+        v1 = min(v0 + vocab_chunk, n_vocab)
+        dw = weight.new_zeros((v1 - v0, dim), dtype=cdt) if need_weight else None
+        db = weight.new_zeros(v1 - v0, dtype=cdt) if need_bias else None
+        for r0 in range(0, m_rows, row_chunk):
+            r1 = min(r0 + row_chunk, m_rows)
+            h = h_all[r0:r1]
+            tile = _logit_tile(h, weight, bias, v0, v1, inv_t, cdt)  # (R, Vc)
+            g = g_all[r0:r1]
+            # d logit = g * (onehot - p) / T
+            tile.sub_(lse_all[r0:r1, None]).exp_().mul_(-g[:, None] * inv_t)
+            local, inside = _target_columns(t_all[r0:r1], v0, v1)
+            tile.scatter_add_(1, local, torch.where(inside, g * inv_t, 0.0)[:, None])
+            if d_hidden is not None:
+                d_hidden[r0:r1] += (tile.to(weight.dtype) @ weight[v0:v1]).to(cdt)
+            if dw is not None:
+                dw += (tile.T.to(hidden.dtype) @ h).to(cdt)
+            if db is not None:
+                db += tile.sum(0)
+        if dw is not None:
+            d_weight[v0:v1] = dw.to(weight.dtype)
+        if db is not None:
+            d_bias[v0:v1] = db.to(d_bias.dtype)
+
+    if d_hidden is None:
+        d_hidden_out = hidden.new_empty(0)
+    elif rows is None:
+        d_hidden_out = d_hidden.to(hidden.dtype)
+    else:
+        d_hidden_out = hidden.new_zeros((n, dim))
+        d_hidden_out[rows] = d_hidden.to(hidden.dtype)
+    return d_hidden_out, d_weight, d_bias
+
+
+def logprobs_from_logits(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward for logits (N, V): (logp, lse), fp32 (float64 for float64 input), one
+    pass over each row chunk. Ignored rows give 0 whatever their logits hold."""
+    n, n_vocab = logits.shape
+    cdt = _compute_dtype(logits.dtype)
+    inv_t = 1.0 / temperature
+    logp = logits.new_empty(n, dtype=cdt)
+    lse = logits.new_empty(n, dtype=cdt)
+    row_chunk = max(1, TILE_ELEMENTS.get(logits.device.type, 1 << 22) // max(n_vocab, 1))
+    valid = targets != ignore_index
+    safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
+    for r0 in range(0, n, row_chunk):
+        r1 = min(r0 + row_chunk, n)
+        x = logits[r0:r1].to(cdt)  # (R, V)
+        if inv_t != 1.0:
+            x = x * inv_t
+        m = _safe_max(x.amax(1))
+        row_lse = m + torch.log(torch.exp(x - m[:, None]).sum(1))
+        target_logit = x.gather(1, safe_targets[r0:r1, None]).squeeze(1)
+        ok = valid[r0:r1]
+        logp[r0:r1] = torch.where(ok, target_logit - row_lse, torch.zeros_like(row_lse))
+        lse[r0:r1] = torch.where(ok, row_lse, torch.zeros_like(row_lse))
+    return logp, lse
+
+
+def logprobs_from_logits_backward(
+    grad_logp: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+    ignore_index: int, temperature: float,
+) -> torch.Tensor:  # fmt: skip
+    """d logits = g * (onehot - softmax) / T in the logits' dtype; zero at ignored rows."""
+    n, n_vocab = logits.shape
+    cdt = _compute_dtype(logits.dtype)
+    inv_t = 1.0 / temperature
+    out = torch.empty_like(logits)
+    row_chunk = max(1, TILE_ELEMENTS.get(logits.device.type, 1 << 22) // max(n_vocab, 1))
+    valid = targets != ignore_index
+    g_all = torch.where(valid, grad_logp.to(cdt), grad_logp.new_zeros((), dtype=cdt))
+    safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
+    for r0 in range(0, n, row_chunk):
+        r1 = min(r0 + row_chunk, n)
+        g = g_all[r0:r1, None] * inv_t  # (R, 1)
+        x = logits[r0:r1].to(cdt)
+        if inv_t != 1.0:
+            x = x * inv_t
+        p = torch.exp(x - lse[r0:r1, None])
+        d = -p * g
+        d.scatter_add_(1, safe_targets[r0:r1, None], g)
+        # Ignored rows: exact zeros even where their logits are NaN or Inf.
+        out[r0:r1] = torch.where(valid[r0:r1, None], d, d.new_zeros(())).to(out.dtype)
+    return out

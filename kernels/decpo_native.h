@@ -1,0 +1,21 @@
+// decpo native CPU kernels: a plain C ABI over raw pointers, called through ctypes.
+// Conventions: row-major 2-D blocks with an explicit row stride (in elements);
+// targets are int64; results are fp32. Functions return 0 on success, 1 for an
+// unknown dtype code, 2 when a target is outside [0, V) and not ignore_index
+// (checked before any data is read, so a bad target never reads out of bounds).
+#pragma once
+#include <cstdint>
+
+#define DECPO_API extern "C" __attribute__((visibility("default")))
+
+// ABI version, bumped when a signature changes; the loader checks it.
+DECPO_API int decpo_abi_version(void);
+
+// Row-wise log-softmax-and-gather over a block of logits (N, V):
+//   lse_i  = logsumexp_v(logits_iv * inv_temperature)
+//   logp_i = logits_{i, y_i} * inv_temperature - lse_i   (0 and lse 0 where y_i == ignore_index)
+// One read of each row (online logsumexp), OpenMP over rows. dtype: 0 = fp32, 1 = bf16.
+DECPO_API int decpo_logprobs_from_logits_fwd(const void* logits, int dtype, int64_t n_rows,
+                                             int64_t n_vocab, int64_t row_stride,
+                                             const int64_t* targets, int64_t ignore_index,
+                                             float inv_temperature, float* logp, float* lse);

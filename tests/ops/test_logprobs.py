@@ -1,0 +1,250 @@
+"""token_logprobs and logprobs_from_logits against float64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import decpo
+from decpo.reference import (
+    eager_logprobs_from_logits,
+    eager_token_logprobs,
+    logprobs_from_logits_reference,
+    token_logprobs_reference,
+)
+from decpo.torch_backend import logprobs as torch_impl
+from tests.helpers import assert_close, upstream_like
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiny tiles so that small shapes exercise every chunking loop."""
+    monkeypatch.setattr(torch_impl, "VOCAB_CHUNK", 16)
+    monkeypatch.setattr(torch_impl, "TILE_ELEMENTS", {"cpu": 64})
+
+
+def _targets(shape, vocab, ignore_frac=0.2):
+    t = torch.randint(0, vocab, shape)
+    t[torch.rand(shape) < ignore_frac] = -100
+    return t
+
+
+def _check_token_logprobs(
+    lead, dim, vocab, dtype, *, bias=False, temperature=1.0, train_weight=False,
+    train_bias=False,
+):  # fmt: skip
+    hidden = (torch.randn(*lead, dim) / dim**0.25).to(dtype).requires_grad_(True)
+    weight = (torch.randn(vocab, dim) / dim**0.25).to(dtype).requires_grad_(train_weight)
+    b = (torch.randn(vocab) * 0.5).to(dtype).requires_grad_(train_bias) if bias else None
+    targets = _targets(tuple(lead), vocab)
+
+    out = decpo.token_logprobs(
+        hidden, weight, targets, bias=b, temperature=temperature, backend="torch"
+    )
+    assert out.shape == targets.shape and out.dtype == torch.float32
+    assert torch.all(out[targets == -100] == 0)
+    upstream = upstream_like(out)
+    (out * upstream).sum().backward()
+
+    leaves = [hidden, weight] + ([b] if b is not None else [])
+    leaves64 = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
+    h64, w64 = leaves64[:2]
+    b64 = leaves64[2] if b is not None else None
+    ref = token_logprobs_reference(h64, w64, targets, b64, temperature=temperature)
+    (ref * upstream.double()).sum().backward()
+
+    eager_leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in leaves]
+    eh, ew = eager_leaves[:2]
+    eb = eager_leaves[2] if b is not None else None
+    eager = eager_token_logprobs(eh, ew, targets, eb, temperature=temperature)
+    (eager * upstream).sum().backward()
+
+    assert_close(out, ref, dtype, "logp", eager=eager)
+    for name, ours, ref_leaf, eager_leaf in zip(
+        ["d hidden", "d weight", "d bias"], leaves, leaves64, eager_leaves, strict=False
+    ):
+        if ours.requires_grad:
+            assert ours.grad.dtype == ours.dtype
+            assert_close(ours.grad, ref_leaf.grad, dtype, name, eager=eager_leaf.grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "lead,dim,vocab", [((1,), 13, 5), ((37,), 13, 101), ((2, 17), 11, 67), ((5, 1), 2, 1)]
+)
+def test_token_logprobs_frozen_head(lead, dim, vocab, dtype, small_tiles):
+    _check_token_logprobs(lead, dim, vocab, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_token_logprobs_bias_temperature(dtype, small_tiles):
+    _check_token_logprobs((3, 13), 7, 53, dtype, bias=True, temperature=0.7)
+    _check_token_logprobs((29,), 5, 37, dtype, bias=True, temperature=2.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("train_bias", [False, True])
+def test_token_logprobs_trainable_head(dtype, train_bias, small_tiles):
+    _check_token_logprobs(
+        (2, 19), 7, 71, dtype, bias=True, train_weight=True, train_bias=train_bias,
+        temperature=1.3,
+    )  # fmt: skip
+    _check_token_logprobs((23,), 6, 41, dtype, bias=True, train_weight=False, train_bias=True)
+
+
+def test_token_logprobs_default_tiles_with_vocab_above_one_chunk():
+    # V above one 8192-column chunk and not a multiple of it.
+    _check_token_logprobs((9,), 8, 8209, torch.float32, bias=True)
+
+
+def test_token_logprobs_gradcheck_float64(small_tiles):
+    hidden = torch.randn(2, 7, 5, dtype=torch.float64, requires_grad=True)
+    targets = _targets((2, 7), 19)
+    for train_weight in (False, True):
+        weight = torch.randn(19, 5, dtype=torch.float64, requires_grad=train_weight)
+        bias = torch.randn(19, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(
+            lambda h, w, b: decpo.token_logprobs(h, w, targets, bias=b, temperature=0.9),
+            (hidden, weight, bias),
+        )
+        assert torch.autograd.gradcheck(
+            lambda h, w: decpo.token_logprobs(h, w, targets), (hidden, weight)
+        )
+
+
+def test_token_logprobs_all_ignored_and_empty():
+    hidden = torch.randn(4, 6, requires_grad=True)
+    weight = torch.randn(9, 6)
+    out = decpo.token_logprobs(hidden, weight, torch.full((4,), -100))
+    out.sum().backward()
+    assert torch.equal(out, torch.zeros(4)) and torch.equal(hidden.grad, torch.zeros(4, 6))
+    empty = decpo.token_logprobs(torch.randn(0, 6), weight, torch.zeros(0, dtype=torch.long))
+    assert empty.shape == (0,)
+
+
+def test_token_logprobs_reference_pass_saves_nothing():
+    hidden = torch.randn(5, 4, requires_grad=True)
+    with torch.no_grad():
+        out = decpo.token_logprobs(hidden, torch.randn(7, 4), torch.randint(0, 7, (5,)))
+    assert not out.requires_grad
+
+
+def test_token_logprobs_nan_in_gives_nan_out():
+    hidden = torch.randn(4, 6)
+    weight = torch.randn(9, 6)
+    targets = torch.randint(0, 9, (4,))
+    hidden[1, 0] = float("nan")
+    out = decpo.token_logprobs(hidden, weight, targets)
+    assert torch.isnan(out[1]) and torch.isfinite(out[[0, 2, 3]]).all()
+    weight[3, 1] = float("inf")
+    assert torch.isnan(decpo.token_logprobs(torch.randn(4, 6), weight, targets)).all()
+
+
+def test_token_logprobs_compile_fullgraph():
+    def f(h, w, t):
+        return decpo.token_logprobs(torch.tanh(h), w, t).sum()
+
+    compiled = torch.compile(f, fullgraph=True)  # inductor
+    h = torch.randn(3, 5, 8, requires_grad=True)
+    w = torch.randn(21, 8)
+    t = _targets((3, 5), 21)
+    out = compiled(h, w, t)
+    out.backward()
+    grad = h.grad.clone()
+    h.grad = None
+    expected = f(h, w, t)
+    expected.backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(grad, h.grad)
+
+
+def test_token_logprobs_opcheck():
+    h, w, t = torch.randn(6, 4), torch.randn(11, 4), _targets((6,), 11)
+    op = torch.ops.decpo.token_logprobs.default
+    for frozen_grad in (False, True):
+        torch.library.opcheck(
+            op, (h, w, t, None, -100, 1.0, "torch", frozen_grad),
+            test_utils=("test_schema", "test_faketensor"),
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------- logprobs_from_logits
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (37, 101), (3, 5, 67)])
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_logprobs_from_logits(shape, dtype, temperature, small_tiles):
+    logits = (torch.randn(shape) * 3).to(dtype).requires_grad_(True)
+    targets = _targets(shape[:-1], shape[-1])
+    out = decpo.logprobs_from_logits(logits, targets, temperature=temperature, backend="torch")
+    upstream = upstream_like(out)
+    (out * upstream).sum().backward()
+
+    l64 = logits.detach().double().requires_grad_(True)
+    ref = logprobs_from_logits_reference(l64, targets, temperature=temperature)
+    (ref * upstream.double()).sum().backward()
+    le = logits.detach().clone().requires_grad_(True)
+    eager = eager_logprobs_from_logits(le, targets, temperature=temperature)
+    (eager * upstream).sum().backward()
+
+    assert out.dtype == torch.float32
+    assert_close(out, ref, dtype, "logp", eager=eager)
+    assert logits.grad.dtype == dtype
+    assert_close(logits.grad, l64.grad, dtype, "d logits", eager=le.grad)
+
+
+def test_logprobs_from_logits_gradcheck_float64():
+    logits = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    targets = _targets((4,), 9)
+    assert torch.autograd.gradcheck(
+        lambda x: decpo.logprobs_from_logits(x, targets, temperature=1.7), (logits,)
+    )
+
+
+def test_logprobs_from_logits_special_values():
+    logits = torch.randn(5, 6)
+    logits[0, 2] = float("-inf")  # a masked-out vocabulary entry is fine
+    logits[1] = float("-inf")
+    logits[1, 4] = 0.0  # only one entry left: logp = 0 there
+    logits[2, 1] = float("nan")
+    logits[3, 0] = float("inf")
+    targets = torch.tensor([1, 4, 3, 2, 0])
+    out = decpo.logprobs_from_logits(logits, targets)
+    ref = torch.log_softmax(logits[0], -1)[1]
+    torch.testing.assert_close(out[0], ref)
+    assert out[1] == 0.0
+    assert torch.isnan(out[2]) and torch.isnan(out[3])
+    assert torch.isfinite(out[4])
+
+
+def test_logprobs_from_logits_ignored_rows_are_never_read():
+    logits = torch.randn(3, 5, requires_grad=True)
+    with torch.no_grad():
+        logits[1] = float("nan")
+    targets = torch.tensor([2, -100, 4])
+    out = decpo.logprobs_from_logits(logits, targets)
+    out.sum().backward()
+    assert out[1] == 0 and torch.isfinite(out).all()
+    assert torch.equal(logits.grad[1], torch.zeros(5)) and torch.isfinite(logits.grad).all()
+
+
+def test_logprobs_from_logits_compile_and_opcheck():
+    def f(x, t):
+        return decpo.logprobs_from_logits(x * 2, t).sum()
+
+    x = torch.randn(4, 3, 10, requires_grad=True)
+    t = _targets((4, 3), 10)
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(x, t)
+    out.backward()
+    grad = x.grad.clone()
+    x.grad = None
+    f(x, t).backward()
+    torch.testing.assert_close(grad, x.grad)
+    torch.library.opcheck(
+        torch.ops.decpo.logprobs_from_logits.default,
+        (x.detach().reshape(12, 10), t.reshape(12), -100, 1.0, "torch"),
+        test_utils=("test_schema", "test_faketensor"),
+    )
