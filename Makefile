@@ -1,0 +1,22 @@
+.PHONY: install test lint format native bench clean
+
+install:
+	pip install torch==2.13.0 && pip install -e ".[test]"
+
+test:
+	python -m pytest -q
+
+lint:
+	ruff check . && ruff format --check .
+
+format:
+	ruff format . && ruff check --fix .
+
+native:
+	cmake -S . -B build/native -DCMAKE_BUILD_TYPE=Release && cmake --build build/native -j
+
+bench:
+	python -m pytest bench --benchmark-enable -q
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache decpo/*.so

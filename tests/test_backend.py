@@ -1,0 +1,51 @@
+"""Backend selection: "auto" picks what runs; a named unavailable backend is an error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import decpo
+from decpo import backend
+
+
+@pytest.mark.parametrize("op", ["decorrelation_penalty", "token_logprobs", "logprobs_from_logits"])
+def test_auto_on_cpu_resolves_to_an_implemented_backend(op):
+    chosen = backend.resolve_backend(op, "auto", torch.device("cpu"))
+    assert op in backend.IMPLEMENTED[chosen]
+
+
+@pytest.mark.parametrize("name", ["triton", "native"])
+def test_unimplemented_backend_by_name_is_a_clear_error(name, monkeypatch):
+    monkeypatch.setitem(backend.IMPLEMENTED, name, set())
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    h = torch.randn(4, 3)
+    with pytest.raises(decpo.BackendUnavailableError, match=f'backend="{name}"'):
+        decpo.decorrelation_penalty(h, backend=name)
+    with pytest.raises(decpo.BackendUnavailableError, match="token_logprobs"):
+        decpo.token_logprobs(h, torch.randn(5, 3), torch.zeros(4, dtype=torch.long), backend=name)
+    with pytest.raises(decpo.BackendUnavailableError, match="logprobs_from_logits"):
+        decpo.logprobs_from_logits(h, torch.zeros(4, dtype=torch.long), backend=name)
+
+
+def test_triton_needs_cuda_or_the_interpreter(monkeypatch):
+    monkeypatch.setitem(backend.IMPLEMENTED, "triton", {"decorrelation_penalty"})
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(decpo.BackendUnavailableError, match="CUDA"):
+        backend.resolve_backend("decorrelation_penalty", "triton", torch.device("cpu"))
+
+
+def test_native_unavailable_auto_falls_back_with_one_warning(monkeypatch):
+    from decpo import native
+
+    monkeypatch.setitem(backend.IMPLEMENTED, "native", {"logprobs_from_logits"})
+    monkeypatch.setattr(native, "is_available", lambda: False)
+    monkeypatch.setattr(native, "unavailable_reason", lambda: "not built")
+    native.warn_fallback.cache_clear()
+    with pytest.warns(RuntimeWarning, match="not built"):
+        assert backend.resolve_backend("logprobs_from_logits", "auto", torch.device("cpu")) == (
+            "torch"
+        )
+    with pytest.raises(decpo.BackendUnavailableError, match="not built"):
+        backend.resolve_backend("logprobs_from_logits", "native", torch.device("cpu"))
+    native.warn_fallback.cache_clear()
