@@ -8,7 +8,10 @@ Layers: backend kernels (decpo.torch_backend.decorrelation, later Triton and nat
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from torch import Tensor
 
 from decpo import checks
 from decpo.backend import resolve_backend
@@ -36,18 +39,27 @@ def _decorrelation_op(
 
 
 @_decorrelation_op.register_fake
-def _(hidden, mask, segment_ids, normalize, offdiag, reduction, backend, compute_grad):
+def _(
+    hidden: Tensor,
+    mask: Tensor | None,
+    segment_ids: Tensor | None,
+    normalize: bool,
+    offdiag: bool,
+    reduction: str,
+    backend: str,
+    compute_grad: bool,
+) -> tuple[Tensor, Tensor]:
     out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     grad = hidden.new_empty(hidden.shape) if compute_grad else hidden.new_empty(0)
     return hidden.new_empty((), dtype=out_dtype), grad
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(output[1])
 
 
-def _backward(ctx, grad_loss: torch.Tensor, _grad_of_grad: torch.Tensor):
+def _backward(ctx: Any, grad_loss: Tensor, _grad_of_grad: Tensor) -> tuple[Tensor | None, ...]:
     (grad,) = ctx.saved_tensors
     # The gradient was computed in the forward; scale it by the upstream gradient in
     # fp32 or better.

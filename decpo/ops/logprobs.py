@@ -8,7 +8,10 @@ to 2-D, backend choice).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from torch import Tensor
 
 from decpo import checks
 from decpo.backend import resolve_backend
@@ -42,7 +45,16 @@ def _token_logprobs_op(
 
 
 @_token_logprobs_op.register_fake
-def _(hidden, weight, targets, bias, ignore_index, temperature, backend, frozen_grad):
+def _(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None,
+    ignore_index: int,
+    temperature: float,
+    backend: str,
+    frozen_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     n = hidden.shape[0]
     out_dtype = _out_dtype(hidden.dtype)
     grad = hidden.new_empty(hidden.shape) if frozen_grad else hidden.new_empty(0)
@@ -72,15 +84,27 @@ def _token_logprobs_backward_op(
 
 
 @_token_logprobs_backward_op.register_fake
-def _(grad_logp, hidden, weight, targets, bias, lse, ignore_index, temperature, backend,
-      need_hidden, need_weight, need_bias):  # fmt: skip
+def _(
+    grad_logp: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None,
+    lse: Tensor,
+    ignore_index: int,
+    temperature: float,
+    backend: str,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     d_hidden = hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0)
     d_weight = weight.new_empty(weight.shape) if need_weight else weight.new_empty(0)
     d_bias = bias.new_empty(bias.shape) if (need_bias and bias is not None) else weight.new_empty(0)
     return d_hidden, d_weight, d_bias
 
 
-def _token_setup_context(ctx, inputs, output) -> None:
+def _token_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
     hidden, weight, targets, bias, ignore_index, temperature, backend, frozen_grad = inputs
     _logp, lse, grad = output
     ctx.mark_non_differentiable(lse, grad)
@@ -93,7 +117,9 @@ def _token_setup_context(ctx, inputs, output) -> None:
         ctx.save_for_backward(hidden, weight, targets, bias, lse)
 
 
-def _token_backward(ctx, grad_logp: torch.Tensor, _g_lse, _g_grad):
+def _token_backward(
+    ctx: Any, grad_logp: Tensor, _g_lse: Tensor, _g_grad: Tensor
+) -> tuple[Tensor | None, ...]:
     if ctx.frozen_grad:
         # One-pass frozen head: d hidden = g * (W_y - E) / T was computed in the forward.
         (grad,) = ctx.saved_tensors
@@ -192,7 +218,9 @@ def _logits_op(
 
 
 @_logits_op.register_fake
-def _(logits, targets, ignore_index, temperature, backend):
+def _(
+    logits: Tensor, targets: Tensor, ignore_index: int, temperature: float, backend: str
+) -> tuple[Tensor, Tensor]:
     n = logits.shape[0]
     out_dtype = _out_dtype(logits.dtype)
     return logits.new_empty(n, dtype=out_dtype), logits.new_empty(n, dtype=out_dtype)
@@ -215,18 +243,26 @@ def _logits_backward_op(
 
 
 @_logits_backward_op.register_fake
-def _(grad_logp, logits, targets, lse, ignore_index, temperature, backend):
+def _(
+    grad_logp: Tensor,
+    logits: Tensor,
+    targets: Tensor,
+    lse: Tensor,
+    ignore_index: int,
+    temperature: float,
+    backend: str,
+) -> Tensor:
     return torch.empty_like(logits)
 
 
-def _logits_setup_context(ctx, inputs, output) -> None:
+def _logits_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
     logits, targets, ignore_index, temperature, backend = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(logits, targets, output[1])
     ctx.args = (ignore_index, temperature, backend)
 
 
-def _logits_backward(ctx, grad_logp: torch.Tensor, _g_lse):
+def _logits_backward(ctx: Any, grad_logp: Tensor, _g_lse: Tensor) -> tuple[Tensor | None, ...]:
     logits, targets, lse = ctx.saved_tensors
     d_logits = _logits_backward_op(grad_logp.contiguous(), logits, targets, lse, *ctx.args)
     return d_logits, None, None, None, None
