@@ -18,7 +18,7 @@ BACKENDS = ("auto", "torch", "triton", "native")
 IMPLEMENTED: dict[str, set[str]] = {
     "torch": {"decorrelation_penalty", "token_logprobs", "logprobs_from_logits"},
     "triton": set(),
-    "native": set(),
+    "native": {"logprobs_from_logits"},
 }
 
 # Order in which "auto" tries backends, per device type.
@@ -29,8 +29,10 @@ class BackendUnavailableError(RuntimeError):
     """A backend asked for by name cannot run this op on these tensors."""
 
 
-def _why_unavailable(op: str, backend: str, device: torch.device) -> str:
-    """'' when `backend` can run `op` on `device`, else the reason."""
+@torch.compiler.assume_constant_result
+def _why_unavailable(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """'' when `backend` can run `op` on `device`, else the reason. Under torch.compile
+    this is evaluated once while tracing, never traced into (it loads libraries)."""
     if op not in IMPLEMENTED[backend]:
         return f"decpo has no {backend} implementation of {op} yet"
     if backend == "triton":
@@ -48,15 +50,18 @@ def _why_unavailable(op: str, backend: str, device: torch.device) -> str:
 
         if not native.is_available():
             return native.unavailable_reason()
+        if dtype not in native.DTYPES:
+            return f"the native kernels read {', '.join(map(str, native.DTYPES))}, got {dtype}"
     return ""
 
 
-def resolve_backend(op: str, backend: str, device: torch.device) -> str:
-    """The concrete backend that runs `op` on `device` for the requested `backend`."""
+def resolve_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The concrete backend that runs `op` on tensors of `device` and `dtype` for the
+    requested `backend`."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
-        reason = _why_unavailable(op, backend, device)
+        reason = _why_unavailable(op, backend, device, dtype)
         if reason:
             raise BackendUnavailableError(
                 f'{op}(backend="{backend}") is unavailable on {device.type}: {reason}. '
@@ -64,10 +69,18 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
             )
         return backend
     for candidate in PREFERENCE.get(device.type, ("torch",)):
-        if not _why_unavailable(op, candidate, device):
+        if not _why_unavailable(op, candidate, device, dtype):
             return candidate
-        if candidate == "native" and op in IMPLEMENTED["native"]:
+        fallback = candidate == "native" and op in IMPLEMENTED["native"]
+        if fallback and _native_missing() and not torch.compiler.is_compiling():
             from decpo import native
 
             native.warn_fallback(op)
     return "torch"
+
+
+@torch.compiler.assume_constant_result
+def _native_missing() -> bool:
+    from decpo import native
+
+    return not native.is_available()

@@ -17,9 +17,11 @@ from pathlib import Path
 import torch
 
 LIBRARY_NAME = "libdecpo_native.so"
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+# Dtypes the native kernels read and write.
+DTYPES = tuple(_DTYPE_CODES)
 
 
 def _candidate_paths() -> list[Path]:
@@ -63,20 +65,18 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-    lib.decpo_logprobs_from_logits_fwd.restype = ctypes.c_int
-    lib.decpo_logprobs_from_logits_fwd.argtypes = [
-        ptr,
-        ctypes.c_int,
-        i64,
-        i64,
-        i64,  # logits, dtype, n_rows, n_vocab, row_stride
-        ptr,
-        i64,
-        f32,  # targets, ignore_index, inv_temperature
-        ptr,
-        ptr,  # logp, lse
-    ]
+    i64, f32, ptr, i32 = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
+    signatures = {
+        # logits, dtype, n_rows, n_vocab, row_stride, targets, ignore_index, inv_t, logp, lse
+        "decpo_logprobs_from_logits_fwd": [ptr, i32, i64, i64, i64, ptr, i64, f32, ptr, ptr],
+        # grad_logp, logits, dtype, n_rows, n_vocab, row_stride, targets, ignore_index,
+        # inv_t, lse, grad_logits
+        "decpo_logprobs_from_logits_bwd": [ptr, ptr, i32, i64, i64, i64, ptr, i64, f32, ptr, ptr],
+    }
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.restype = ctypes.c_int
+        fn.argtypes = argtypes
 
 
 def is_available() -> bool:
@@ -109,6 +109,17 @@ def warn_fallback(op: str) -> None:
     )
 
 
+def _check_status(status: int, fn: str, n_vocab: int, ignore_index: int) -> None:
+    if status == 2:
+        raise ValueError(f"targets must be in [0, {n_vocab}) or equal ignore_index={ignore_index}")
+    assert status == 0, f"{fn} returned {status}"
+
+
+def _unit_column_stride(logits: torch.Tensor) -> torch.Tensor:
+    assert logits.dim() == 2 and logits.device.type == "cpu" and logits.dtype in _DTYPE_CODES
+    return logits if logits.stride(1) == 1 else logits.contiguous()
+
+
 def logprobs_from_logits_fwd(
     logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,10 +127,8 @@ def logprobs_from_logits_fwd(
 
     logits (N, V) fp32 or bf16 on CPU with unit stride along V; targets (N,) int64.
     """
-    assert logits.dim() == 2 and targets.shape == logits.shape[:1]
-    assert logits.device.type == "cpu" and logits.dtype in _DTYPE_CODES
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
+    assert targets.shape == logits.shape[:1] and targets.dtype == torch.int64
+    logits = _unit_column_stride(logits)
     targets = targets.contiguous()
     n, v = logits.shape
     logp = torch.empty(n, dtype=torch.float32)
@@ -129,7 +138,30 @@ def logprobs_from_logits_fwd(
         targets.data_ptr(), ignore_index, 1.0 / temperature,
         logp.data_ptr(), lse.data_ptr(),
     )  # fmt: skip
-    if status == 2:
-        raise ValueError(f"targets must be in [0, {v}) or equal ignore_index={ignore_index}")
-    assert status == 0, f"decpo_logprobs_from_logits_fwd returned {status}"
+    _check_status(status, "decpo_logprobs_from_logits_fwd", v, ignore_index)
     return logp, lse
+
+
+def logprobs_from_logits_bwd(
+    grad_logp: torch.Tensor,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    ignore_index: int,
+    temperature: float,
+) -> torch.Tensor:
+    """d logits = g (onehot - softmax) / T, (N, V) contiguous in the logits' dtype,
+    written in one pass; rows whose target is ignore_index are zero."""
+    logits = _unit_column_stride(logits)
+    n, v = logits.shape
+    grad_logp = grad_logp.to(torch.float32).contiguous()
+    lse = lse.contiguous()
+    targets = targets.contiguous()
+    out = torch.empty((n, v), dtype=logits.dtype)
+    status = library().decpo_logprobs_from_logits_bwd(
+        grad_logp.data_ptr(), logits.data_ptr(), _DTYPE_CODES[logits.dtype], n, v,
+        logits.stride(0), targets.data_ptr(), ignore_index, 1.0 / temperature,
+        lse.data_ptr(), out.data_ptr(),
+    )  # fmt: skip
+    _check_status(status, "decpo_logprobs_from_logits_bwd", v, ignore_index)
+    return out

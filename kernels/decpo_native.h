@@ -19,3 +19,11 @@ DECPO_API int decpo_logprobs_from_logits_fwd(const void* logits, int dtype, int6
                                              int64_t n_vocab, int64_t row_stride,
                                              const int64_t* targets, int64_t ignore_index,
                                              float inv_temperature, float* logp, float* lse);
+
+// Its backward, one read and one write per row: grad_logits (N, V), contiguous, in the
+// logits' dtype: g_i (1[v = y_i] - softmax_iv) / T, zero rows where y_i == ignore_index.
+DECPO_API int decpo_logprobs_from_logits_bwd(const float* grad_logp, const void* logits,
+                                             int dtype, int64_t n_rows, int64_t n_vocab,
+                                             int64_t row_stride, const int64_t* targets,
+                                             int64_t ignore_index, float inv_temperature,
+                                             const float* lse, void* grad_logits);

@@ -11,7 +11,7 @@ from decpo import backend
 
 @pytest.mark.parametrize("op", ["decorrelation_penalty", "token_logprobs", "logprobs_from_logits"])
 def test_auto_on_cpu_resolves_to_an_implemented_backend(op):
-    chosen = backend.resolve_backend(op, "auto", torch.device("cpu"))
+    chosen = backend.resolve_backend(op, "auto", torch.device("cpu"), torch.float32)
     assert op in backend.IMPLEMENTED[chosen]
 
 
@@ -32,7 +32,9 @@ def test_triton_needs_cuda_or_the_interpreter(monkeypatch):
     monkeypatch.setitem(backend.IMPLEMENTED, "triton", {"decorrelation_penalty"})
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(decpo.BackendUnavailableError, match="CUDA"):
-        backend.resolve_backend("decorrelation_penalty", "triton", torch.device("cpu"))
+        backend.resolve_backend(
+            "decorrelation_penalty", "triton", torch.device("cpu"), torch.float32
+        )
 
 
 def test_native_unavailable_auto_falls_back_with_one_warning(monkeypatch):
@@ -43,9 +45,26 @@ def test_native_unavailable_auto_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(native, "unavailable_reason", lambda: "not built")
     native.warn_fallback.cache_clear()
     with pytest.warns(RuntimeWarning, match="not built"):
-        assert backend.resolve_backend("logprobs_from_logits", "auto", torch.device("cpu")) == (
-            "torch"
+        chosen = backend.resolve_backend(
+            "logprobs_from_logits", "auto", torch.device("cpu"), torch.bfloat16
         )
+        assert chosen == "torch"
     with pytest.raises(decpo.BackendUnavailableError, match="not built"):
-        backend.resolve_backend("logprobs_from_logits", "native", torch.device("cpu"))
+        backend.resolve_backend(
+            "logprobs_from_logits", "native", torch.device("cpu"), torch.float32
+        )
     native.warn_fallback.cache_clear()
+
+
+def test_auto_picks_native_for_the_dtypes_it_reads():
+    from decpo import native
+
+    if not native.is_available():
+        pytest.skip(native.unavailable_reason())
+    cpu = torch.device("cpu")
+    for dtype in (torch.float32, torch.bfloat16):
+        assert backend.resolve_backend("logprobs_from_logits", "auto", cpu, dtype) == "native"
+    for dtype in (torch.float16, torch.float64):
+        assert backend.resolve_backend("logprobs_from_logits", "auto", cpu, dtype) == "torch"
+        with pytest.raises(decpo.BackendUnavailableError, match="native kernels read"):
+            backend.resolve_backend("logprobs_from_logits", "native", cpu, dtype)

@@ -115,7 +115,7 @@ def decorrelation_penalty(
     checks.flag("normalize", normalize)
     checks.flag("offdiag", offdiag)
     checks.choice("reduction", reduction, REDUCTIONS)
-    resolved = resolve_backend("decorrelation_penalty", backend, hidden.device)
+    resolved = resolve_backend("decorrelation_penalty", backend, hidden.device, hidden.dtype)
 
     compute_grad = hidden.requires_grad and torch.is_grad_enabled()
     layered = hidden if hidden.dim() == 3 else hidden.unsqueeze(0)  # (L, N, D)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from decpo import checks
+from decpo import checks, native
 from decpo.backend import resolve_backend
 from decpo.torch_backend import logprobs as torch_impl
 
@@ -191,7 +191,7 @@ def token_logprobs(
     checks.same_dtype(hidden=hidden, weight=weight, bias=bias)
     checks.integer_scalar("ignore_index", ignore_index)
     temperature = checks.positive_float("temperature", temperature)
-    resolved = resolve_backend("token_logprobs", backend, hidden.device)
+    resolved = resolve_backend("token_logprobs", backend, hidden.device, hidden.dtype)
 
     grad_on = torch.is_grad_enabled()
     head_trainable = grad_on and (weight.requires_grad or (bias is not None and bias.requires_grad))
@@ -212,8 +212,10 @@ def _logits_op(
     logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, temperature: float, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logp (N,), lse (N,)) for logits (N, V)."""
-    assert backend == "torch", backend
     checks.targets_in_range(targets, logits.shape[1], ignore_index)
+    if backend == "native":
+        return native.logprobs_from_logits_fwd(logits, targets, ignore_index, temperature)
+    assert backend == "torch", backend
     return torch_impl.logprobs_from_logits(logits, targets, ignore_index, temperature)
 
 
@@ -236,6 +238,10 @@ def _logits_backward_op(
     temperature: float,
     backend: str,
 ) -> torch.Tensor:
+    if backend == "native":
+        return native.logprobs_from_logits_bwd(
+            grad_logp, logits, targets, lse, ignore_index, temperature
+        )
     assert backend == "torch", backend
     return torch_impl.logprobs_from_logits_backward(
         grad_logp, logits, targets, lse, ignore_index, temperature
@@ -297,7 +303,7 @@ def logprobs_from_logits(
     checks.same_device(logits=logits, targets=targets)
     checks.integer_scalar("ignore_index", ignore_index)
     temperature = checks.positive_float("temperature", temperature)
-    resolved = resolve_backend("logprobs_from_logits", backend, logits.device)
+    resolved = resolve_backend("logprobs_from_logits", backend, logits.device, logits.dtype)
 
     flat_logits = logits.reshape(-1, logits.shape[-1])  # (N, V)
     flat_targets = targets.reshape(-1).long()  # (N,)

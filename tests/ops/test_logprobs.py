@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import decpo
+from decpo import native
 from decpo.reference import (
     eager_logprobs_from_logits,
     eager_token_logprobs,
@@ -173,13 +174,25 @@ def test_token_logprobs_opcheck():
 # ---------------------------------------------------------- logprobs_from_logits
 
 
+LOGITS_BACKENDS = [
+    pytest.param("torch"),
+    pytest.param(
+        "native",
+        marks=pytest.mark.skipif(not native.is_available(), reason="native library unavailable"),
+    ),
+]
+
+
+@pytest.mark.parametrize("backend", LOGITS_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (37, 101), (3, 5, 67)])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (37, 101), (3, 5, 67), (4, 2053)])
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_logprobs_from_logits(shape, dtype, temperature, small_tiles):
+def test_logprobs_from_logits(shape, dtype, temperature, backend, small_tiles):
+    if backend == "native" and dtype not in native.DTYPES:
+        pytest.skip(f"native kernels do not read {dtype}")
     logits = (torch.randn(shape) * 3).to(dtype).requires_grad_(True)
     targets = _targets(shape[:-1], shape[-1])
-    out = decpo.logprobs_from_logits(logits, targets, temperature=temperature, backend="torch")
+    out = decpo.logprobs_from_logits(logits, targets, temperature=temperature, backend=backend)
     upstream = upstream_like(out)
     (out * upstream).sum().backward()
 
@@ -196,6 +209,17 @@ def test_logprobs_from_logits(shape, dtype, temperature, small_tiles):
     assert_close(logits.grad, l64.grad, dtype, "d logits", eager=le.grad)
 
 
+@pytest.mark.parametrize("backend", LOGITS_BACKENDS)
+def test_logprobs_from_logits_strided_input(backend):
+    base = torch.randn(6, 40, 3)
+    logits = base[::2, :37, 1].requires_grad_(False)  # strides (240, 3): no unit stride
+    targets = _targets((3,), 37)
+    leaf = logits.clone().requires_grad_(True)
+    out = decpo.logprobs_from_logits(logits.detach().requires_grad_(True), targets, backend=backend)
+    ref = logprobs_from_logits_reference(leaf.double(), targets)
+    assert_close(out, ref, torch.float32, "logp")
+
+
 def test_logprobs_from_logits_gradcheck_float64():
     logits = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
     targets = _targets((4,), 9)
@@ -204,7 +228,8 @@ def test_logprobs_from_logits_gradcheck_float64():
     )
 
 
-def test_logprobs_from_logits_special_values():
+@pytest.mark.parametrize("backend", LOGITS_BACKENDS)
+def test_logprobs_from_logits_special_values(backend):
     logits = torch.randn(5, 6)
     logits[0, 2] = float("-inf")  # a masked-out vocabulary entry is fine
     logits[1] = float("-inf")
@@ -212,7 +237,7 @@ def test_logprobs_from_logits_special_values():
     logits[2, 1] = float("nan")
     logits[3, 0] = float("inf")
     targets = torch.tensor([1, 4, 3, 2, 0])
-    out = decpo.logprobs_from_logits(logits, targets)
+    out = decpo.logprobs_from_logits(logits, targets, backend=backend)
     ref = torch.log_softmax(logits[0], -1)[1]
     torch.testing.assert_close(out[0], ref)
     assert out[1] == 0.0
@@ -220,12 +245,13 @@ def test_logprobs_from_logits_special_values():
     assert torch.isfinite(out[4])
 
 
-def test_logprobs_from_logits_ignored_rows_are_never_read():
+@pytest.mark.parametrize("backend", LOGITS_BACKENDS)
+def test_logprobs_from_logits_ignored_rows_are_never_read(backend):
     logits = torch.randn(3, 5, requires_grad=True)
     with torch.no_grad():
         logits[1] = float("nan")
     targets = torch.tensor([2, -100, 4])
-    out = decpo.logprobs_from_logits(logits, targets)
+    out = decpo.logprobs_from_logits(logits, targets, backend=backend)
     out.sum().backward()
     assert out[1] == 0 and torch.isfinite(out).all()
     assert torch.equal(logits.grad[1], torch.zeros(5)) and torch.isfinite(logits.grad).all()
