@@ -69,6 +69,7 @@ def test_layers(dtype, n):
 
 def test_covariance_path_streams_row_chunks(monkeypatch):
     monkeypatch.setattr(torch_impl, "ROW_CHUNK", 4)
+    monkeypatch.setattr(torch_impl, "KEEP_BYTES", 0)
     hidden = torch.randn(2, 37, 6)
     _check(hidden, torch.float32)
     _check(hidden, torch.float32, offdiag=True, mask=torch.arange(37) % 5 != 1)
@@ -209,3 +210,9 @@ def test_invariant_to_row_permutation_and_group_relabeling(n, d, seed):
         decpo.decorrelation_penalty(hidden[seg == s], reduction="sum") for s in seg.unique()
     )
     torch.testing.assert_close(a, parts, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [1, 5, 128, 129, 300])
+def test_symmetric_product_matches_matmul(k):
+    a = torch.randn(2, 7, k, dtype=torch.float64)
+    torch.testing.assert_close(torch_impl._symmetric_product(a), a.transpose(1, 2) @ a)
