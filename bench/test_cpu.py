@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.cases import CASES, build
+from bench.cases import CASES, available, build
 from bench.peak_memory import measure
 
 RESULTS: list[dict] = []
@@ -21,6 +21,8 @@ RESULTS: list[dict] = []
     [(name, provider) for name, case in CASES.items() for provider in case.providers],
 )
 def test_cpu(benchmark, case, provider):
+    if reason := available(provider):
+        pytest.skip(reason)
     run = build(case, provider)
     benchmark.group = f"{case} fwd+bwd {CASES[case].shape}"
     benchmark.pedantic(run, rounds=5, warmup_rounds=1)

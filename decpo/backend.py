@@ -18,7 +18,7 @@ BACKENDS = ("auto", "torch", "triton", "native")
 IMPLEMENTED: dict[str, set[str]] = {
     "torch": {"decorrelation_penalty", "token_logprobs", "logprobs_from_logits"},
     "triton": set(),
-    "native": {"logprobs_from_logits"},
+    "native": {"logprobs_from_logits", "token_logprobs"},
 }
 
 # Order in which "auto" tries backends, per device type.

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 LIBRARY_NAME = "libdecpo_native.so"
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 # Dtypes the native kernels read and write.
@@ -72,6 +72,23 @@ def _declare(lib: ctypes.CDLL) -> None:
         # grad_logp, logits, dtype, n_rows, n_vocab, row_stride, targets, ignore_index,
         # inv_t, lse, grad_logits
         "decpo_logprobs_from_logits_bwd": [ptr, ptr, i32, i64, i64, i64, ptr, i64, f32, ptr, ptr],
+        # tile, dtype, n_rows, n_cols, row_stride, bias, inv_t, local_targets,
+        # m, s_other, s_target, target_logit, rescale
+        "decpo_online_softmax_tile": [
+            ptr,
+            i32,
+            i64,
+            i64,
+            i64,
+            ptr,
+            f32,
+            ptr,
+            ptr,
+            ptr,
+            ptr,
+            ptr,
+            ptr,
+        ],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
@@ -165,3 +182,38 @@ def logprobs_from_logits_bwd(
     )  # fmt: skip
     _check_status(status, "decpo_logprobs_from_logits_bwd", v, ignore_index)
     return out
+
+
+def online_softmax_tile(
+    tile: torch.Tensor,
+    bias: torch.Tensor | None,
+    inv_temperature: float,
+    local_targets: torch.Tensor,
+    m: torch.Tensor,
+    s_other: torch.Tensor,
+    s_target: torch.Tensor,
+    target_logit: torch.Tensor,
+) -> torch.Tensor:
+    """Fold one logit tile (R, Vc) into the running online-softmax state, in place.
+
+    tile: h W_chunk^T, fp32 or bf16 with unit column stride; on return it holds
+    exp(x - m_new) with the target column zeroed (x = (tile + bias) * inv_t).
+    bias: (Vc,) fp32 or None. local_targets: (R,) int64 column of each row's target
+    in this chunk or -1. m, s_other, s_target, target_logit: (R,) fp32, updated.
+    Returns rescale = exp(m_old - m_new), (R,) fp32.
+    """
+    assert tile.dim() == 2 and tile.stride(1) == 1 and tile.dtype in _DTYPE_CODES
+    assert all(t.dtype == torch.float32 and t.is_contiguous() for t in (m, s_other, s_target))
+    assert target_logit.is_contiguous() and local_targets.is_contiguous()
+    n, v = tile.shape
+    rescale = torch.empty(n, dtype=torch.float32)
+    if bias is not None:
+        bias = bias.to(torch.float32).contiguous()
+    status = library().decpo_online_softmax_tile(
+        tile.data_ptr(), _DTYPE_CODES[tile.dtype], n, v, tile.stride(0),
+        None if bias is None else bias.data_ptr(), inv_temperature, local_targets.data_ptr(),
+        m.data_ptr(), s_other.data_ptr(), s_target.data_ptr(), target_logit.data_ptr(),
+        rescale.data_ptr(),
+    )  # fmt: skip
+    assert status == 0, f"decpo_online_softmax_tile returned {status}"
+    return rescale

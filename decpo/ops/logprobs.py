@@ -37,10 +37,12 @@ def _token_logprobs_op(
     frozen_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp (N,), lse (N,), d logp / d hidden (N, D) if frozen_grad else empty)."""
-    assert backend == "torch", backend
     checks.targets_in_range(targets, weight.shape[0], ignore_index)
+    # "native": the same tiling with PyTorch's matmuls and the native fused tile epilogue.
+    epilogue = native.online_softmax_tile if backend == "native" else None
+    assert backend in ("torch", "native"), backend
     return torch_impl.token_logprobs(
-        hidden, weight, targets, bias, ignore_index, temperature, frozen_grad
+        hidden, weight, targets, bias, ignore_index, temperature, frozen_grad, epilogue
     )
 
 
@@ -76,7 +78,8 @@ def _token_logprobs_backward_op(
     need_weight: bool,
     need_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    assert backend == "torch", backend
+    # A trainable head's backward recomputes tiles with torch ops for every backend.
+    assert backend in ("torch", "native"), backend
     return torch_impl.token_logprobs_backward(
         grad_logp, hidden, weight, targets, bias, lse, ignore_index, temperature,
         need_hidden, need_weight, need_bias,

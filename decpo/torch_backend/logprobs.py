@@ -18,7 +18,14 @@ one read and one write in the backward.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+# A fused replacement for the per-tile softmax steps (decpo.native.online_softmax_tile):
+# (tile, bias chunk, 1/T, local target or -1, m, s_other, s_target, target_logit) ->
+# rescale, with the tile turned into exp(x - m_new) (target column zeroed) in place.
+TileEpilogue = Callable[..., torch.Tensor]
 
 # Elements per fp32 logit tile: 2^22 * 4 bytes = 16 MiB (64 MiB on GPUs).
 TILE_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 24}
@@ -62,6 +69,14 @@ def _target_columns(targets: torch.Tensor, v0: int, v1: int) -> tuple[torch.Tens
     return local.clamp(0, v1 - v0 - 1)[:, None], inside
 
 
+def _all_finite(t: torch.Tensor) -> torch.Tensor:
+    """0-dim bool: no NaN or Inf in t. One pass (isfinite().all() takes several)."""
+    if t.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=t.device)
+    lo, hi = torch.aminmax(t)
+    return (lo > float("-inf")) & (hi < float("inf"))
+
+
 def _valid_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
     """Indices of rows to compute, or None when every row is valid."""
     valid = targets != ignore_index
@@ -73,8 +88,12 @@ def _valid_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None
 def token_logprobs(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     bias: torch.Tensor | None, ignore_index: int, temperature: float, frozen_grad: bool,
+    epilogue: TileEpilogue | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Forward for hidden (N, D), weight (V, D), targets (N,).
+
+    epilogue: a fused implementation of the per-tile softmax steps (the native CPU
+    library's); None runs them as torch ops.
 
     Returns logp (N,), lse (N,) in fp32 (float64 for float64 input; 0 at ignored
     rows), and, if frozen_grad, d logp / d hidden (N, D) in hidden's dtype (else an
@@ -109,21 +128,29 @@ def token_logprobs(
         other_w = h.new_zeros((h.shape[0], dim), dtype=cdt) if frozen_grad else None
         for v0 in range(0, n_vocab, vocab_chunk):
             v1 = min(v0 + vocab_chunk, n_vocab)
-            tile = _logit_tile(h, weight, bias, v0, v1, inv_t, cdt)  # (R, Vc)
             local, inside = _target_columns(t, v0, v1)
-            target_logit = torch.where(inside, tile.gather(1, local).squeeze(1), target_logit)
-            m_new = torch.maximum(m, tile.amax(1))
-            m_safe = _safe_max(m_new)
-            rescale = torch.exp(m - m_safe)  # (R,)
-            tile.sub_(m_safe[:, None]).exp_()  # exp(logit - m), unnormalized p
-            p_target = tile.gather(1, local).squeeze(1)
-            tile.scatter_(1, local, torch.where(inside, 0.0, p_target)[:, None])
-            s_target = s_target * rescale + torch.where(inside, p_target, 0.0)
-            s_other = s_other * rescale + tile.sum(1)
+            if epilogue is not None:
+                p_tile = h @ weight[v0:v1].T  # (R, Vc), becomes exp(x - m_new) in place
+                rescale = epilogue(
+                    p_tile, None if bias is None else bias[v0:v1], inv_t,
+                    torch.where(inside, local.squeeze(1), -1), m, s_other, s_target, target_logit,
+                )  # fmt: skip
+            else:
+                tile = _logit_tile(h, weight, bias, v0, v1, inv_t, cdt)  # (R, Vc)
+                target_logit = torch.where(inside, tile.gather(1, local).squeeze(1), target_logit)
+                m_new = torch.maximum(m, tile.amax(1))
+                m_safe = _safe_max(m_new)
+                rescale = torch.exp(m - m_safe)  # (R,)
+                tile.sub_(m_safe[:, None]).exp_()  # exp(logit - m), unnormalized p
+                p_target = tile.gather(1, local).squeeze(1)
+                tile.scatter_(1, local, torch.where(inside, 0.0, p_target)[:, None])
+                s_target = s_target * rescale + torch.where(inside, p_target, 0.0)
+                s_other = s_other * rescale + tile.sum(1)
+                m = m_new
+                p_tile = tile.to(weight.dtype)
             if other_w is not None:
                 other_w.mul_(rescale[:, None])
-                other_w += (tile.to(weight.dtype) @ weight[v0:v1]).to(cdt)
-            m = m_new
+                other_w += p_tile @ weight[v0:v1]
         s = s_other + s_target
         row_lse = _safe_max(m) + torch.log(s)
         out_logp.append(target_logit - row_lse)
@@ -135,10 +162,11 @@ def token_logprobs(
             out_grad.append(grad_rows.to(hidden.dtype))
 
     # A NaN or Inf in the head makes every log-prob NaN, even for rows where it would
-    # only meet a -inf logit (which softmax would otherwise absorb). No host sync.
-    head_finite = torch.isfinite(weight).all()
+    # only meet a -inf logit (which softmax would otherwise absorb). One reduction pass
+    # over the head (aminmax propagates NaN), no host sync.
+    head_finite = _all_finite(weight)
     if bias is not None:
-        head_finite &= torch.isfinite(bias).all()
+        head_finite &= _all_finite(bias)
     out_logp = [torch.where(head_finite, x, float("nan")) for x in out_logp]
     if rows is None:
         logp, lse = torch.cat(out_logp), torch.cat(out_lse)

@@ -19,6 +19,15 @@ from tests.helpers import assert_close, upstream_like
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
+BACKENDS = [
+    pytest.param("torch"),
+    pytest.param(
+        "native",
+        marks=pytest.mark.skipif(not native.is_available(), reason="native library unavailable"),
+    ),
+]
+
+
 @pytest.fixture
 def small_tiles(monkeypatch):
     """Tiny tiles so that small shapes exercise every chunking loop."""
@@ -34,15 +43,17 @@ def _targets(shape, vocab, ignore_frac=0.2):
 
 def _check_token_logprobs(
     lead, dim, vocab, dtype, *, bias=False, temperature=1.0, train_weight=False,
-    train_bias=False,
+    train_bias=False, backend="torch",
 ):  # fmt: skip
+    if backend == "native" and dtype not in native.DTYPES:
+        pytest.skip(f"native kernels do not read {dtype}")
     hidden = (torch.randn(*lead, dim) / dim**0.25).to(dtype).requires_grad_(True)
     weight = (torch.randn(vocab, dim) / dim**0.25).to(dtype).requires_grad_(train_weight)
     b = (torch.randn(vocab) * 0.5).to(dtype).requires_grad_(train_bias) if bias else None
     targets = _targets(tuple(lead), vocab)
 
     out = decpo.token_logprobs(
-        hidden, weight, targets, bias=b, temperature=temperature, backend="torch"
+        hidden, weight, targets, bias=b, temperature=temperature, backend=backend
     )
     assert out.shape == targets.shape and out.dtype == torch.float32
     assert torch.all(out[targets == -100] == 0)
@@ -71,33 +82,40 @@ def _check_token_logprobs(
             assert_close(ours.grad, ref_leaf.grad, dtype, name, eager=eager_leaf.grad)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "lead,dim,vocab", [((1,), 13, 5), ((37,), 13, 101), ((2, 17), 11, 67), ((5, 1), 2, 1)]
 )
-def test_token_logprobs_frozen_head(lead, dim, vocab, dtype, small_tiles):
-    _check_token_logprobs(lead, dim, vocab, dtype)
+def test_token_logprobs_frozen_head(lead, dim, vocab, dtype, backend, small_tiles):
+    _check_token_logprobs(lead, dim, vocab, dtype, backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_token_logprobs_bias_temperature(dtype, small_tiles):
-    _check_token_logprobs((3, 13), 7, 53, dtype, bias=True, temperature=0.7)
-    _check_token_logprobs((29,), 5, 37, dtype, bias=True, temperature=2.5)
+def test_token_logprobs_bias_temperature(dtype, backend, small_tiles):
+    _check_token_logprobs((3, 13), 7, 53, dtype, bias=True, temperature=0.7, backend=backend)
+    _check_token_logprobs((29,), 5, 37, dtype, bias=True, temperature=2.5, backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("train_bias", [False, True])
-def test_token_logprobs_trainable_head(dtype, train_bias, small_tiles):
+def test_token_logprobs_trainable_head(dtype, train_bias, backend, small_tiles):
     _check_token_logprobs(
         (2, 19), 7, 71, dtype, bias=True, train_weight=True, train_bias=train_bias,
-        temperature=1.3,
+        temperature=1.3, backend=backend,
     )  # fmt: skip
-    _check_token_logprobs((23,), 6, 41, dtype, bias=True, train_weight=False, train_bias=True)
+    _check_token_logprobs(
+        (23,), 6, 41, dtype, bias=True, train_weight=False, train_bias=True, backend=backend
+    )
 
 
-def test_token_logprobs_default_tiles_with_vocab_above_one_chunk():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_logprobs_default_tiles_with_vocab_above_one_chunk(backend):
     # V above one 8192-column chunk and not a multiple of it.
-    _check_token_logprobs((9,), 8, 8209, torch.float32, bias=True)
+    _check_token_logprobs((9,), 8, 8209, torch.float32, bias=True, backend=backend)
+    _check_token_logprobs((9,), 8, 8209, torch.bfloat16, backend=backend)
 
 
 def test_token_logprobs_gradcheck_float64(small_tiles):
@@ -132,15 +150,23 @@ def test_token_logprobs_reference_pass_saves_nothing():
     assert not out.requires_grad
 
 
-def test_token_logprobs_nan_in_gives_nan_out():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_logprobs_nan_in_gives_nan_out(backend):
     hidden = torch.randn(4, 6)
     weight = torch.randn(9, 6)
     targets = torch.randint(0, 9, (4,))
     hidden[1, 0] = float("nan")
-    out = decpo.token_logprobs(hidden, weight, targets)
+    out = decpo.token_logprobs(hidden, weight, targets, backend=backend)
     assert torch.isnan(out[1]) and torch.isfinite(out[[0, 2, 3]]).all()
+    hidden[2, 3] = float("inf")
+    assert torch.isnan(decpo.token_logprobs(hidden, weight, targets, backend=backend)[2])
     weight[3, 1] = float("inf")
-    assert torch.isnan(decpo.token_logprobs(torch.randn(4, 6), weight, targets)).all()
+    out = decpo.token_logprobs(torch.randn(4, 6), weight, targets, backend=backend)
+    assert torch.isnan(out).all()
+    bias = torch.zeros(9)
+    bias[2] = float("nan")
+    out = decpo.token_logprobs(torch.randn(4, 6), weight.clamp(-9, 9), targets, bias=bias)
+    assert torch.isnan(out).all()
 
 
 def test_token_logprobs_compile_fullgraph():
@@ -174,16 +200,7 @@ def test_token_logprobs_opcheck():
 # ---------------------------------------------------------- logprobs_from_logits
 
 
-LOGITS_BACKENDS = [
-    pytest.param("torch"),
-    pytest.param(
-        "native",
-        marks=pytest.mark.skipif(not native.is_available(), reason="native library unavailable"),
-    ),
-]
-
-
-@pytest.mark.parametrize("backend", LOGITS_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (1, 7), (37, 101), (3, 5, 67), (4, 2053)])
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
@@ -209,7 +226,7 @@ def test_logprobs_from_logits(shape, dtype, temperature, backend, small_tiles):
     assert_close(logits.grad, l64.grad, dtype, "d logits", eager=le.grad)
 
 
-@pytest.mark.parametrize("backend", LOGITS_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_logprobs_from_logits_strided_input(backend):
     base = torch.randn(6, 40, 3)
     logits = base[::2, :37, 1].requires_grad_(False)  # strides (240, 3): no unit stride
@@ -228,7 +245,7 @@ def test_logprobs_from_logits_gradcheck_float64():
     )
 
 
-@pytest.mark.parametrize("backend", LOGITS_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_logprobs_from_logits_special_values(backend):
     logits = torch.randn(5, 6)
     logits[0, 2] = float("-inf")  # a masked-out vocabulary entry is fine
@@ -245,7 +262,7 @@ def test_logprobs_from_logits_special_values(backend):
     assert torch.isfinite(out[4])
 
 
-@pytest.mark.parametrize("backend", LOGITS_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_logprobs_from_logits_ignored_rows_are_never_read(backend):
     logits = torch.randn(3, 5, requires_grad=True)
     with torch.no_grad():
