@@ -21,6 +21,16 @@ def _commit() -> str:
         return "unknown"
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     from bench.cases import CASES
     from bench.test_cpu import RESULTS
@@ -51,8 +61,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     RESULTS_DIR.mkdir(exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc)
     record = {
-        "device": f"CPU {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads",
+        "device": f"CPU {_cpu_name()}, {torch.get_num_threads()} threads",
         "date": stamp.isoformat(timespec="seconds"),
         "commit": _commit(),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
