@@ -1,0 +1,257 @@
+"""Preference data: reading the three file formats, the synthetic demo task, and
+tokenizing pairs into padded chosen+rejected batches.
+
+File formats (JSONL or JSONL.GZ, detected per file from its first record):
+- "pairs":  {"prompt": str, "chosen": str, "rejected": str}
+- "chat":   {"chosen": [messages], "rejected": [messages]} with an optional
+            "prompt": [messages]; without it the prompt is the longest common prefix
+            of whole messages. A message is {"role": ..., "content": ...}.
+- "hh":     {"chosen": str, "rejected": str}, Anthropic HH transcripts; the prompt
+            is the shared prefix up to and including the last "\n\nAssistant:".
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+class DataFormatError(ValueError):
+    """A malformed preference file: names the file and the line."""
+
+
+# ------------------------------------------------------------------ file formats
+
+
+def _open_lines(path: Path) -> Iterator[tuple[int, str]]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                yield number, line
+
+
+def detect_format(record: dict[str, Any]) -> str:
+    """'pairs', 'chat' or 'hh' for one record; ValueError if it is none of them."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    chosen, rejected = record.get("chosen"), record.get("rejected")
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        return "chat"
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        return "pairs" if isinstance(record.get("prompt"), str) else "hh"
+    raise ValueError(
+        "expected keys prompt/chosen/rejected (strings), chosen/rejected message lists, "
+        f"or chosen/rejected HH transcripts; got keys {sorted(record)}"
+    )
+
+
+def _split_hh(chosen: str, rejected: str) -> PreferencePair:
+    cut = chosen.rfind(HH_ASSISTANT)
+    if cut < 0:
+        raise ValueError(f"HH transcript without {HH_ASSISTANT!r}")
+    cut += len(HH_ASSISTANT)
+    prompt = chosen[:cut]
+    if not rejected.startswith(prompt):
+        # The two transcripts diverge before chosen's last turn: share the longest
+        # common prefix that ends at an assistant turn.
+        common = 0
+        for a, b in zip(chosen, rejected, strict=False):
+            if a != b:
+                break
+            common += 1
+        cut = chosen.rfind(HH_ASSISTANT, 0, common - len(HH_ASSISTANT) + 1)
+        if cut < 0:
+            raise ValueError("chosen and rejected share no prompt ending in an assistant turn")
+        cut += len(HH_ASSISTANT)
+        prompt = chosen[:cut]
+    return PreferencePair(prompt, chosen[cut:], rejected[cut:])
+
+
+def _check_messages(name: str, messages: Any) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages
+    ):
+        raise ValueError(f"{name} must be a list of {{'role': str, 'content': str}} messages")
+    return messages
+
+
+def render_chat(messages: Sequence[dict[str, str]], tokenizer: Any | None = None) -> str:
+    """Messages as text: the tokenizer's chat template when it has one, otherwise
+    "\n\nRole: content" turns (the HH convention)."""
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(list(messages), tokenize=False)
+    return "".join(f"\n\n{m['role'].capitalize()}: {m['content']}" for m in messages)
+
+
+def _split_chat(record: dict[str, Any], tokenizer: Any | None) -> PreferencePair:
+    chosen = _check_messages("chosen", record["chosen"])
+    rejected = _check_messages("rejected", record["rejected"])
+    if "prompt" in record:
+        prompt = _check_messages("prompt", record["prompt"])
+    else:
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+            shared += 1
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+    if not chosen or not rejected:
+        raise ValueError("chosen and rejected need at least one message after the prompt")
+    prompt_text = render_chat(prompt, tokenizer)
+    chosen_text = render_chat(list(prompt) + list(chosen), tokenizer)
+    rejected_text = render_chat(list(prompt) + list(rejected), tokenizer)
+    if not (chosen_text.startswith(prompt_text) and rejected_text.startswith(prompt_text)):
+        raise ValueError("the chat template does not render the prompt as a prefix")
+    return PreferencePair(
+        prompt_text, chosen_text[len(prompt_text) :], rejected_text[len(prompt_text) :]
+    )
+
+
+def read_pairs(path: str | Path, tokenizer: Any | None = None) -> list[PreferencePair]:
+    """All pairs of a JSONL(.gz) file. Any malformed line raises DataFormatError naming
+    the file and the line number, before anything is trained."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"preference data file not found: {path}")
+    pairs: list[PreferencePair] = []
+    fmt: str | None = None
+    for number, line in _open_lines(path):
+        try:
+            record = json.loads(line)
+            kind = detect_format(record)
+            if fmt is None:
+                fmt = kind
+            elif kind != fmt:
+                raise ValueError(f"record is in {kind!r} format, the file's first is {fmt!r}")
+            if kind == "pairs":
+                pairs.append(PreferencePair(record["prompt"], record["chosen"], record["rejected"]))
+            elif kind == "hh":
+                pairs.append(_split_hh(record["chosen"], record["rejected"]))
+            else:
+                pairs.append(_split_chat(record, tokenizer))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataFormatError(f"{path}:{number}: {exc}") from None
+    if not pairs:
+        raise DataFormatError(f"{path}: no preference pairs")
+    return pairs
+
+
+# ------------------------------------------------------------------ demo task
+
+_SUBJECTS = [
+    "the garden", "my bike", "a recipe", "the weather", "our trip", "this book", "the song",
+    "a movie", "the class", "my plan", "the project", "a letter", "the game", "our team",
+    "the city", "a puzzle", "the market", "my code", "the river", "a lesson",
+]  # fmt: skip
+_GOOD = [
+    "kind", "clear", "helpful", "honest", "careful", "patient", "bright", "calm", "gentle",
+    "useful", "friendly", "thoughtful", "warm", "precise", "safe", "fair",
+]  # fmt: skip
+_BAD = [
+    "rude", "vague", "useless", "false", "sloppy", "hasty", "dull", "angry", "harsh",
+    "wrong", "hostile", "careless", "cold", "messy", "risky", "unfair",
+]  # fmt: skip
+
+
+def synthetic_pairs(n: int, seed: int) -> list[PreferencePair]:
+    """The demo task: HH-style prompts asking for a note about a subject; the chosen
+    answer is built from considerate words, the rejected one from rude words, in
+    the same sentence frame. A tiny model learns it in a few hundred steps, and the
+    held-out pairs use word combinations never seen in training."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        subject = rng.choice(_SUBJECTS)
+        good = rng.sample(_GOOD, 2)
+        bad = rng.sample(_BAD, 2)
+        prompt = f"\n\nHuman: Say something about {subject}.{HH_ASSISTANT}"
+        frame = " I think {s} is {a} and {b}."
+        pairs.append(
+            PreferencePair(
+                prompt,
+                frame.format(s=subject, a=good[0], b=good[1]),
+                frame.format(s=subject, a=bad[0], b=bad[1]),
+            )
+        )
+    return pairs
+
+
+def demo_corpus() -> list[str]:
+    """Text the demo tokenizer is trained on: every word the demo task can use."""
+    pairs = synthetic_pairs(2000, seed=12345)
+    return [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
+
+
+# ------------------------------------------------------------------ tokenization
+
+
+@dataclass
+class TokenizedPair:
+    chosen_ids: list[int]
+    chosen_labels: list[int]
+    rejected_ids: list[int]
+    rejected_labels: list[int]
+
+
+def tokenize_pairs(
+    pairs: Sequence[PreferencePair], tokenizer: Any, max_length: int
+) -> tuple[list[TokenizedPair], int]:
+    """Tokenize (prompt + response + eos); prompt tokens get label IGNORE_INDEX.
+
+    Truncation keeps each response whole and cuts the prompt from the left so that
+    both sequences fit max_length; a pair whose longer response (plus at least one
+    prompt token) cannot fit is skipped. Returns (tokenized pairs, number skipped).
+    """
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    out: list[TokenizedPair] = []
+    skipped = 0
+    for pair in pairs:
+        prompt = tokenizer(pair.prompt, add_special_tokens=False)["input_ids"]
+        if getattr(tokenizer, "bos_token_id", None) is not None:
+            prompt = [tokenizer.bos_token_id, *prompt]
+        chosen = tokenizer(pair.chosen, add_special_tokens=False)["input_ids"] + eos
+        rejected = tokenizer(pair.rejected, add_special_tokens=False)["input_ids"] + eos
+        room = max_length - max(len(chosen), len(rejected))
+        if room < 1 or not prompt:
+            skipped += 1
+            continue
+        prompt = prompt[-room:]
+        ignore = [IGNORE_INDEX] * len(prompt)
+        out.append(
+            TokenizedPair(prompt + chosen, ignore + chosen, prompt + rejected, ignore + rejected)
+        )
+    return out, skipped
+
+
+def collate(batch: Sequence[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen rows then rejected rows, right-padded: input_ids, labels, attention_mask
+    of shape (2B, T)."""
+    sequences = [(p.chosen_ids, p.chosen_labels) for p in batch] + [
+        (p.rejected_ids, p.rejected_labels) for p in batch
+    ]
+    length = max(len(ids) for ids, _ in sequences)
+    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(sequences), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, (ids, labs) in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(labs)] = torch.tensor(labs)
+        attention_mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

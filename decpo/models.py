@@ -1,0 +1,103 @@
+"""Models and tokenizers: the demo's tiny Llama and its own BPE tokenizer, or a local
+Hugging Face causal LM, with LoRA adapters from peft."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# The demo model: a small Llama-architecture network, random init.
+TINY_CONFIG = {
+    "hidden_size": 64,
+    "intermediate_size": 192,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+}
+TINY_VOCAB = 512
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def build_tokenizer(corpus: Iterable[str], vocab_size: int = TINY_VOCAB) -> Any:
+    """A byte-level BPE tokenizer trained on `corpus`, as a PreTrainedTokenizerFast
+    with <pad>, <s> and </s>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(corpus), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def build_tiny_model(tokenizer: Any, seed: int) -> torch.nn.Module:
+    """The demo's Llama-architecture model, random init from `seed`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **TINY_CONFIG,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+def load_pretrained(directory: str | Path, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
+    """A local Hugging Face causal LM and its tokenizer (no hub, no remote code)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(directory)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--model {directory}: no config.json (a local model directory)")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(
+        path, local_files_only=True, trust_remote_code=False, dtype=dtype
+    )
+    return model, tokenizer
+
+
+def add_lora(
+    model: torch.nn.Module, r: int, alpha: float | None, targets: Sequence[str]
+) -> torch.nn.Module:
+    """Wrap `model` with peft LoRA adapters on the modules named in `targets`."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha if alpha is not None else 2 * r,
+        lora_dropout=0.0,
+        target_modules=list(targets),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The transformer blocks of a (peft-wrapped) Hugging Face causal LM."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(base, "model", base)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError(f"cannot find the decoder layers of {type(base).__name__}")
+    return layers
