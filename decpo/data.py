@@ -77,7 +77,7 @@ def _split_hh(chosen: str, rejected: str) -> PreferencePair:
             if a != b:
                 break
             common += 1
-        cut = chosen.rfind(HH_ASSISTANT, 0, common - len(HH_ASSISTANT) + 1)
+        cut = chosen.rfind(HH_ASSISTANT, 0, common)
         if cut < 0:
             raise ValueError("chosen and rejected share no prompt ending in an assistant turn")
         cut += len(HH_ASSISTANT)

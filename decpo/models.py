@@ -101,3 +101,13 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     if layers is None:
         raise ValueError(f"cannot find the decoder layers of {type(base).__name__}")
     return layers
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant activation checkpointing under either transformers API name."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False

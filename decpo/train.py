@@ -175,8 +175,7 @@ def build_model(cfg: Config, out: Path, device: torch.device) -> tuple[torch.nn.
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model, tokenizer = models.load_pretrained(cfg.model, dtype)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        models.enable_checkpointing(model)
     torch.manual_seed(cfg.seed)  # identical LoRA init on every rank
     model = models.add_lora(model, cfg.lora_r, None, cfg.lora_targets.split(","))
     return model.to(device), tokenizer

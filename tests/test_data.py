@@ -1,0 +1,139 @@
+"""Preference data: formats, prompt splitting, truncation, malformed lines."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from decpo import data
+
+SHARED_HH = (
+    Path(__file__).resolve().parents[2]
+    / "shared"
+    / "data"
+    / ("hh-rlhf-harmless-base-test.jsonl.gz")
+)
+
+
+def _write(path: Path, records: list, gz: bool = False) -> Path:
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    if gz:
+        with gzip.open(path, "wt") as f:
+            f.write(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+def test_prompt_chosen_rejected(tmp_path):
+    path = _write(tmp_path / "p.jsonl", [{"prompt": "Q?", "chosen": " yes", "rejected": " no"}] * 3)
+    pairs = data.read_pairs(path)
+    assert pairs == [data.PreferencePair("Q?", " yes", " no")] * 3
+
+
+def test_hh_transcripts_split_at_the_last_assistant_turn(tmp_path):
+    chosen = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: help?\n\nAssistant: Sure, gladly."
+    rejected = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: help?\n\nAssistant: No."
+    path = _write(tmp_path / "hh.jsonl.gz", [{"chosen": chosen, "rejected": rejected}], gz=True)
+    (pair,) = data.read_pairs(path)
+    assert pair.prompt == "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: help?\n\nAssistant:"
+    assert pair.chosen == " Sure, gladly." and pair.rejected == " No."
+
+
+def test_hh_transcripts_that_diverge_earlier(tmp_path):
+    chosen = "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d"
+    rejected = "\n\nHuman: a\n\nAssistant: x"
+    (pair,) = data.read_pairs(
+        _write(tmp_path / "hh.jsonl", [{"chosen": chosen, "rejected": rejected}])
+    )
+    assert pair.prompt == "\n\nHuman: a\n\nAssistant:"
+    assert pair.chosen == " b\n\nHuman: c\n\nAssistant: d" and pair.rejected == " x"
+
+
+def test_chat_messages_with_and_without_prompt(tmp_path):
+    user = {"role": "user", "content": "hi"}
+    good = {"role": "assistant", "content": "hello!"}
+    bad = {"role": "assistant", "content": "go away"}
+    path = _write(tmp_path / "c.jsonl", [{"chosen": [user, good], "rejected": [user, bad]}])
+    (pair,) = data.read_pairs(path)
+    assert pair.prompt == "\n\nUser: hi"
+    assert pair.chosen == "\n\nAssistant: hello!" and pair.rejected == "\n\nAssistant: go away"
+    path = _write(tmp_path / "c2.jsonl", [{"prompt": [user], "chosen": [good], "rejected": [bad]}])
+    assert data.read_pairs(path) == [pair]
+
+
+def test_real_hh_data_parses():
+    if not SHARED_HH.is_file():
+        pytest.skip("../shared/data is not beside this checkout")
+    pairs = data.read_pairs(SHARED_HH)
+    assert len(pairs) > 2000
+    assert all(p.prompt.endswith(data.HH_ASSISTANT) for p in pairs)
+    assert sum(p.chosen != p.rejected for p in pairs) > 0.95 * len(pairs)
+
+
+PAIRS = {"prompt": "p", "chosen": "c", "rejected": "r"}
+HH = {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}
+CHAT = {
+    "chosen": [{"role": "user", "content": "a"}],
+    "rejected": [{"role": "user", "content": "b"}],
+}
+
+
+@pytest.mark.parametrize(
+    "first,line,message",
+    [
+        (PAIRS, "{not json", "Expecting"),
+        (PAIRS, '{"prompt": "a", "chosen": "b"}', "keys"),
+        (HH, '{"chosen": "no assistant turn", "rejected": "x"}', "Assistant"),
+        (CHAT, '{"chosen": [{"role": "user"}], "rejected": []}', "messages"),
+        (PAIRS, "[1, 2]", "JSON object"),
+        (PAIRS, json.dumps(HH), "format"),
+    ],
+)
+def test_malformed_line_names_file_and_line(tmp_path, first, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(first) + "\n\n" + line + "\n")
+    with pytest.raises(data.DataFormatError, match=rf"bad.jsonl:3: .*{message}"):
+        data.read_pairs(path)
+
+
+def test_empty_and_missing_files(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(data.DataFormatError, match="no preference pairs"):
+        data.read_pairs(tmp_path / "empty.jsonl")
+    with pytest.raises(FileNotFoundError):
+        data.read_pairs(tmp_path / "nope.jsonl")
+
+
+class _CharTokenizer:
+    """One token per character; bos 1, eos 2, pad 0."""
+
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [3 + (ord(c) % 50) for c in text]}
+
+
+def test_truncation_keeps_responses_and_cuts_the_prompt_from_the_left():
+    tok = _CharTokenizer()
+    pairs = [data.PreferencePair("abcdefghij", "xyz", "q"), data.PreferencePair("p", "r" * 20, "s")]
+    out, skipped = data.tokenize_pairs(pairs, tok, max_length=8)
+    assert skipped == 1
+    (tp,) = out
+    # chosen = prompt tail + "xyz" + eos fits 8: the prompt keeps its last 4 tokens
+    assert len(tp.chosen_ids) == 8
+    assert tp.chosen_ids[-4:] == [3 + ord("x") % 50, 3 + ord("y") % 50, 3 + ord("z") % 50, 2]
+    assert tp.chosen_labels[:4] == [data.IGNORE_INDEX] * 4
+    assert tp.chosen_ids[:4] == [3 + ord(c) % 50 for c in "ghij"]
+    assert tp.rejected_ids[:4] == tp.chosen_ids[:4]
+    batch = data.collate(out, pad_id=0)
+    assert batch["input_ids"].shape == (2, 8)
+    assert batch["attention_mask"][1].tolist() == [1] * 6 + [0] * 2
+
+
+def test_synthetic_task_is_seeded():
+    assert data.synthetic_pairs(5, 1) == data.synthetic_pairs(5, 1)
+    assert data.synthetic_pairs(5, 1) != data.synthetic_pairs(5, 2)
