@@ -1,7 +1,7 @@
 .PHONY: install test lint format native bench clean
 
 install:
-	pip install torch==2.13.0 && pip install -e ".[test]"
+	pip install torch==2.13.0 && pip install -e ".[test,trl]"
 
 test:
 	python -m pytest -q

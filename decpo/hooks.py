@@ -15,6 +15,7 @@ add rows. Hooks are removed on exit (the paper's code leaked one hook per step).
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -72,14 +73,20 @@ def feature_decorrelation(hidden: torch.Tensor, segment_ids: torch.Tensor | None
 
 
 class DecorrelationHooks:
-    """Forward hooks on `module` (a dotted name inside each decoder layer, e.g.
-    "mlp.up_proj") of the given layer indices (None: all layers)."""
+    """Forward hooks on `module` of the given decoder layers (None: all layers).
+
+    module: a dotted name inside each decoder layer ("mlp.up_proj", GPT-2's "mlp.c_fc")
+    or an fnmatch pattern ("mlp.up*") that matches exactly one module per layer.
+    first_pass_only: keep only the first forward of each capture() block (useful when
+    a trainer runs the policy and then the reference inside one call under no_grad).
+    """
 
     def __init__(
         self,
         model: torch.nn.Module,
         module: str = "mlp.up_proj",
         layers: Sequence[int] | None = None,
+        first_pass_only: bool = False,
     ) -> None:
         blocks = decoder_layers(model)
         self.layer_ids = list(range(len(blocks))) if layers is None else list(layers)
@@ -88,14 +95,21 @@ class DecorrelationHooks:
             raise ValueError(f"layers {bad} out of range for a model with {len(blocks)} layers")
         self.modules = []
         for i in self.layer_ids:
-            try:
-                self.modules.append(blocks[i].get_submodule(module))
-            except AttributeError:
-                names = sorted(n for n, _ in blocks[i].named_modules() if n)
+            # peft's internals (lora_A, base_layer, ...) are never what a user means.
+            names = [
+                n for n, _ in blocks[i].named_modules()
+                if n and "lora_" not in n and "base_layer" not in n
+            ]  # fmt: skip
+            matches = [n for n in names if fnmatch.fnmatchcase(n, module)]
+            if len(matches) != 1:
+                found = "no module" if not matches else f"{len(matches)} modules ({matches})"
                 raise ValueError(
-                    f"layer {i} has no module {module!r}; it has {', '.join(names)}"
-                ) from None
+                    f"layer {i} has {found} matching {module!r}; one is needed. "
+                    f"Its modules: {', '.join(names)}"
+                )
+            self.modules.append(blocks[i].get_submodule(matches[0]))
         self.module_name = module
+        self.first_pass_only = first_pass_only
         self.outputs: list[torch.Tensor] = []
         self._handles: list[Any] = []
         self._active = False
@@ -114,6 +128,8 @@ class DecorrelationHooks:
 
     def _record(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         if not self._active or _in_backward():
+            return
+        if self.first_pass_only and len(self.outputs) >= len(self.modules):
             return
         if self._force or torch.is_grad_enabled():
             self.outputs.append(output[0] if isinstance(output, tuple) else output)
@@ -144,6 +160,24 @@ class DecorrelationHooks:
     def penalty(
         self, completion_mask: torch.Tensor, tokens: str = "last", normalize: bool = True
     ) -> torch.Tensor:
-        """decorrelation_penalty of the captured rows (mean over hooked layers)."""
+        """decorrelation_penalty of the captured rows (mean over hooked layers).
+        completion_mask (B, T): response tokens, or the attention mask for "the last
+        real token" / "every real token"."""
         hidden, segment_ids = self.rows(completion_mask, tokens)
         return decpo.decorrelation_penalty(hidden, segment_ids=segment_ids, normalize=normalize)
+
+    def official_regularizer(self) -> torch.Tensor:
+        """PAPER-CODE COMPATIBILITY, for ablations only (DESIGN section 1): what the
+        official DecPO code (hanqi-qi/Revisit_monosemanticity, 2da99fb) adds, namely
+        mean(A A^T - I) with A = |h[0::2, -1]|: position -1 of the right-padded batch
+        (often a pad token), rows 0::2 (a mix of chosen and rejected), abs(), no
+        normalization, signed rather than squared. Averaged over hooked layers; the
+        official weight is 0.001. decpo's correct regularizer is penalty()."""
+        if len(self.outputs) != len(self.modules):
+            raise RuntimeError("run exactly one policy forward inside capture() first")
+        values = []
+        for out in self.outputs:
+            a = out[0::2, -1].float().abs()  # (B', D)
+            eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+            values.append((a @ a.T - eye).mean())
+        return torch.stack(values).mean()

@@ -94,13 +94,21 @@ def add_lora(
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The transformer blocks of a (peft-wrapped) Hugging Face causal LM."""
+    """The transformer blocks of a (peft-wrapped) Hugging Face causal LM: the
+    ModuleList with num_hidden_layers entries (model.layers for Llama, transformer.h
+    for GPT-2, ...), the largest one if several match."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = getattr(base, "model", base)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
+    config = getattr(base, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n_layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
+    candidates = [
+        m for m in base.modules()
+        if isinstance(m, torch.nn.ModuleList) and len(m) > 0
+        and (n_layers is None or len(m) == n_layers)
+    ]  # fmt: skip
+    if not candidates:
         raise ValueError(f"cannot find the decoder layers of {type(base).__name__}")
-    return layers
+    return max(candidates, key=lambda m: sum(p.numel() for p in m.parameters()))
 
 
 def enable_checkpointing(model: torch.nn.Module) -> None:

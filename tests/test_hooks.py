@@ -79,10 +79,13 @@ def test_gradient_checkpoint_recomputation_does_not_record(tiny):
 
 def test_bad_module_or_layer(tiny):
     model, _ = tiny
-    with pytest.raises(ValueError, match=r"no module 'mlp\.nope'"):
+    with pytest.raises(ValueError, match=r"no module matching 'mlp\.nope'"):
         DecorrelationHooks(model, "mlp.nope")
     with pytest.raises(ValueError, match="out of range"):
         DecorrelationHooks(model, "mlp.up_proj", [7])
+    with pytest.raises(ValueError, match="3 modules"):
+        DecorrelationHooks(model, "mlp.*_proj")  # gate_proj, up_proj and down_proj
+    assert DecorrelationHooks(model, "mlp.up*").modules[0] is DecorrelationHooks(model).modules[0]
 
 
 def test_select_rows_last_and_all():
@@ -105,3 +108,20 @@ def test_feature_decorrelation_by_hand():
     assert feature_decorrelation(rows[:, :2], None).item() == pytest.approx(0.0)
     # The penalty on the same rows agrees with the cosine picture.
     assert decpo.decorrelation_penalty(rows[0, 2:], offdiag=True).item() == pytest.approx(0.0)
+
+
+def test_any_hugging_face_model_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=50))
+    ids = torch.randint(0, 50, (4, 9))
+    attention = torch.ones(4, 9, dtype=torch.long)
+    attention[1, 6:] = 0
+    with DecorrelationHooks(model, "mlp.c_fc", [0, 2]) as hooks:
+        with hooks.capture():
+            model(input_ids=ids, attention_mask=attention)
+        hidden, _ = hooks.rows(attention, "last")  # the last real token of each sequence
+        assert hidden.shape == (2, 4, 128)
+        torch.testing.assert_close(hidden[:, 1], torch.stack([o[1, 5] for o in hooks.outputs]))
+        hooks.penalty(attention, "all").backward()
+    assert model.transformer.h[0].mlp.c_fc.weight.grad is not None

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+# A ```python block right after an HTML comment that says "not run" is skipped.
+BLOCKS = [
+    block
+    for comment, block in re.findall(
+        r"(<!--[^>]*-->\n)?```python\n(.*?)```", README.read_text(), flags=re.S
+    )
+    if "not run" not in comment
+]
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))

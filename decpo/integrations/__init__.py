@@ -1,0 +1,2 @@
+"""Integrations with other trainers. Import the one you use (decpo.integrations.trl);
+importing decpo never imports them."""
