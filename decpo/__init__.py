@@ -1,12 +1,12 @@
 """decpo: fast, trustworthy DecPO (DPO + feature decorrelation) training.
 
 Public API (DESIGN section 2): decorrelation_penalty, token_logprobs,
-logprobs_from_logits, dpo_loss. Every op takes backend="auto" | "torch" |
-"triton" | "native".
+logprobs_from_logits, dpo_loss; plus sequence_logprobs (per-sequence sum and mean).
+Every op takes backend="auto" | "torch" | "triton" | "native".
 """
 
 from decpo.backend import BackendUnavailableError
-from decpo.losses import DPOLossOutput, dpo_loss
+from decpo.losses import DPOLossOutput, SequenceLogprobs, dpo_loss, sequence_logprobs
 from decpo.ops.decorrelation import decorrelation_penalty
 from decpo.ops.logprobs import logprobs_from_logits, token_logprobs
 
@@ -15,8 +15,10 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "DPOLossOutput",
+    "SequenceLogprobs",
     "decorrelation_penalty",
     "dpo_loss",
     "logprobs_from_logits",
+    "sequence_logprobs",
     "token_logprobs",
 ]

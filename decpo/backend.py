@@ -17,7 +17,7 @@ BACKENDS = ("auto", "torch", "triton", "native")
 # Which ops each backend implements today. Backends add themselves here as they land.
 IMPLEMENTED: dict[str, set[str]] = {
     "torch": {"decorrelation_penalty", "token_logprobs", "logprobs_from_logits"},
-    "triton": set(),
+    "triton": {"token_logprobs", "logprobs_from_logits"},
     "native": {"logprobs_from_logits", "token_logprobs"},
 }
 
@@ -43,6 +43,8 @@ def _why_unavailable(op: str, backend: str, device: torch.device, dtype: torch.d
             import triton  # noqa: F401
         except ImportError as exc:
             return f"triton is not installed ({exc})"
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return f"the Triton kernels read float32, bfloat16 and float16, got {dtype}"
     if backend == "native":
         if device.type != "cpu":
             return "the native library runs on CPU tensors only"

@@ -14,6 +14,32 @@ _NEEDS_REFERENCE = ("sigmoid", "ipo", "hinge")
 _SMOOTHED = ("sigmoid", "simpo")
 
 
+class SequenceLogprobs(NamedTuple):
+    """Per-sequence reductions of token log-probs: sum (DPO), mean (SimPO, SFT), count."""
+
+    sum: torch.Tensor
+    mean: torch.Tensor
+    count: torch.Tensor
+
+
+def sequence_logprobs(token_logps: torch.Tensor, mask: torch.Tensor) -> SequenceLogprobs:
+    """Sum and mean over the last dimension of token log-probs (..., T) where mask
+    (..., T) is true (the scored response tokens; positions outside it contribute 0).
+    One pass over the (small) token log-probs; no pass over the vocabulary. A
+    sequence with no scored token has sum 0 and mean 0."""
+    checks.floating("token_logps", token_logps)
+    checks.tensor("mask", mask)
+    if mask.shape != token_logps.shape:
+        raise ValueError(
+            f"mask must have the shape of token_logps {tuple(token_logps.shape)}, "
+            f"got {tuple(mask.shape)}"
+        )
+    mask = mask.bool()
+    total = torch.where(mask, token_logps, 0.0).sum(-1)
+    count = mask.sum(-1)
+    return SequenceLogprobs(total, total / count.clamp_min(1), count)
+
+
 class DPOLossOutput(NamedTuple):
     """Per-pair losses and the implicit rewards (detached), all (B,) fp32."""
 

@@ -243,9 +243,8 @@ def sequence_logps(
         weight = weight.to(hidden.dtype)
         bias = bias.to(hidden.dtype) if bias is not None else None
     logp = decpo.token_logprobs(hidden, weight, targets, bias=bias)  # (2B, T - 1)
-    count = (targets != data_lib.IGNORE_INDEX).sum(-1).clamp_min(1)
-    total = logp.sum(-1)
-    return total, total / count
+    per_sequence = decpo.sequence_logprobs(logp, targets != data_lib.IGNORE_INDEX)
+    return per_sequence.sum, per_sequence.mean
 
 
 def forward_pair_batch(

@@ -111,3 +111,14 @@ def test_nan_in_gives_nan_out():
     for loss_type in ("sigmoid", "ipo", "hinge", "simpo", "sft"):
         losses = decpo.dpo_loss(pc, pr, rc, rr, loss_type=loss_type).losses
         assert torch.isnan(losses[2]) and torch.isfinite(losses[[0, 1, 3]]).all(), loss_type
+
+
+def test_sequence_logprobs():
+    logps = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, float("nan"), -6.0], [0.5, 0.5, 0.5]])
+    mask = torch.tensor([[True, True, False], [True, False, True], [False, False, False]])
+    out = decpo.sequence_logprobs(logps, mask)
+    assert out.sum.tolist() == [-3.0, -10.0, 0.0]
+    assert out.mean.tolist() == [-1.5, -5.0, 0.0]
+    assert out.count.tolist() == [2, 2, 0]
+    with pytest.raises(ValueError, match="mask"):
+        decpo.sequence_logprobs(logps, mask[:2])

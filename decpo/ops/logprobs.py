@@ -38,6 +38,12 @@ def _token_logprobs_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp (N,), lse (N,), d logp / d hidden (N, D) if frozen_grad else empty)."""
     checks.targets_in_range(targets, weight.shape[0], ignore_index)
+    if backend == "triton":
+        from decpo.triton_backend import logprobs as triton_impl
+
+        return triton_impl.token_logprobs(
+            hidden, weight, targets, bias, ignore_index, temperature, frozen_grad
+        )
     # "native": the same tiling with PyTorch's matmuls and the native fused tile epilogue.
     epilogue = native.online_softmax_tile if backend == "native" else None
     assert backend in ("torch", "native"), backend
@@ -78,7 +84,14 @@ def _token_logprobs_backward_op(
     need_weight: bool,
     need_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # A trainable head's backward recomputes tiles with torch ops for every backend.
+    if backend == "triton":
+        from decpo.triton_backend import logprobs as triton_impl
+
+        return triton_impl.token_logprobs_backward(
+            grad_logp, hidden, weight, targets, bias, lse, ignore_index, temperature,
+            need_hidden, need_weight, need_bias,
+        )  # fmt: skip
+    # The native backend's trainable-head backward recomputes tiles with torch ops.
     assert backend in ("torch", "native"), backend
     return torch_impl.token_logprobs_backward(
         grad_logp, hidden, weight, targets, bias, lse, ignore_index, temperature,
@@ -218,6 +231,10 @@ def _logits_op(
     checks.targets_in_range(targets, logits.shape[1], ignore_index)
     if backend == "native":
         return native.logprobs_from_logits_fwd(logits, targets, ignore_index, temperature)
+    if backend == "triton":
+        from decpo.triton_backend import logprobs as triton_impl
+
+        return triton_impl.logprobs_from_logits(logits, targets, ignore_index, temperature)
     assert backend == "torch", backend
     return torch_impl.logprobs_from_logits(logits, targets, ignore_index, temperature)
 
@@ -243,6 +260,12 @@ def _logits_backward_op(
 ) -> torch.Tensor:
     if backend == "native":
         return native.logprobs_from_logits_bwd(
+            grad_logp, logits, targets, lse, ignore_index, temperature
+        )
+    if backend == "triton":
+        from decpo.triton_backend import logprobs as triton_impl
+
+        return triton_impl.logprobs_from_logits_backward(
             grad_logp, logits, targets, lse, ignore_index, temperature
         )
     assert backend == "torch", backend

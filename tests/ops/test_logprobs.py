@@ -19,12 +19,21 @@ from tests.helpers import assert_close, upstream_like
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
+def _triton_missing() -> str:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton not installed: {exc}"
+    return ""
+
+
 BACKENDS = [
     pytest.param("torch"),
     pytest.param(
         "native",
         marks=pytest.mark.skipif(not native.is_available(), reason="native library unavailable"),
     ),
+    pytest.param("triton", marks=pytest.mark.skipif(bool(_triton_missing()), reason="no triton")),
 ]
 
 
@@ -291,3 +300,20 @@ def test_logprobs_from_logits_compile_and_opcheck():
         (x.detach().reshape(12, 10), t.reshape(12), -100, 1.0, "torch"),
         test_utils=("test_schema", "test_faketensor"),
     )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_results_are_bit_identical_run_to_run(backend):
+    hidden = torch.randn(2, 19, 24, dtype=torch.bfloat16)
+    weight = torch.randn(67, 24, dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.randn(67, dtype=torch.bfloat16, requires_grad=True)
+    targets = _targets((2, 19), 67)
+    results = []
+    for _ in range(2):
+        h = hidden.clone().requires_grad_(True)
+        weight.grad = bias.grad = None
+        out = decpo.token_logprobs(h, weight, targets, bias=bias, backend=backend)
+        out.backward(torch.linspace(-1, 2, out.numel()).reshape(out.shape))
+        results.append((out, h.grad, weight.grad, bias.grad))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
