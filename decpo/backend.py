@@ -17,7 +17,7 @@ BACKENDS = ("auto", "torch", "triton", "native")
 # Which ops each backend implements today. Backends add themselves here as they land.
 IMPLEMENTED: dict[str, set[str]] = {
     "torch": {"decorrelation_penalty", "token_logprobs", "logprobs_from_logits"},
-    "triton": {"token_logprobs", "logprobs_from_logits"},
+    "triton": {"decorrelation_penalty", "token_logprobs", "logprobs_from_logits"},
     "native": {"logprobs_from_logits", "token_logprobs"},
 }
 

@@ -32,6 +32,12 @@ def _decorrelation_op(
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss 0-dim, d loss / d hidden or an empty tensor) for hidden (L, N, D)."""
+    if backend == "triton":
+        from decpo.triton_backend import decorrelation as triton_impl
+
+        return triton_impl.decorrelation_penalty(
+            hidden, mask, segment_ids, normalize, offdiag, reduction, compute_grad
+        )
     assert backend == "torch", backend
     return torch_impl.decorrelation_penalty(
         hidden, mask, segment_ids, normalize, offdiag, reduction, compute_grad

@@ -15,10 +15,24 @@ from tests.helpers import TOL, assert_close, rel_err
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def _check(hidden, dtype, upstream=-1.7, **options):
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+BACKENDS = [
+    pytest.param("torch"),
+    pytest.param("triton", marks=pytest.mark.skipif(not _has_triton(), reason="no triton")),
+]
+
+
+def _check(hidden, dtype, upstream=-1.7, backend="torch", **options):
     """Value and gradient of decpo against the float64 reference on the same rounded input."""
     h = hidden.detach().to(dtype).clone().requires_grad_(True)
-    loss = decpo.decorrelation_penalty(h, backend="torch", **options)
+    loss = decpo.decorrelation_penalty(h, backend=backend, **options)
     assert loss.dim() == 0
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     (loss * upstream).backward()
@@ -35,18 +49,20 @@ def _check(hidden, dtype, upstream=-1.7, **options):
 SHAPES = [(1, 7), (2, 3), (13, 7), (7, 13), (31, 5), (17, 17), (64, 29)]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("offdiag", [False, True])
-def test_matches_reference(shape, dtype, normalize, offdiag):
+def test_matches_reference(shape, dtype, normalize, offdiag, backend):
     hidden = torch.randn(shape) * (1.0 if normalize else 0.3)
-    _check(hidden, dtype, normalize=normalize, offdiag=offdiag)
+    _check(hidden, dtype, normalize=normalize, offdiag=offdiag, backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_mask_and_unsorted_segments(dtype, reduction):
+def test_mask_and_unsorted_segments(dtype, reduction, backend):
     n, d = 53, 11
     hidden = torch.randn(n, d)
     # Unsorted, non-contiguous ids; groups of sizes on both sides of D, one of size 1.
@@ -54,17 +70,19 @@ def test_mask_and_unsorted_segments(dtype, reduction):
     segment_ids[17] = 100
     mask = torch.rand(n) > 0.2
     mask[17] = True
-    _check(hidden, dtype, mask=mask, segment_ids=segment_ids, reduction=reduction)
-    _check(hidden, dtype, mask=mask, segment_ids=segment_ids, reduction=reduction, offdiag=True)
+    kw = {"mask": mask, "segment_ids": segment_ids, "reduction": reduction, "backend": backend}
+    _check(hidden, dtype, **kw)
+    _check(hidden, dtype, offdiag=True, **kw)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [5, 23])
-def test_layers(dtype, n):
+def test_layers(dtype, n, backend):
     hidden = torch.randn(3, n, 13)
     segment_ids = torch.arange(n) % 2
-    _check(hidden, dtype, segment_ids=segment_ids)
-    _check(hidden, dtype, mask=torch.arange(n) % 3 != 0, offdiag=True)
+    _check(hidden, dtype, segment_ids=segment_ids, backend=backend)
+    _check(hidden, dtype, mask=torch.arange(n) % 3 != 0, offdiag=True, backend=backend)
 
 
 def test_covariance_path_streams_row_chunks(monkeypatch):
@@ -81,25 +99,30 @@ def test_covariance_path_is_accurate_near_n_equal_d():
     _check(hidden, torch.float32)
 
 
-def test_non_contiguous_input():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_input(backend):
     base = torch.randn(9, 40)
-    _check(base.T, torch.float32)  # (40, 9), strided
-    _check(torch.randn(3, 17, 8).transpose(0, 1)[:, :2], torch.float32)  # (17, 2, 8) -> L=17
+    _check(base.T, torch.float32, backend=backend)  # (40, 9), strided
+    # (17, 2, 8) -> L=17, strided in every dimension
+    _check(torch.randn(3, 17, 8).transpose(0, 1)[:, :2], torch.float32, backend=backend)
+    _check(torch.randn(2, 30, 12, dtype=torch.bfloat16)[:, ::2, ::3], torch.bfloat16,
+           backend=backend)  # fmt: skip
 
 
-def test_empty_selections_give_zero_and_zero_gradient():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_selections_give_zero_and_zero_gradient(backend):
     hidden = torch.randn(6, 4, requires_grad=True)
     for kwargs in (
         {"mask": torch.zeros(6, dtype=torch.bool)},
         {"offdiag": True, "segment_ids": torch.arange(6)},  # groups of one row: no pairs
     ):
         hidden.grad = None
-        loss = decpo.decorrelation_penalty(hidden, **kwargs)
+        loss = decpo.decorrelation_penalty(hidden, backend=backend, **kwargs)
         loss.backward()
         assert loss.item() == 0.0
         assert torch.equal(hidden.grad, torch.zeros_like(hidden))
     empty = torch.randn(0, 4, requires_grad=True)
-    loss = decpo.decorrelation_penalty(empty)
+    loss = decpo.decorrelation_penalty(empty, backend=backend)
     loss.backward()
     assert loss.item() == 0.0 and empty.grad.shape == (0, 4)
 
@@ -127,19 +150,28 @@ def test_no_grad_pass_computes_no_gradient():
     assert rel_err(loss, ref) < TOL[torch.float32]
 
 
-def test_nan_and_inf_in_give_nan_out():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_and_inf_in_give_nan_out(backend):
     for bad in (float("nan"), float("inf")):
         for normalize in (True, False):
             for n in (4, 40):  # both paths
                 hidden = torch.randn(n, 8)
                 hidden[1, 2] = bad
-                loss = decpo.decorrelation_penalty(hidden, normalize=normalize)
+                loss = decpo.decorrelation_penalty(hidden, normalize=normalize, backend=backend)
                 assert torch.isnan(loss), (bad, normalize, n, loss)
     # A NaN row that the mask leaves out is never read.
     hidden = torch.randn(5, 8)
     hidden[2] = float("nan")
     mask = torch.tensor([True, True, False, True, True])
-    assert torch.isfinite(decpo.decorrelation_penalty(hidden, mask=mask))
+    assert torch.isfinite(decpo.decorrelation_penalty(hidden, mask=mask, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_rows_and_tiny_norms(backend):
+    hidden = torch.randn(7, 5)
+    hidden[2] = 0.0  # a padding row: z = 0, its penalty terms are (0 - 1)^2 on the diagonal
+    hidden[4] *= 1e-9  # norm below eps: z = h / eps, no projection in the backward
+    _check(hidden, torch.float32, backend=backend)
 
 
 def test_compile_fullgraph():
