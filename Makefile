@@ -16,7 +16,7 @@ native:
 	cmake -S . -B build/native -DCMAKE_BUILD_TYPE=Release && cmake --build build/native -j
 
 bench:
-	python -m pytest bench --benchmark-enable -q
+	python -m pytest bench/test_ops.py --benchmark-enable -q && python -m bench.train_step
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache decpo/*.so

@@ -1,11 +1,20 @@
-"""CPU benchmark cases shared by the pytest-benchmark suite and the fresh-process
-peak-memory probe: each case builds its inputs once and returns a callable that runs
-forward + backward (or forward only) for one provider."""
+"""Benchmark cases: op x shape x provider x mode, for CPU and GPU.
+
+Each case builds its inputs once and returns (setup, run): `setup()` prepares one
+round (for "bwd" it runs the forward, untimed) and `run(state)` is what is timed.
+Modes: "fwd" (under no_grad, as for the reference model), "bwd" (the backward of a
+forward done in setup) and "fwd+bwd". work() gives each case's FLOPs and bytes, so
+reports can put every time next to its physical floor.
+
+Shapes: hidden and vocabulary sizes of Llama-2-7B (4096, 32000), Llama-3-8B (4096,
+128256) and Qwen2.5-7B (3584, 152064), with token counts that fit the device.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -16,102 +25,239 @@ from decpo.reference import (
     eager_token_logprobs,
 )
 
+MODES = ("fwd", "bwd", "fwd+bwd")
+
 
 @dataclass(frozen=True)
 class Case:
-    op: str
-    shape: str
+    op: str  # token_logprobs | logprobs_from_logits | decorrelation_penalty
+    name: str  # shape label
+    dims: dict[str, int]
     providers: tuple[str, ...]
-    target: str  # the DESIGN section 5 target this case checks
+    target: str = ""  # the DESIGN section 5 target this case speaks to
+    modes: tuple[str, ...] = MODES
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.op}/{self.name}"
 
 
-CASES = {
-    "logprobs_from_logits": Case(
-        "logprobs_from_logits", "N=4096 V=32000 bf16",
-        ("decpo-native", "decpo-torch", "eager", "compile"),
-        ">= 3x eager (fwd+bwd) at <= 1/4 of its peak memory",
-    ),
-    "token_logprobs": Case(
-        "token_logprobs", "N=2048 D=512 V=32000 bf16 frozen head",
-        ("decpo-native", "decpo-torch", "eager", "compile", "cce-torch_compile"),
-        ">= 1.3x eager, no N x V fp32 buffer; goal: faster than torch.compile of eager "
-        "and than Cut Cross-Entropy's torch_compile",
-    ),
-    "decorrelation_penalty": Case(
-        "decorrelation_penalty", "N=8192 D=512 bf16 one group", ("decpo", "eager", "compile"),
-        ">= 20x eager, no N x N buffer",
-    ),
-}  # fmt: skip
+_LOGP_CPU = ("decpo", "decpo-torch", "eager", "compile", "cce-torch_compile")
+_LOGP_GPU = ("decpo", "decpo-torch", "eager", "compile", "cce", "liger")
+_LOGITS_CPU = ("decpo", "decpo-torch", "eager", "compile")
+_LOGITS_GPU = ("decpo", "decpo-torch", "eager", "compile", "liger")
+_DEC = ("decpo", "decpo-torch", "eager", "compile")
+
+CPU_CASES = [
+    Case("token_logprobs", "N=2048 D=512 V=32000", {"N": 2048, "D": 512, "V": 32000}, _LOGP_CPU,
+         ">= 1.3x eager; goal: beat torch.compile and Cut Cross-Entropy torch_compile"),
+    Case("token_logprobs", "Llama-2-7B N=512", {"N": 512, "D": 4096, "V": 32000}, _LOGP_CPU),
+    Case("token_logprobs", "Llama-3-8B N=256", {"N": 256, "D": 4096, "V": 128256}, _LOGP_CPU),
+    Case("token_logprobs", "Qwen2.5-7B N=256", {"N": 256, "D": 3584, "V": 152064}, _LOGP_CPU),
+    Case("logprobs_from_logits", "N=4096 V=32000", {"N": 4096, "V": 32000}, _LOGITS_CPU,
+         ">= 3x eager at <= 1/4 of its peak memory"),
+    Case("logprobs_from_logits", "Llama-3-8B N=1024", {"N": 1024, "V": 128256}, _LOGITS_CPU),
+    Case("decorrelation_penalty", "N=8192 D=512 one group", {"G": 1, "n": 8192, "D": 512}, _DEC,
+         ">= 20x eager, no N x N buffer"),
+    Case("decorrelation_penalty", "4 groups x 512 D=4096", {"G": 4, "n": 512, "D": 4096}, _DEC),
+    Case("decorrelation_penalty", "last token 8 layers x 64 D=14336",
+         {"G": 8, "n": 64, "D": 14336}, _DEC, extra={"layers": True}),
+]  # fmt: skip
+
+GPU_CASES = [
+    Case("token_logprobs", "Llama-3-8B N=8192", {"N": 8192, "D": 4096, "V": 128256}, _LOGP_GPU,
+         ">= 1.3x Cut Cross-Entropy fwd+bwd, faster than Liger, >= 60% of peak (4NVD)"),
+    Case("token_logprobs", "Llama-2-7B N=8192", {"N": 8192, "D": 4096, "V": 32000}, _LOGP_GPU),
+    Case("token_logprobs", "Qwen2.5-7B N=8192", {"N": 8192, "D": 3584, "V": 152064}, _LOGP_GPU),
+    Case("logprobs_from_logits", "Llama-3-8B N=8192", {"N": 8192, "V": 128256}, _LOGITS_GPU),
+    Case("decorrelation_penalty", "16 groups x 1024 D=4096", {"G": 16, "n": 1024, "D": 4096},
+         _DEC, ">= 10x eager fp32, >= 2x torch.compile, >= 60% of peak (3 n D min(n, D))"),
+    Case("decorrelation_penalty", "last token 8 layers x 64 D=14336",
+         {"G": 8, "n": 64, "D": 14336}, _DEC, extra={"layers": True}),
+]  # fmt: skip
 
 
-def _fwd_bwd(fn: Callable[..., torch.Tensor], leaf: torch.Tensor, *args) -> Callable[[], None]:
-    upstream: list[torch.Tensor] = []
-
-    def run() -> None:
-        leaf.grad = None
-        out = fn(leaf, *args)
-        if not upstream:
-            upstream.append(torch.randn_like(out) if out.dim() else torch.ones_like(out))
-        out.backward(upstream[0])
-
-    run.leaf = leaf  # type: ignore[attr-defined]  # lets the memory probe drop .grad
-    return run
+def cases_for(device: str) -> list[Case]:
+    return GPU_CASES if device == "cuda" else CPU_CASES
 
 
-def available(provider: str) -> str:
-    """'' when the provider can run here, else why not."""
+# torch.compile-based providers recompile for every shape and mode (tens of seconds
+# each on CPU): they are timed in the headline fwd+bwd mode only.
+COMPILED = ("compile", "cce-torch_compile")
+
+
+def modes_for(case: Case, provider: str) -> tuple[str, ...]:
+    return ("fwd+bwd",) if provider in COMPILED else case.modes
+
+
+def available(provider: str, device: str) -> str:
+    """'' when the provider can run on this device, else why not."""
     if provider.startswith("cce"):
         try:
             import cut_cross_entropy  # noqa: F401
         except ImportError as exc:
             return f"cut-cross-entropy not installed ({exc})"
-    if provider == "decpo-native":
-        from decpo import native
-
-        return native.unavailable_reason()
+        if provider == "cce" and device != "cuda":
+            return "Cut Cross-Entropy's kernels need CUDA"
+    if provider == "liger":
+        if device != "cuda":
+            return "Liger-Kernel needs CUDA"
+        try:
+            import liger_kernel  # noqa: F401
+        except ImportError as exc:
+            return f"liger-kernel not installed ({exc})"
     return ""
 
 
-def build(case: str, provider: str) -> Callable[[], None]:
-    """Inputs for `case` and a callable running provider's forward + backward once."""
+# ------------------------------------------------------------------ work
+
+
+def work(case: Case, mode: str, dtype_bytes: int = 2) -> tuple[float, float]:
+    """(FLOPs, bytes) the case needs at least: the algorithmic minimum, not what any
+    one provider does. token_logprobs: 2 N V D forward, 4 N V D forward + backward
+    (one-pass frozen head); logits: bandwidth only; decorrelation: n D min(n, D) per
+    group for the loss (symmetric product), 3 n D min(n, D) with the gradient. The
+    "bwd" mode of token_logprobs and decorrelation counts only the bytes of the
+    gradient (read g, write dh): the one-pass algorithms do their FLOPs in the
+    forward, so compare providers on fwd+bwd."""
+    d = case.dims
+    if case.op == "token_logprobs":
+        nvd = d["N"] * d["V"] * d["D"]
+        if mode == "bwd":
+            return 0.0, float(2 * d["N"] * d["D"] * dtype_bytes)
+        flops = {"fwd": 2 * nvd, "fwd+bwd": 4 * nvd}[mode]
+        reads = (d["N"] * d["D"] + d["V"] * d["D"]) * dtype_bytes
+        writes = 0 if mode == "fwd" else d["N"] * d["D"] * dtype_bytes
+        return float(flops), float(reads + writes)
+    if case.op == "logprobs_from_logits":
+        nv = d["N"] * d["V"]
+        passes = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode]
+        return float(5 * nv), float(passes * nv * dtype_bytes)
+    per_group = d["n"] * d["D"] * min(d["n"], d["D"])
+    size = d["G"] * d["n"] * d["D"] * dtype_bytes
+    if mode == "bwd":
+        return 0.0, float(2 * size)
+    flops = d["G"] * per_group * (1 if mode == "fwd" else 3)
+    return float(flops), float(size * (1 if mode == "fwd" else 2))
+
+
+# ------------------------------------------------------------------ providers
+
+
+def _token_fn(provider: str) -> Callable[..., torch.Tensor]:
+    if provider == "decpo":
+        return decpo.token_logprobs
+    if provider == "decpo-torch":
+        return lambda h, w, t: decpo.token_logprobs(h, w, t, backend="torch")
+    if provider == "eager":
+        return eager_token_logprobs
+    if provider == "compile":
+        return torch.compile(eager_token_logprobs, dynamic=False)
+    if provider.startswith("cce"):
+        from cut_cross_entropy import linear_cross_entropy
+
+        impl = "cce" if provider == "cce" else "torch_compile"
+        return lambda h, w, t: -linear_cross_entropy(h, w, t, reduction="none", impl=impl)
+    if provider == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        loss = LigerFusedLinearCrossEntropyLoss(reduction="none")
+        return lambda h, w, t: -loss(w, h, t)
+    raise ValueError(provider)
+
+
+def _logits_fn(provider: str) -> Callable[..., torch.Tensor]:
+    if provider == "decpo":
+        return decpo.logprobs_from_logits
+    if provider == "decpo-torch":
+        return lambda x, t: decpo.logprobs_from_logits(x, t, backend="torch")
+    if provider == "eager":
+        return eager_logprobs_from_logits
+    if provider == "compile":
+        return torch.compile(eager_logprobs_from_logits, dynamic=False)
+    if provider == "liger":
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+
+        loss = LigerCrossEntropyLoss(reduction="none")
+        return lambda x, t: -loss(x, t)
+    raise ValueError(provider)
+
+
+def _decorrelation_fn(provider: str, groups: int, layers: bool) -> Callable[..., torch.Tensor]:
+    """hidden arrives as (G, n, D): G groups (or layers) of n rows."""
+    if provider in ("decpo", "decpo-torch"):
+        backend = "auto" if provider == "decpo" else "torch"
+        if layers:  # (L, n, D): one launch over layers
+            return lambda h: decpo.decorrelation_penalty(h, backend=backend)
+
+        def grouped(h: torch.Tensor) -> torch.Tensor:
+            g, n, d = h.shape
+            seg = torch.arange(g, device=h.device).repeat_interleave(n)
+            return decpo.decorrelation_penalty(h.reshape(g * n, d), segment_ids=seg,
+                                               backend=backend)  # fmt: skip
+
+        return grouped
+    if provider == "eager":
+        return eager_decorrelation_penalty
+    if provider == "compile":
+        return torch.compile(eager_decorrelation_penalty, dynamic=False)
+    raise ValueError(provider)
+
+
+def build(case: Case, provider: str, mode: str, device: str) -> tuple[Callable, Callable]:
+    """(setup, run) for one round of `mode`; run(setup()) is the timed part."""
     torch.manual_seed(0)
-    if case == "logprobs_from_logits":
-        n, v = 4096, 32000
-        logits = torch.randn(n, v, dtype=torch.bfloat16, requires_grad=True)
-        targets = torch.randint(0, v, (n,))
-        fns = {
-            "decpo-native": lambda x, t: decpo.logprobs_from_logits(x, t, backend="native"),
-            "decpo-torch": lambda x, t: decpo.logprobs_from_logits(x, t, backend="torch"),
-            "eager": eager_logprobs_from_logits,
-            "compile": torch.compile(eager_logprobs_from_logits),
-        }
-        return _fwd_bwd(fns[provider], logits, targets)
-    if case == "token_logprobs":
-        n, d, v = 2048, 512, 32000
-        hidden = torch.randn(n, d, dtype=torch.bfloat16, requires_grad=True)
-        weight = (torch.randn(v, d) / d**0.5).to(torch.bfloat16)
-        targets = torch.randint(0, v, (n,))
-        fns = {
-            "decpo-native": lambda h, w, t: decpo.token_logprobs(h, w, t, backend="native"),
-            "decpo-torch": lambda h, w, t: decpo.token_logprobs(h, w, t, backend="torch"),
-            "eager": eager_token_logprobs,
-            "compile": torch.compile(eager_token_logprobs),
-        }
-        if provider == "cce-torch_compile":
-            from cut_cross_entropy import linear_cross_entropy
+    dev = torch.device(device)
+    d = case.dims
+    bf16 = torch.bfloat16
+    if case.op == "token_logprobs":
+        leaf = torch.randn(d["N"], d["D"], dtype=bf16, device=dev)
+        weight = (torch.randn(d["V"], d["D"], device=dev) / d["D"] ** 0.5).to(bf16)
+        targets = torch.randint(0, d["V"], (d["N"],), device=dev)
+        fn, args = _token_fn(provider), (weight, targets)
+    elif case.op == "logprobs_from_logits":
+        leaf = torch.randn(d["N"], d["V"], dtype=bf16, device=dev)
+        targets = torch.randint(0, d["V"], (d["N"],), device=dev)
+        fn, args = _logits_fn(provider), (targets,)
+    else:
+        leaf = torch.randn(d["G"], d["n"], d["D"], dtype=bf16, device=dev)
+        fn, args = _decorrelation_fn(provider, d["G"], case.extra.get("layers", False)), ()
+    upstream: dict[str, torch.Tensor] = {}
 
-            def cce(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                return -linear_cross_entropy(h, w, t, reduction="none", impl="torch_compile")
+    def grad_of(out: torch.Tensor) -> torch.Tensor:
+        if "g" not in upstream:
+            upstream["g"] = torch.randn_like(out) if out.dim() else torch.ones_like(out)
+        return upstream["g"]
 
-            fns[provider] = cce
-        return _fwd_bwd(fns[provider], hidden, weight, targets)
-    if case == "decorrelation_penalty":
-        n, d = 8192, 512
-        hidden = torch.randn(n, d, dtype=torch.bfloat16, requires_grad=True)
-        fns = {
-            "decpo": decpo.decorrelation_penalty,
-            "eager": eager_decorrelation_penalty,
-            "compile": torch.compile(eager_decorrelation_penalty),
-        }
-        return _fwd_bwd(fns[provider], hidden)
-    raise ValueError(f"unknown case {case!r}; known: {sorted(CASES)}")
+    if mode == "fwd":
+
+        def setup() -> None:
+            return None
+
+        def run(_: None) -> None:
+            with torch.no_grad():
+                fn(leaf, *args)
+
+    elif mode == "fwd+bwd":
+        x = leaf.clone().requires_grad_(True)
+
+        def setup() -> None:
+            x.grad = None
+
+        def run(_: None) -> None:
+            out = fn(x, *args)
+            out.backward(grad_of(out))
+
+    else:  # bwd
+        x = leaf.clone().requires_grad_(True)
+
+        def setup() -> torch.Tensor:
+            x.grad = None
+            return fn(x, *args)
+
+        def run(out: torch.Tensor) -> None:
+            out.backward(grad_of(out))
+
+    run.leaf = leaf  # type: ignore[attr-defined]
+    return setup, run

@@ -1,16 +1,25 @@
 """One training step of decpo.train (DPO and DecPO) against TRL's DPOTrainer on the
-same tiny Llama, data, batch, sequence length and LoRA rank (CPU).
+same model, data, batch, sequence length and LoRA rank.
 
-    python -m bench.train_step            # prints a table, writes bench/results/
+    python -m bench.train_step                 # CPU: the tiny demo Llama, 8 pairs
+    python -m bench.train_step --device cuda   # GPU: a ~1B Llama, 8 pairs x 1024 tokens
 
-Steady-state step time is the median over steps after a warm-up; both sides run
-forward (policy and reference), backward and the optimizer update.
+Each trainer runs in a fresh process; its steady-state step time is the median over
+the steps after a warm-up, and its peak memory is what the steps need beyond the
+model and optimizer (CUDA: max_memory_allocated; CPU: VmHWM after a reset). Both
+sides run the policy and reference forwards, the backward and the optimizer update.
+Results go to bench/results/train-step-<device>-<date>.json and bench/README.md.
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime
+import gc
 import json
 import statistics
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -19,98 +28,172 @@ import torch
 
 from decpo import data, models, train
 
-BATCH, MAX_LENGTH, LORA_R, STEPS, WARMUP = 8, 128, 8, 40, 10
+STEPS, WARMUP = 30, 8
+SETUPS = {
+    "cpu": {"pairs": 8, "max_length": 128, "lora_r": 8, "model": "tiny"},
+    "cuda": {"pairs": 8, "max_length": 1024, "lora_r": 16, "model": "llama-1b"},
+}
+LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 16,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
+            "max_position_embeddings": 2048}  # fmt: skip
+TRAINERS = ("decpo.train dpo", "decpo.train decpo", "TRL DPOTrainer", "TRL DPOTrainer + Liger")
 
 
-def _setup() -> tuple[torch.nn.Module, object, list[data.PreferencePair]]:
+def _setup(device: str) -> tuple[torch.nn.Module, object, list[data.PreferencePair], dict]:
+    cfg = SETUPS[device]
     tokenizer = models.build_tokenizer(data.demo_corpus())
-    model = models.build_tiny_model(tokenizer, seed=0)
-    model = models.add_lora(model, LORA_R, None, list(models.DEFAULT_LORA_TARGETS))
-    return model, tokenizer, data.synthetic_pairs(BATCH * (STEPS + 1), seed=0)
+    if cfg["model"] == "tiny":
+        model = models.build_tiny_model(tokenizer, seed=0)
+        pairs = data.synthetic_pairs(cfg["pairs"] * (STEPS + 1), seed=0)
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, **LLAMA_1B,
+        )).to(torch.bfloat16)  # fmt: skip
+        short = data.synthetic_pairs(cfg["pairs"] * (STEPS + 1), seed=0)
+        # Long prompts so every sequence fills max_length.
+        pairs = [data.PreferencePair(p.prompt * 60, p.chosen * 4, p.rejected * 4) for p in short]
+    model = models.add_lora(model, cfg["lora_r"], None, list(models.DEFAULT_LORA_TARGETS))
+    return model.to(device), tokenizer, pairs, cfg
 
 
-def decpo_step_times(loss: str) -> list[float]:
-    model, tokenizer, pairs = _setup()
-    cfg = train.Config(loss=loss, batch_size=BATCH, max_length=MAX_LENGTH, lora_r=LORA_R)
-    tokenized, _ = data.tokenize_pairs(pairs, tokenizer, MAX_LENGTH)
+def _memory_reset(device: str) -> float:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_mib("VmRSS")
+
+
+def _memory_peak(device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    return _status_mib("VmHWM")
+
+
+def _status_mib(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+def run_decpo(loss: str, device: str) -> dict:
+    model, tokenizer, pairs, setup = _setup(device)
+    b = setup["pairs"]
+    cfg = train.Config(loss=loss, batch_size=b, max_length=setup["max_length"],
+                       lora_r=setup["lora_r"])  # fmt: skip
+    tokenized, _ = data.tokenize_pairs(pairs, tokenizer, setup["max_length"])
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=2e-3)
-    device = torch.device("cpu")
-    times = []
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    dev = torch.device(device)
+    times, base, peak = [], 0.0, 0.0
     with train.DecorrelationHooks(model, cfg.dec_module) as hooks:
         for step in range(STEPS):
+            if step == WARMUP:
+                base = _memory_reset(device)
             started = time.perf_counter()
-            batch = data.collate(
-                tokenized[step * BATCH : (step + 1) * BATCH], tokenizer.pad_token_id
-            )
-            value, _ = train.forward_pair_batch(model, batch, cfg, hooks, device, train=True)
+            batch = data.collate(tokenized[step * b : (step + 1) * b], tokenizer.pad_token_id)
+            batch = {k: v.to(dev) for k, v in batch.items()}
+            value, _ = train.forward_pair_batch(model, batch, cfg, hooks, dev, train=True)
             value.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - started)
-    return times[WARMUP:]
+        peak = _memory_peak(device)
+    return {"median_step_ms": statistics.median(times[WARMUP:]) * 1e3,
+            "extra_mib": round(max(0.0, peak - base), 1)}  # fmt: skip
 
 
-def trl_step_times() -> list[float]:
+def run_trl(device: str, liger: bool) -> dict:
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    model, tokenizer, pairs = _setup()
+    model, tokenizer, pairs, setup = _setup(device)
     rows = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
     times: list[float] = []
+    memory = {"base": 0.0}
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == WARMUP:
+                memory["base"] = _memory_reset(device)
             self.started = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
+            if device == "cuda":
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - self.started)
 
     config = DPOConfig(
-        output_dir="/tmp/decpo-bench-trl", per_device_train_batch_size=BATCH, max_steps=STEPS,
-        learning_rate=2e-3, beta=0.1, max_length=MAX_LENGTH, logging_steps=STEPS,
-        report_to="none", save_strategy="no", use_cpu=True, dataloader_num_workers=0,
-        disable_tqdm=True,
+        output_dir="/tmp/decpo-bench-trl", per_device_train_batch_size=setup["pairs"],
+        max_steps=STEPS, learning_rate=1e-4, beta=0.1, max_length=setup["max_length"],
+        logging_steps=STEPS, report_to="none", save_strategy="no", use_cpu=device == "cpu",
+        dataloader_num_workers=0, disable_tqdm=True, bf16=device == "cuda",
+        use_liger_kernel=liger,
     )  # fmt: skip
-    trainer = DPOTrainer(
-        model=model, args=config, train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer, callbacks=[Timer()],
-    )  # fmt: skip
+    trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer, callbacks=[Timer()])  # fmt: skip
     trainer.train()
-    return times[WARMUP:]
+    return {"median_step_ms": statistics.median(times[WARMUP:]) * 1e3,
+            "extra_mib": round(max(0.0, _memory_peak(device) - memory["base"]), 1)}  # fmt: skip
 
 
-def main() -> dict:
+def run_one(name: str, device: str) -> dict:
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
-    results = {
-        "decpo.train dpo": statistics.median(decpo_step_times("dpo")) * 1e3,
-        "decpo.train decpo": statistics.median(decpo_step_times("decpo")) * 1e3,
-    }
-    try:
-        results["TRL DPOTrainer"] = statistics.median(trl_step_times()) * 1e3
-    except ImportError as exc:
-        print(f"TRL not installed ({exc}): pip install -e '.[trl]'")
-    trl_ms = results.get("TRL DPOTrainer")
-    shape = (
-        f"{models.TINY_CONFIG['num_hidden_layers']} layers, d={models.TINY_CONFIG['hidden_size']}"
-    )
-    print(f"step time, tiny Llama ({shape}), {BATCH} pairs, LoRA r={LORA_R}, CPU:")
-    for name, ms in results.items():
-        ratio = f"{ms / trl_ms:.2f}x TRL" if trl_ms else ""
-        print(f"  {name:20s} {ms:7.1f} ms  {ratio}")
-    overhead = results["decpo.train decpo"] / results["decpo.train dpo"] - 1
-    print(f"  regularizer overhead over DPO: {overhead * 100:.1f}%")
-    out = Path(__file__).resolve().parent / "results"
-    out.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    (out / f"train-step-cpu-{stamp}.json").write_text(json.dumps(
-        {"date": stamp, "device": "cpu", "torch": torch.__version__, "median_step_ms": results},
-        indent=1,
-    ))  # fmt: skip
-    return results
+    if name.startswith("decpo.train"):
+        return run_decpo(name.split()[-1], device)
+    return run_trl(device, liger=name.endswith("Liger"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one trainer, in-process
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one, args.device)))
+        return
+    from bench.render import RESULTS_DIR, environment, render
+
+    results = {}
+    for name in TRAINERS:
+        if name.endswith("Liger") and args.device != "cuda":
+            continue
+        out = subprocess.run([sys.executable, "-m", "bench.train_step", "--device", args.device,
+                              "--one", name], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+        if out.returncode != 0:
+            print(f"{name}: failed\n{out.stderr[-2000:]}")
+            continue
+        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{name:26s} {results[name]['median_step_ms']:8.1f} ms  "
+              f"{results[name]['extra_mib']:8.1f} MiB")  # fmt: skip
+    setup = SETUPS[args.device]
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    record = {**environment(args.device), "date": stamp.isoformat(timespec="seconds"),
+              "setup": f"{setup['model']} Llama, {setup['pairs']} pairs, max_length "
+                       f"{setup['max_length']}, LoRA r={setup['lora_r']}, median of "
+                       f"{STEPS - WARMUP} steps after {WARMUP} warm-up steps",
+              "results": results}  # fmt: skip
+    if "decpo.train dpo" in results and "decpo.train decpo" in results:
+        dpo_ms = results["decpo.train dpo"]["median_step_ms"]
+        record["overhead_pct"] = 100 * (results["decpo.train decpo"]["median_step_ms"] / dpo_ms - 1)
+    RESULTS_DIR.mkdir(exist_ok=True)
+    path = RESULTS_DIR / f"train-step-{args.device}-{stamp:%Y%m%d-%H%M%S}.json"
+    path.write_text(json.dumps(record, indent=1))
+    print(f"results written to {path}; rendered {render()}")
 
 
 if __name__ == "__main__":

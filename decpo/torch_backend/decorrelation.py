@@ -151,20 +151,27 @@ def _covariance_group(
     return p_sum.to(compute_dtype)
 
 
+def bucket_rows(
+    n: int, mask: torch.Tensor | None, segment_ids: torch.Tensor | None, device: torch.device
+) -> tuple[torch.Tensor, list[int]]:
+    """The selected rows sorted by group (stable, on the device) and each group's size:
+    the one host sync of the op, none per group."""
+    rows = torch.arange(n, device=device) if mask is None else mask.nonzero().squeeze(1)
+    if segment_ids is None:
+        return rows, ([rows.numel()] if rows.numel() else [])
+    seg_sorted, order = torch.sort(segment_ids[rows], stable=True)
+    counts = torch.unique_consecutive(seg_sorted, return_counts=True)[1]
+    return rows[order], counts.tolist()
+
+
 def _groups(
     n: int, mask: torch.Tensor | None, segment_ids: torch.Tensor | None, device: torch.device
 ) -> list[torch.Tensor | None]:
-    """Row indices of each group (None = all n rows in one group). One host sync."""
+    """Row indices of each group (None = all n rows in one group)."""
     if mask is None and segment_ids is None:
         return [None]
-    rows = torch.arange(n, device=device) if mask is None else mask.nonzero().squeeze(1)
-    if segment_ids is None:
-        return [rows]
-    seg = segment_ids[rows]
-    seg_sorted, order = torch.sort(seg, stable=True)
-    rows = rows[order]
-    counts = torch.unique_consecutive(seg_sorted, return_counts=True)[1].tolist()
-    return list(torch.split(rows, counts))
+    rows, sizes = bucket_rows(n, mask, segment_ids, device)
+    return list(torch.split(rows, sizes)) if sizes else [rows]
 
 
 def decorrelation_penalty(

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from decpo.torch_backend.decorrelation import bucket_rows
 from decpo.triton_backend.common import cast, dot, interpreting
 
 EPS = 1e-6
@@ -338,18 +339,6 @@ def _blocks() -> tuple[int, int, int]:
     return 64, 64, 4
 
 
-def _buckets(
-    n: int, mask: torch.Tensor | None, segment_ids: torch.Tensor | None, device: torch.device
-) -> tuple[torch.Tensor, list[int]]:
-    """Selected rows sorted by group (device) and the group sizes (the one host sync)."""
-    rows = torch.arange(n, device=device) if mask is None else mask.nonzero().squeeze(1)
-    if segment_ids is None:
-        return rows, ([rows.numel()] if rows.numel() else [])
-    seg_sorted, order = torch.sort(segment_ids[rows], stable=True)
-    counts = torch.unique_consecutive(seg_sorted, return_counts=True)[1]
-    return rows[order], counts.tolist()
-
-
 def decorrelation_penalty(
     hidden: torch.Tensor,
     mask: torch.Tensor | None,
@@ -363,7 +352,7 @@ def decorrelation_penalty(
     backend for the contract."""
     n_layers, n, dim = hidden.shape
     device = hidden.device
-    rows, sizes = _buckets(n, mask, segment_ids, device)
+    rows, sizes = bucket_rows(n, mask, segment_ids, device)
     rows = rows.to(torch.int32).contiguous()
     n_sel = rows.numel()
     pairs = sum(s * (s - 1) if offdiag else s * s for s in sizes)

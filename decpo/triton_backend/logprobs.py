@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from decpo.torch_backend.logprobs import _all_finite
+from decpo.torch_backend.logprobs import _all_finite, _valid_rows
 from decpo.triton_backend.common import cast, dot, interpreting
 
 # ------------------------------------------------------------------ kernels
@@ -350,11 +350,6 @@ def _blocks() -> tuple[int, int, int, int]:
     if interpreting():
         return 16, 16, 16, 1  # BLOCK_N, BLOCK_V, BLOCK_D, num_warps
     return 64, 128, 64, 8
-
-
-def _valid_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
-    valid = targets != ignore_index
-    return None if bool(valid.all()) else valid.nonzero().squeeze(1)
 
 
 def token_logprobs(

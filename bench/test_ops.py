@@ -1,0 +1,63 @@
+"""The op benchmarks: every case of bench/cases.py x provider x mode on this device.
+
+CPU: python -m pytest bench/test_ops.py --benchmark-enable   (make bench)
+GPU: bash bench/run_gpu.sh
+Times come from pytest-benchmark (wall time; on CUDA every round ends with a
+synchronize, and CUDA-event times are recorded beside it). Peak memory comes from a
+fresh process per case on CPU and from the CUDA allocator on GPU. The session's
+summary table, the JSON under bench/results/ and bench/README.md are written by
+bench/conftest.py.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+
+from bench.cases import available, build, cases_for, modes_for, work
+from bench.measure import cuda_time_ms, peak_memory, peaks, synchronize
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+RESULTS: list[dict] = []
+PARAMS = [
+    pytest.param(case, provider, mode, id=f"{case.key}|{provider}|{mode}")
+    for case in cases_for(DEVICE)
+    for provider in case.providers
+    for mode in modes_for(case, provider)
+]
+
+
+@pytest.mark.parametrize("case,provider,mode", PARAMS)
+def test_op(benchmark, case, provider, mode):
+    if reason := available(provider, DEVICE):
+        pytest.skip(reason)
+    setup, run = build(case, provider, mode, DEVICE)
+
+    def setup_round():
+        return (setup(),), {}
+
+    def timed(state):
+        run(state)
+        synchronize(DEVICE)
+
+    benchmark.group = f"{case.key} {mode}"
+    rounds = 10 if DEVICE == "cuda" else 3
+    benchmark.pedantic(timed, setup=setup_round, rounds=rounds, warmup_rounds=1)
+    seconds = benchmark.stats.stats.median
+    if DEVICE == "cuda":
+        seconds = statistics.median(cuda_time_ms(setup, run, rounds)) / 1e3
+    flops, nbytes = work(case, mode)
+    peak = peaks(DEVICE)
+    floor = max(flops / peak["bf16_matmul_flops"], nbytes / peak["copy_bytes_per_s"])
+    # Peak memory of the headline mode, from a fresh process on CPU.
+    memory = peak_memory(case.key, provider, mode, DEVICE) if mode == "fwd+bwd" else {}
+    row = {
+        "op": case.op, "case": case.name, "provider": provider, "mode": mode,
+        "median_ms": seconds * 1e3, "flops": flops, "bytes": nbytes,
+        "floor_ms": floor * 1e3, "pct_of_floor": 100 * floor / seconds,
+        "tflops": flops / seconds / 1e12, **memory,
+    }  # fmt: skip
+    benchmark.extra_info.update(row)
+    RESULTS.append(row)
