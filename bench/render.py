@@ -137,7 +137,7 @@ def _train_table(record: dict) -> list[str]:
         ratio = f"{r['median_step_ms'] / trl:.2f}x" if trl else ""
         lines.append(f"| {name} | {r['median_step_ms']:.1f} | {ratio} | {r.get('extra_mib', '')} |")
     if "overhead_pct" in record:
-        lines += ["", f"The regularizer adds {record['overhead_pct']:.1f}% over plain DPO."]
+        lines += ["", f"DecPO's step time relative to DPO's: {record['overhead_pct']:+.1f}%."]
     return lines
 
 

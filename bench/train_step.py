@@ -28,7 +28,7 @@ import torch
 
 from decpo import data, models, train
 
-STEPS, WARMUP = 30, 8
+STEPS, WARMUP = 80, 10
 SETUPS = {
     "cpu": {"pairs": 8, "max_length": 128, "lora_r": 8, "model": "tiny"},
     "cuda": {"pairs": 8, "max_length": 1024, "lora_r": 16, "model": "llama-1b"},
