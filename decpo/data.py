@@ -94,12 +94,19 @@ def _check_messages(name: str, messages: Any) -> list[dict[str, str]]:
     return messages
 
 
-def render_chat(messages: Sequence[dict[str, str]], tokenizer: Any | None = None) -> str:
+def render_chat(
+    messages: Sequence[dict[str, str]], tokenizer: Any | None = None, prompt: bool = False
+) -> str:
     """Messages as text: the tokenizer's chat template when it has one, otherwise
-    "\n\nRole: content" turns (the HH convention)."""
+    "\n\nRole: content" turns (the HH convention). prompt=True appends the
+    assistant's turn header (the template's generation prompt, or "\n\nAssistant:"),
+    so that header belongs to the prompt and is not scored as response."""
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(list(messages), tokenize=False)
-    return "".join(f"\n\n{m['role'].capitalize()}: {m['content']}" for m in messages)
+        return tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=prompt
+        )
+    text = "".join(f"\n\n{m['role'].capitalize()}: {m['content']}" for m in messages)
+    return text + HH_ASSISTANT if prompt else text
 
 
 def _split_chat(record: dict[str, Any], tokenizer: Any | None) -> PreferencePair:
@@ -114,7 +121,7 @@ def _split_chat(record: dict[str, Any], tokenizer: Any | None) -> PreferencePair
         prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
     if not chosen or not rejected:
         raise ValueError("chosen and rejected need at least one message after the prompt")
-    prompt_text = render_chat(prompt, tokenizer)
+    prompt_text = render_chat(prompt, tokenizer, prompt=True)
     chosen_text = render_chat(list(prompt) + list(chosen), tokenizer)
     rejected_text = render_chat(list(prompt) + list(rejected), tokenizer)
     if not (chosen_text.startswith(prompt_text) and rejected_text.startswith(prompt_text)):

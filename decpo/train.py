@@ -69,6 +69,7 @@ class Config:
     grad_accum: int = 1
     max_length: int = 128
     max_steps: int = 150
+    schedule_steps: int | None = None  # warmup + cosine length; default --max-steps
     eval_every: int = 50
     eval_fraction: float = 0.1
     save_every: int = 50
@@ -100,6 +101,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         "batch_size": "preference pairs per device per micro-batch",
         "lr": "peak learning rate (default 2e-3 for --model tiny, 5e-5 otherwise)",
         "resume": "continue the run whose output directory is this, up to --max-steps",
+        "schedule_steps": "length of the warmup + cosine learning-rate schedule, fixed when a "
+        "run starts (default: --max-steps); after it the rate stays at 10%% of its peak",
         "device": "auto, cpu, cuda or cuda:N",
     }
     for field in dataclasses.fields(Config):
@@ -176,6 +179,13 @@ def build_model(cfg: Config, out: Path, device: torch.device) -> tuple[torch.nn.
         model, tokenizer = models.load_pretrained(cfg.model, dtype)
     if cfg.gradient_checkpointing:
         models.enable_checkpointing(model)
+    text_config = model.config.get_text_config()
+    for field in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(text_config, field, None) not in (None, 1, 1.0):
+            raise SystemExit(
+                f"--model {cfg.model}: its config sets {field}; decpo.train scores tokens "
+                "straight from the LM head (h W^T) and does not apply it yet"
+            )
     torch.manual_seed(cfg.seed)  # identical LoRA init on every rank
     model = models.add_lora(model, cfg.lora_r, None, cfg.lora_targets.split(","))
     return model.to(device), tokenizer
@@ -231,12 +241,14 @@ def sequence_logps(
     """(sum, mean) of response-token log-probs per sequence, (2B,) each, from the
     final hidden states and the LM head with decpo.token_logprobs (no logits)."""
     base = model.get_base_model()
+    backbone = getattr(base, base.base_model_prefix)  # LlamaModel, GPT2Model, ...
+    head = base.get_output_embeddings()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        hidden = base.model(
+        hidden = backbone(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).last_hidden_state  # (2B, T, D)
-    weight = base.lm_head.weight
-    bias = base.lm_head.bias
+    weight = head.weight
+    bias = head.bias
     targets = batch["labels"][:, 1:]  # token t + 1 is predicted at position t
     hidden = hidden[:, :-1]
     if hidden.dtype != weight.dtype:
@@ -409,6 +421,10 @@ def plot_curves(out: Path) -> Path | None:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval/rewards/accuracies" in r]
+    before = out / "eval_before.json"
+    if before.is_file():  # the held-out metrics at step 0, before training
+        start = json.loads(before.read_text())
+        evals = [{"step": 0} | {"eval/" + k: v for k, v in start.items()}, *evals]
     if not train:
         return None
     import matplotlib
@@ -469,8 +485,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trainable = [p for p in model.parameters() if p.requires_grad]
     lr = cfg.lr if cfg.lr is not None else (2e-3 if cfg.model == "tiny" else 5e-5)
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=cfg.weight_decay)
-    warmup = max(1, int(cfg.warmup_ratio * cfg.max_steps))
-    schedule_steps = cfg.max_steps
+    if cfg.schedule_steps is None:  # saved in config.json: a resumed run keeps it
+        cfg.schedule_steps = cfg.max_steps
+    schedule_steps = cfg.schedule_steps
+    warmup = max(1, int(cfg.warmup_ratio * schedule_steps))
 
     def lr_factor(step: int) -> float:  # linear warmup, then cosine to 10%
         if step < warmup:
@@ -513,9 +531,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             before = evaluate(model, eval_set, cfg, hooks, tokenizer.pad_token_id, dd)
             if dd.main:
                 before_file.write_text(json.dumps(before, indent=1))
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps({"step": 0} | {"eval/" + k: v for k, v in before.items()}))
-                    f.write("\n")
         if dd.main:
             print(f"decpo.train: {len(train_set)} train / {len(eval_set)} held-out pairs "
                   f"({skipped} skipped by --max-length), {n_layers} layers, "

@@ -45,8 +45,13 @@ def train_run(args: list[str]) -> dict:
 
 
 def eval_curve(run: Path, key: str) -> list[tuple[int, float]]:
+    """(step, held-out metric) from step 0 (eval_before.json) to the end."""
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["eval/" + key]) for r in rows if "eval/" + key in r]
+    curve = [(r["step"], r["eval/" + key]) for r in rows if "eval/" + key in r]
+    before = run / "eval_before.json"
+    if before.is_file() and (not curve or curve[0][0] != 0):
+        curve.insert(0, (0, json.loads(before.read_text())[key]))
+    return curve
 
 
 def mean_std(values: list[float]) -> str:

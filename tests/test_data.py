@@ -59,8 +59,8 @@ def test_chat_messages_with_and_without_prompt(tmp_path):
     bad = {"role": "assistant", "content": "go away"}
     path = _write(tmp_path / "c.jsonl", [{"chosen": [user, good], "rejected": [user, bad]}])
     (pair,) = data.read_pairs(path)
-    assert pair.prompt == "\n\nUser: hi"
-    assert pair.chosen == "\n\nAssistant: hello!" and pair.rejected == "\n\nAssistant: go away"
+    assert pair.prompt == "\n\nUser: hi\n\nAssistant:"
+    assert pair.chosen == " hello!" and pair.rejected == " go away"
     path = _write(tmp_path / "c2.jsonl", [{"prompt": [user], "chosen": [good], "rejected": [bad]}])
     assert data.read_pairs(path) == [pair]
 
@@ -76,9 +76,10 @@ def test_real_hh_data_parses():
 
 PAIRS = {"prompt": "p", "chosen": "c", "rejected": "r"}
 HH = {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}
+_Q = {"role": "user", "content": "q"}
 CHAT = {
-    "chosen": [{"role": "user", "content": "a"}],
-    "rejected": [{"role": "user", "content": "b"}],
+    "chosen": [_Q, {"role": "assistant", "content": "a"}],
+    "rejected": [_Q, {"role": "assistant", "content": "b"}],
 }
 
 

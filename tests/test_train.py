@@ -186,3 +186,22 @@ def test_trains_on_real_hh_data(tmp_path):
                           "--max-length", "96", "--eval-every", "1000",
                           "--output-dir", str(tmp_path / "hh")])  # fmt: skip
     assert summary["steps"] == 2 and summary["skipped_pairs"] > 0
+
+
+def test_a_local_gpt2_model(tmp_path):
+    """--model DIR with another architecture: the backbone and head are found generically."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from decpo import data, models
+
+    tokenizer = models.build_tokenizer(data.demo_corpus()[:300], vocab_size=300)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer),
+                                       n_positions=256))  # fmt: skip
+    model.save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    summary = train.main(["--model", str(tmp_path / "gpt2"), "--lora-targets", "c_attn,c_fc",
+                          "--dec-module", "mlp.c_fc", "--lr", "1e-3", *FAST,
+                          "--output-dir", str(tmp_path / "run")])  # fmt: skip
+    assert summary["steps"] == 6
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["schedule_steps"] == 6

@@ -56,13 +56,15 @@ def _(
     compute_grad: bool,
 ) -> tuple[Tensor, Tensor]:
     out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    grad = hidden.new_empty(hidden.shape) if compute_grad else hidden.new_empty(0)
+    grad_dtype = torch_impl.grad_dtype(hidden.dtype)
+    grad = hidden.new_empty(hidden.shape, dtype=grad_dtype) if compute_grad else hidden.new_empty(0)
     return hidden.new_empty((), dtype=out_dtype), grad
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(output[1])
+    ctx.hidden_dtype = inputs[0].dtype
 
 
 def _backward(ctx: Any, grad_loss: Tensor, _grad_of_grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -70,7 +72,7 @@ def _backward(ctx: Any, grad_loss: Tensor, _grad_of_grad: Tensor) -> tuple[Tenso
     # The gradient was computed in the forward; scale it by the upstream gradient in
     # fp32 or better.
     scaled = grad.to(torch.promote_types(grad.dtype, torch.float32)) * grad_loss
-    return scaled.to(grad.dtype), None, None, None, None, None, None, None
+    return scaled.to(ctx.hidden_dtype), None, None, None, None, None, None, None
 
 
 _decorrelation_op.register_autograd(_backward, setup_context=_setup_context)

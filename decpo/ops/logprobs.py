@@ -284,7 +284,7 @@ def _(
     temperature: float,
     backend: str,
 ) -> Tensor:
-    return torch.empty_like(logits)
+    return logits.new_empty(logits.shape)  # contiguous, as every backend returns
 
 
 def _logits_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:

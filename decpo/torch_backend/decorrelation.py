@@ -26,6 +26,15 @@ from __future__ import annotations
 import torch
 
 EPS = 1e-6
+
+
+def grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the stored, pre-scaled gradient: the input's, except fp32 for fp16,
+    whose range would flush entries of size ~1/pairs to zero before grad_output (a
+    loss scale, say) multiplies them."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 # Rows per chunk on the covariance path: bounds the fp32 working copy to
 # ROW_CHUNK x D per layer. Groups whose whole fp32 copy is at most KEEP_BYTES are
 # held instead, so the normalization is not recomputed for the gradient.
@@ -185,7 +194,8 @@ def decorrelation_penalty(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Penalty and (if compute_grad) its gradient for hidden (L, N, D).
 
-    Returns (loss 0-dim, grad (L, N, D) in hidden's dtype, or an empty tensor).
+    Returns (loss 0-dim, grad (L, N, D) contiguous in grad_dtype(hidden.dtype), already
+    scaled for the reduction and the layer mean, or an empty tensor).
     """
     n_layers, n, dim = hidden.shape
     compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -193,7 +203,11 @@ def decorrelation_penalty(
     sizes = [n if rows is None else rows.numel() for rows in groups]
     pairs = sum(s * (s - 1) if offdiag else s * s for s in sizes)
 
-    grad = torch.zeros_like(hidden) if compute_grad else hidden.new_empty(0)
+    grad = (
+        torch.zeros(hidden.shape, dtype=grad_dtype(hidden.dtype), device=hidden.device)
+        if compute_grad
+        else hidden.new_empty(0)
+    )
     if pairs == 0 or n_layers == 0:
         return hidden.new_zeros((), dtype=compute_dtype), grad
 
@@ -208,7 +222,7 @@ def decorrelation_penalty(
             h = (hidden if rows is None else hidden[:, rows]).to(compute_dtype)  # (L, n, D)
             group_p, dh = _gram_group(h, normalize, offdiag, compute_grad, grad_scale)
             if dh is not None:
-                dh = dh.to(hidden.dtype)
+                dh = dh.to(grad.dtype)
                 if rows is None:
                     grad.copy_(dh)
                 else:

@@ -204,8 +204,8 @@ def token_logprobs_backward(
     m_rows = h_all.shape[0]
 
     d_hidden = hidden.new_zeros((m_rows, dim), dtype=cdt) if need_hidden else None
-    d_weight = torch.zeros_like(weight) if need_weight else weight.new_empty(0)
-    d_bias = torch.zeros_like(bias) if (need_bias and bias is not None) else weight.new_empty(0)
+    d_weight = weight.new_zeros(weight.shape) if need_weight else weight.new_empty(0)
+    d_bias = bias.new_zeros(bias.shape) if (need_bias and bias is not None) else weight.new_empty(0)
     row_chunk, vocab_chunk = _tile(max(m_rows, 1), n_vocab, hidden.device)
     for v0 in range(0, n_vocab, vocab_chunk):
         v1 = min(v0 + vocab_chunk, n_vocab)
@@ -276,7 +276,7 @@ def logprobs_from_logits_backward(
     n, n_vocab = logits.shape
     cdt = _compute_dtype(logits.dtype)
     inv_t = 1.0 / temperature
-    out = torch.empty_like(logits)
+    out = torch.empty((n, n_vocab), dtype=logits.dtype, device=logits.device)
     row_chunk = max(1, TILE_ELEMENTS.get(logits.device.type, 1 << 22) // max(n_vocab, 1))
     valid = targets != ignore_index
     g_all = torch.where(valid, grad_logp.to(cdt), grad_logp.new_zeros((), dtype=cdt))

@@ -9,8 +9,8 @@ Per group of n rows, with z_i = h_i / max(||h_i||, eps):
   BLOCK_D chunks on the raw rows (bf16 operands on the GPU) and scales the tile by
   1/||h_i|| 1/||h_j|| (the normalization is fused into the epilogue), forms E = G - I
   (or zeroes the diagonal for offdiag), adds sum E^2 (twice for I != J) to a
-  per-program partial, and accumulates dZ_I += E Z_J and dZ_J += E^T Z_I (the 1/||h||
-  folded into E) into an fp32 (rows, D) buffer with atomic adds. G never reaches
+  per-program partial, and accumulates dZ_I += E Z_J and dZ_J += E^T Z_I (rows
+  normalized before the product) into an fp32 (rows, D) buffer with atomic adds. G never reaches
   global memory. Loss partials are summed in a fixed order (the loss is bit-identical
   run to run); the atomic gradient sums are not (their order varies).
 - Covariance path, n > D (3 n D^2 FLOPs): one program per pair of BLOCK_C-column
@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from decpo.torch_backend.decorrelation import bucket_rows
+from decpo.torch_backend.decorrelation import bucket_rows, grad_dtype
 from decpo.triton_backend.common import cast, dot, interpreting
 
 EPS = 1e-6
@@ -136,30 +136,51 @@ def _gram_kernel(
     weight = tl.where(ti == tj, 1.0, 2.0)
     tl.store(partial_ptr + layer.to(tl.int64) * P + pair, weight * tl.sum(tl.sum(e * e, 1), 0))
     if COMPUTE_GRAD:
-        # dZ_I += E Z_J = (E diag(inv_J)) H_J and dZ_J += E^T Z_I = (E^T diag(inv_I)) H_I.
-        low = h_ptr.dtype.element_ty
-        e_j = cast(e * inv_j[None, :], low, INTERPRET)
-        e_i = cast(tl.trans(e * inv_i[:, None]), low, INTERPRET)
+        # dZ_I += E Z_J and dZ_J += E^T Z_I with the rows normalized first (|z| <= 1, so
+        # nothing overflows); bf16 operands for bf16 input, fp32 otherwise (fp16's range
+        # cannot hold E for unnormalized rows).
+        if h_ptr.dtype.element_ty == tl.bfloat16:
+            low = tl.bfloat16
+        else:
+            low = tl.float32
+        e_low = cast(e, low, INTERPRET)
+        e_t_low = cast(tl.trans(e), low, INTERPRET)
         for d0 in range(0, D, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
             d_ok = ds < D
-            hj = _load_h(
-                h_ptr, rows_ptr, layer, rj, j_ok, ds, d_ok, stride_hl, stride_hn, stride_hd
+            zj = (
+                _load_h(
+                    h_ptr, rows_ptr, layer, rj, j_ok, ds, d_ok, stride_hl, stride_hn, stride_hd
+                ).to(tl.float32)
+                * inv_j[:, None]
             )
             out_i = dz_ptr + (layer.to(tl.int64) * S + ri)[:, None] * D + ds[None, :]
             tl.atomic_add(
                 out_i,
-                dot(e_j, hj, tl.zeros([BLOCK_R, BLOCK_D], tl.float32), INTERPRET),
+                dot(
+                    e_low,
+                    cast(zj, low, INTERPRET),
+                    tl.zeros([BLOCK_R, BLOCK_D], tl.float32),
+                    INTERPRET,
+                ),
                 mask=i_ok[:, None] & d_ok[None, :],
             )
             if ti != tj:
-                hi = _load_h(
-                    h_ptr, rows_ptr, layer, ri, i_ok, ds, d_ok, stride_hl, stride_hn, stride_hd
+                zi = (
+                    _load_h(
+                        h_ptr, rows_ptr, layer, ri, i_ok, ds, d_ok, stride_hl, stride_hn, stride_hd
+                    ).to(tl.float32)
+                    * inv_i[:, None]
                 )
                 out_j = dz_ptr + (layer.to(tl.int64) * S + rj)[:, None] * D + ds[None, :]
                 tl.atomic_add(
                     out_j,
-                    dot(e_i, hi, tl.zeros([BLOCK_R, BLOCK_D], tl.float32), INTERPRET),
+                    dot(
+                        e_t_low,
+                        cast(zi, low, INTERPRET),
+                        tl.zeros([BLOCK_R, BLOCK_D], tl.float32),
+                        INTERPRET,
+                    ),
                     mask=j_ok[:, None] & d_ok[None, :],
                 )
 
@@ -356,7 +377,11 @@ def decorrelation_penalty(
     rows = rows.to(torch.int32).contiguous()
     n_sel = rows.numel()
     pairs = sum(s * (s - 1) if offdiag else s * s for s in sizes)
-    grad = torch.zeros_like(hidden) if compute_grad else hidden.new_empty(0)
+    grad = (
+        torch.zeros(hidden.shape, dtype=grad_dtype(hidden.dtype), device=device)
+        if compute_grad
+        else hidden.new_empty(0)
+    )
     if pairs == 0 or n_layers == 0:
         return torch.zeros((), dtype=torch.float32, device=device), grad
     grad_scale = 1.0 / n_layers / (pairs if reduction == "mean" else 1)

@@ -360,6 +360,7 @@ def token_logprobs(
     Ignored rows are compacted away before the launch."""
     n, dim = hidden.shape
     n_vocab = weight.shape[0]
+    bias = bias.contiguous() if bias is not None else None  # the kernels read it unit-stride
     logp = hidden.new_zeros(n, dtype=torch.float32)
     lse = hidden.new_zeros(n, dtype=torch.float32)
     grad = hidden.new_zeros((n, dim)) if frozen_grad else hidden.new_empty(0)
@@ -407,6 +408,7 @@ def token_logprobs_backward(
     """Trainable head: (d hidden, d weight, d bias) by recomputing logit tiles."""
     n, dim = hidden.shape
     n_vocab = weight.shape[0]
+    bias = bias.contiguous() if bias is not None else None  # the kernels read it unit-stride
     rows = _valid_rows(targets, ignore_index)
     h = hidden if rows is None else hidden[rows]
     t = (targets if rows is None else targets[rows]).contiguous()

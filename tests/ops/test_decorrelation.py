@@ -248,3 +248,32 @@ def test_invariant_to_row_permutation_and_group_relabeling(n, d, seed):
 def test_symmetric_product_matches_matmul(k):
     a = torch.randn(2, 7, k, dtype=torch.float64)
     torch.testing.assert_close(torch_impl._symmetric_product(a), a.transpose(1, 2) @ a)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_gradient_survives_loss_scaling(backend):
+    # ~1/pairs per entry is below fp16's smallest subnormal: the stored gradient must
+    # not be rounded to fp16 before grad_output (the loss scale) multiplies it.
+    n = 4100 if backend == "torch" else 300
+    hidden = torch.randn(n, 8 if backend == "torch" else 300)
+    _check(hidden, torch.float16, upstream=65536.0, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_zero_rows_and_large_unnormalized_values(backend):
+    hidden = torch.randn(20, 24)
+    hidden[3] = 0.0
+    _check(hidden, torch.float16, backend=backend)
+    big = torch.randn(18, 64) * 40  # |G_ij| up to ~1e5: beyond fp16's range
+    # A small upstream gradient keeps the final fp16 gradient representable; the
+    # intermediate Gram entries are not, and must not overflow inside the kernels.
+    _check(big, torch.float16, normalize=False, backend=backend, upstream=1e-3)
+
+
+def test_fake_matches_real_strides():
+    hidden = torch.randn(8, 3, 16).transpose(0, 1)  # (3, 8, 16), permuted layout
+    torch.library.opcheck(
+        torch.ops.decpo.decorrelation_penalty.default,
+        (hidden, None, None, True, False, "mean", "torch", True),
+        test_utils=("test_faketensor",),
+    )

@@ -317,3 +317,14 @@ def test_results_are_bit_identical_run_to_run(backend):
         results.append((out, h.grad, weight.grad, bias.grad))
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_logprobs_strided_bias_and_weight(backend):
+    hidden = torch.randn(7, 16)
+    weight = torch.randn(16, 80).T  # (80, 16), column-major
+    bias = torch.randn(160)[::2]  # stride 2
+    targets = torch.randint(0, 80, (7,))
+    out = decpo.token_logprobs(hidden, weight, targets, bias=bias, backend=backend)
+    ref = token_logprobs_reference(hidden.double(), weight.double(), targets, bias.double())
+    assert_close(out, ref, torch.float32, "logp")
