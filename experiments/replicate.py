@@ -2,7 +2,7 @@
 SFT, then DPO against DecPO at several lambda, on the synthetic demo task and on the
 Anthropic HH harmless-base test split, with the tiny Llama and several seeds.
 
-    python -m experiments.replicate            # about 10 minutes on 2 CPU cores
+    python -m experiments.replicate            # 15-25 minutes on 2 CPU cores
 
 For every dataset and seed: SFT on the chosen responses (--loss sft), the SFT adapter
 merged into its base model, then from that model DPO and DecPO (lambda in --lambdas)
