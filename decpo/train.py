@@ -104,6 +104,25 @@ def parse_args(argv: list[str] | None = None) -> Config:
         "schedule_steps": "length of the warmup + cosine learning-rate schedule, fixed when a "
         "run starts (default: --max-steps); after it the rate stays at 10%% of its peak",
         "device": "auto, cpu, cuda or cuda:N",
+        "beta": "DPO temperature beta (rewards are beta x log-ratio)",
+        "lora_r": "LoRA rank",
+        "lora_targets": "comma-separated module names that get LoRA adapters",
+        "weight_decay": "AdamW weight decay",
+        "warmup_ratio": "fraction of the schedule spent in linear warmup",
+        "max_grad_norm": "gradient clipping norm",
+        "grad_accum": "micro-batches per optimizer step",
+        "max_length": "tokens per sequence (prompt cut from the left; pairs whose response "
+        "cannot fit are skipped)",
+        "max_steps": "optimizer steps to train to",
+        "eval_every": "held-out evaluation every this many steps (and at the end)",
+        "eval_fraction": "fraction of the pairs held out for evaluation",
+        "save_every": "checkpoint every this many steps (and at the end)",
+        "demo_pairs": "synthetic pairs generated for the demo task (without --data)",
+        "label_smoothing": "label smoothing of the sigmoid (DPO) and SimPO losses",
+        "simpo_gamma": "SimPO target margin gamma",
+        "gradient_checkpointing": "recompute activations in the backward to save memory",
+        "output_dir": "where metrics, adapter, checkpoints and plots go",
+        "seed": "seed for the model, LoRA init, data split and data order",
     }
     for field in dataclasses.fields(Config):
         flag = "--" + field.name.replace("_", "-")
