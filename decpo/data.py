@@ -215,6 +215,8 @@ class TokenizedPair:
     chosen_labels: list[int]
     rejected_ids: list[int]
     rejected_labels: list[int]
+    # Reference-model sequence log-probs (chosen, rejected), when precomputed.
+    ref_logps: tuple[float, float] | None = None
 
 
 def tokenize_pairs(
@@ -261,4 +263,9 @@ def collate(batch: Sequence[TokenizedPair], pad_id: int) -> dict[str, torch.Tens
         input_ids[row, : len(ids)] = torch.tensor(ids)
         labels[row, : len(labs)] = torch.tensor(labs)
         attention_mask[row, : len(ids)] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    if all(p.ref_logps is not None for p in batch):  # (2B,) chosen then rejected
+        out["ref_logps"] = torch.tensor(
+            [p.ref_logps[0] for p in batch] + [p.ref_logps[1] for p in batch], dtype=torch.float64
+        )
+    return out

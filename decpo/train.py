@@ -77,6 +77,7 @@ class Config:
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
     gradient_checkpointing: bool = False
+    precompute_ref: bool = False
     output_dir: str = "runs/demo"
     resume: str | None = None
     seed: int = 0
@@ -121,6 +122,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         "label_smoothing": "label smoothing of the sigmoid (DPO) and SimPO losses",
         "simpo_gamma": "SimPO target margin gamma",
         "gradient_checkpointing": "recompute activations in the backward to save memory",
+        "precompute_ref": "compute the reference log-probs of every pair once before training "
+        "and reuse them (saves one forward per step)",
         "output_dir": "where metrics, adapter, checkpoints and plots go",
         "seed": "seed for the model, LoRA init, data split and data order",
     }
@@ -278,6 +281,28 @@ def sequence_logps(
     return per_sequence.sum, per_sequence.mean
 
 
+@torch.no_grad()
+def reference_logps(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device
+) -> torch.Tensor:
+    """Sequence log-probs (2B,) of the reference: the policy with adapters disabled."""
+    with model.disable_adapter():
+        return sequence_logps(model, batch, device)[0]
+
+
+def precompute_reference(
+    model: torch.nn.Module, pairs: list, cfg: Config, pad_id: int, device: torch.device
+) -> None:
+    """Fill every pair's ref_logps once (batched like training)."""
+    for start in range(0, len(pairs), cfg.batch_size):
+        chunk = pairs[start : start + cfg.batch_size]
+        batch = {k: v.to(device) for k, v in data_lib.collate(chunk, pad_id).items()}
+        ref = reference_logps(model, batch, device).double().cpu().tolist()
+        n = len(chunk)
+        for k, pair in enumerate(chunk):
+            pair.ref_logps = (ref[k], ref[n + k])
+
+
 def forward_pair_batch(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: Config,
     hooks: DecorrelationHooks, device: torch.device, train: bool,
@@ -288,9 +313,10 @@ def forward_pair_batch(
         policy_sum, policy_mean = sequence_logps(model, batch, device)
     if cfg.loss in ("simpo", "sft"):
         ref_sum = None
+    elif "ref_logps" in batch:  # precomputed once (--precompute-ref)
+        ref_sum = batch["ref_logps"].to(policy_sum.dtype)
     else:
-        with torch.no_grad(), model.disable_adapter():  # the reference model
-            ref_sum, _ = sequence_logps(model, batch, device)
+        ref_sum = reference_logps(model, batch, device)
     policy = policy_mean if cfg.loss in ("simpo", "sft") else policy_sum
     n = policy.shape[0] // 2
     losses, chosen_rewards, rejected_rewards = decpo.dpo_loss(
@@ -532,6 +558,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         save_adapter(out, model, tokenizer, cfg)  # base weights and tokenizer up front
     if dd.world > 1:
         dist.barrier()
+
+    if cfg.precompute_ref and cfg.loss not in ("simpo", "sft"):
+        precompute_reference(model, train_set + eval_set, cfg, tokenizer.pad_token_id, dd.device)
 
     stop = {"signal": None}
 

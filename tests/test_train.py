@@ -205,3 +205,17 @@ def test_a_local_gpt2_model(tmp_path):
     assert summary["steps"] == 6
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["schedule_steps"] == 6
+
+
+def test_precomputed_reference_and_gradient_checkpointing_match(tmp_path):
+    """--precompute-ref and --gradient-checkpointing change the cost, not the numbers."""
+    base = train.main([*FAST, "--output-dir", str(tmp_path / "base")])
+    pre = train.main([*FAST, "--precompute-ref", "--output-dir", str(tmp_path / "pre")])
+    ckpt = train.main([*FAST, "--gradient-checkpointing", "--output-dir", str(tmp_path / "ck")])
+    a = _train_rows(tmp_path / "base")
+    for other in ("pre", "ck"):
+        for ra, rb in zip(a, _train_rows(tmp_path / other), strict=True):
+            for key in KEYS:
+                assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-5), (other, key)
+    assert base["eval/rewards/margins"] == pytest.approx(pre["eval/rewards/margins"], rel=1e-4)
+    assert base["eval/rewards/margins"] == pytest.approx(ckpt["eval/rewards/margins"], rel=1e-4)
