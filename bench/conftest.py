@@ -34,6 +34,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
               "peaks": peaks(DEVICE), "results": RESULTS}  # fmt: skip
     path = RESULTS_DIR / f"ops-{DEVICE}-{stamp:%Y%m%d-%H%M%S}.json"
     path.write_text(json.dumps(record, indent=1))
+    (RESULTS_DIR / f"ops-{DEVICE}-partial.jsonl").unlink(missing_ok=True)
     write(f"results written to {path}")
     if torch.cuda.is_available() or config.getoption("--benchmark-enable"):
         write(f"rendered {render()}")

@@ -82,10 +82,12 @@ def peak_memory_here(op_key: str, provider: str, mode: str, device: str) -> dict
     synchronize(device)
     gc.collect()
     if device == "cuda":
+        state = setup()  # frees the warm-up's gradient before the baseline is read
+        torch.cuda.synchronize()
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        run(setup())
+        run(state)
         torch.cuda.synchronize()
         extra = (torch.cuda.max_memory_allocated() - base) / 2**20
         return {"extra_mib": round(extra, 1)}

@@ -2,8 +2,10 @@
 
 CPU: python -m pytest bench/test_ops.py --benchmark-enable   (make bench)
 GPU: bash bench/run_gpu.sh
-Times come from pytest-benchmark (wall time; on CUDA every round ends with a
-synchronize, and CUDA-event times are recorded beside it). Peak memory comes from a
+Times come from pytest-benchmark's wall time on CPU; on CUDA the reported time is
+the median of CUDA-event times (pytest-benchmark's own rounds end with a
+synchronize). Every row is also appended to bench/results/ops-<device>-partial.jsonl
+as it is measured, so a run cut off by a time limit keeps what it measured. Peak memory comes from a
 fresh process per case on CPU and from the CUDA allocator on GPU. The session's
 summary table, the JSON under bench/results/ and bench/README.md are written by
 bench/conftest.py.
@@ -11,6 +13,7 @@ bench/conftest.py.
 
 from __future__ import annotations
 
+import json
 import statistics
 
 import pytest
@@ -18,6 +21,7 @@ import torch
 
 from bench.cases import available, build, cases_for, modes_for, work
 from bench.measure import cuda_time_ms, peak_memory, peaks, synchronize
+from bench.render import RESULTS_DIR
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RESULTS: list[dict] = []
@@ -61,3 +65,6 @@ def test_op(benchmark, case, provider, mode):
     }  # fmt: skip
     benchmark.extra_info.update(row)
     RESULTS.append(row)
+    RESULTS_DIR.mkdir(exist_ok=True)
+    with open(RESULTS_DIR / f"ops-{DEVICE}-partial.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")

@@ -28,10 +28,16 @@ import torch
 
 from decpo import data, models, train
 
-STEPS, WARMUP = 80, 10
 SETUPS = {
-    "cpu": {"pairs": 8, "max_length": 128, "lora_r": 8, "model": "tiny"},
-    "cuda": {"pairs": 8, "max_length": 1024, "lora_r": 16, "model": "llama-1b"},
+    "cpu": {"pairs": 8, "max_length": 128, "lora_r": 8, "model": "tiny", "steps": 80, "warmup": 10},
+    "cuda": {
+        "pairs": 8,
+        "max_length": 1024,
+        "lora_r": 16,
+        "model": "llama-1b",
+        "steps": 25,
+        "warmup": 5,
+    },
 }
 LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 16,
             "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
@@ -44,7 +50,7 @@ def _setup(device: str) -> tuple[torch.nn.Module, object, list[data.PreferencePa
     tokenizer = models.build_tokenizer(data.demo_corpus())
     if cfg["model"] == "tiny":
         model = models.build_tiny_model(tokenizer, seed=0)
-        pairs = data.synthetic_pairs(cfg["pairs"] * (STEPS + 1), seed=0)
+        pairs = data.synthetic_pairs(cfg["pairs"] * (cfg["steps"] + 1), seed=0)
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -53,9 +59,9 @@ def _setup(device: str) -> tuple[torch.nn.Module, object, list[data.PreferencePa
             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id, **LLAMA_1B,
         )).to(torch.bfloat16)  # fmt: skip
-        short = data.synthetic_pairs(cfg["pairs"] * (STEPS + 1), seed=0)
-        # Long prompts so every sequence fills max_length.
-        pairs = [data.PreferencePair(p.prompt * 60, p.chosen * 4, p.rejected * 4) for p in short]
+        short = data.synthetic_pairs(cfg["pairs"] * (cfg["steps"] + 1), seed=0)
+        # Prompts longer than max_length (cut from the left): every sequence fills it.
+        pairs = [data.PreferencePair(p.prompt * 80, p.chosen * 4, p.rejected * 4) for p in short]
     model = models.add_lora(model, cfg["lora_r"], None, list(models.DEFAULT_LORA_TARGETS))
     return model.to(device), tokenizer, pairs, cfg
 
@@ -93,11 +99,11 @@ def run_decpo(loss: str, device: str) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     dev = torch.device(device)
-    times, base, peak = [], 0.0, 0.0
+    steps, warmup = setup["steps"], setup["warmup"]
+    times = []
+    base = _memory_reset(device)  # model and data in place; activations, grads, Adam to come
     with train.DecorrelationHooks(model, cfg.dec_module) as hooks:
-        for step in range(STEPS):
-            if step == WARMUP:
-                base = _memory_reset(device)
+        for step in range(steps):
             started = time.perf_counter()
             batch = data.collate(tokenized[step * b : (step + 1) * b], tokenizer.pad_token_id)
             batch = {k: v.to(dev) for k, v in batch.items()}
@@ -110,7 +116,7 @@ def run_decpo(loss: str, device: str) -> dict:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - started)
         peak = _memory_peak(device)
-    return {"median_step_ms": statistics.median(times[WARMUP:]) * 1e3,
+    return {"median_step_ms": statistics.median(times[warmup:]) * 1e3,
             "extra_mib": round(max(0.0, peak - base), 1)}  # fmt: skip
 
 
@@ -123,11 +129,13 @@ def run_trl(device: str, liger: bool) -> dict:
     rows = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
     times: list[float] = []
     memory = {"base": 0.0}
+    steps, warmup = setup["steps"], setup["warmup"]
 
     class Timer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            memory["base"] = _memory_reset(device)
+
         def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == WARMUP:
-                memory["base"] = _memory_reset(device)
             self.started = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -137,15 +145,16 @@ def run_trl(device: str, liger: bool) -> dict:
 
     config = DPOConfig(
         output_dir="/tmp/decpo-bench-trl", per_device_train_batch_size=setup["pairs"],
-        max_steps=STEPS, learning_rate=1e-4, beta=0.1, max_length=setup["max_length"],
-        logging_steps=STEPS, report_to="none", save_strategy="no", use_cpu=device == "cpu",
+        max_steps=steps, learning_rate=1e-4, beta=0.1, max_length=setup["max_length"],
+        logging_steps=steps, report_to="none", save_strategy="no", use_cpu=device == "cpu",
         dataloader_num_workers=0, disable_tqdm=True, bf16=device == "cuda",
         use_liger_kernel=liger,
+        gradient_checkpointing=False,  # TRL 1.x defaults to True; decpo.train does not
     )  # fmt: skip
     trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer, callbacks=[Timer()])  # fmt: skip
     trainer.train()
-    return {"median_step_ms": statistics.median(times[WARMUP:]) * 1e3,
+    return {"median_step_ms": statistics.median(times[warmup:]) * 1e3,
             "extra_mib": round(max(0.0, _memory_peak(device) - memory["base"]), 1)}  # fmt: skip
 
 
@@ -180,12 +189,19 @@ def main() -> None:
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{name:26s} {results[name]['median_step_ms']:8.1f} ms  "
               f"{results[name]['extra_mib']:8.1f} MiB")  # fmt: skip
+        partial = (
+            Path(__file__).resolve().parent / "results" / f"train-step-{args.device}.partial.json"
+        )
+        partial.parent.mkdir(exist_ok=True)
+        partial.write_text(json.dumps(results, indent=1))  # kept if a time limit cuts the run
     setup = SETUPS[args.device]
     stamp = datetime.datetime.now(datetime.timezone.utc)
     record = {**environment(args.device), "date": stamp.isoformat(timespec="seconds"),
               "setup": f"{setup['model']} Llama, {setup['pairs']} pairs, max_length "
-                       f"{setup['max_length']}, LoRA r={setup['lora_r']}, median of "
-                       f"{STEPS - WARMUP} steps after {WARMUP} warm-up steps",
+                       f"{setup['max_length']}, LoRA r={setup['lora_r']}, no gradient "
+                       f"checkpointing, median of {setup['steps'] - setup['warmup']} steps "
+                       f"after {setup['warmup']} warm-up steps; memory: peak during training "
+                       "minus the baseline before the first step",
               "results": results}  # fmt: skip
     if "decpo.train dpo" in results and "decpo.train decpo" in results:
         dpo_ms = results["decpo.train dpo"]["median_step_ms"]
@@ -193,6 +209,7 @@ def main() -> None:
     RESULTS_DIR.mkdir(exist_ok=True)
     path = RESULTS_DIR / f"train-step-{args.device}-{stamp:%Y%m%d-%H%M%S}.json"
     path.write_text(json.dumps(record, indent=1))
+    (RESULTS_DIR / f"train-step-{args.device}.partial.json").unlink(missing_ok=True)
     print(f"results written to {path}; rendered {render()}")
 
 

@@ -217,6 +217,7 @@ class TokenizedPair:
     rejected_labels: list[int]
     # Reference-model sequence log-probs (chosen, rejected), when precomputed.
     ref_logps: tuple[float, float] | None = None
+    prompt_len: int = 0  # tokens of the (possibly truncated) prompt, BOS included
 
 
 def tokenize_pairs(
@@ -244,7 +245,13 @@ def tokenize_pairs(
         prompt = prompt[-room:]
         ignore = [IGNORE_INDEX] * len(prompt)
         out.append(
-            TokenizedPair(prompt + chosen, ignore + chosen, prompt + rejected, ignore + rejected)
+            TokenizedPair(
+                prompt + chosen,
+                ignore + chosen,
+                prompt + rejected,
+                ignore + rejected,
+                prompt_len=len(prompt),
+            )
         )
     return out, skipped
 

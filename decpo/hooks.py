@@ -41,15 +41,16 @@ def select_rows(
     if tokens not in TOKEN_MODES:
         raise ValueError(f"tokens must be one of {TOKEN_MODES}, got {tokens!r}")
     mask = completion_mask.bool()
-    stacked = torch.stack(list(outputs))  # (L, B, T, D)
     if tokens == "last":
         positions = torch.arange(mask.shape[1], device=mask.device)
         last = torch.where(mask, positions, -1).amax(1)  # (B,)
         has = last >= 0
         batch = torch.arange(mask.shape[0], device=mask.device)[has]
-        return stacked[:, batch, last[has]], None  # (L, B', D)
+        # Gather each layer's rows first: stacking whole (B, T, D) outputs would copy
+        # every activation of every hooked layer.
+        return torch.stack([out[batch, last[has]] for out in outputs]), None  # (L, B', D)
     rows = mask.nonzero()  # (N, 2): sequence, position
-    return stacked[:, rows[:, 0], rows[:, 1]], rows[:, 0]
+    return torch.stack([out[rows[:, 0], rows[:, 1]] for out in outputs]), rows[:, 0]
 
 
 def feature_decorrelation(hidden: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:

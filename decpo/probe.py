@@ -1,7 +1,8 @@
 """Monosemanticity probes: python -m decpo.probe RUN_DIR  (or --model DIR [--adapter DIR]).
 
 Per decoder layer, on the activations of --module (default mlp.up_proj) at the last
-token of each prompt:
+token of each prompt (by default the run's held-out prompts, tokenized as in
+training):
 - decorrelation: 1 - mean pairwise cosine similarity across prompts (the paper's
   Figures 4-5 metric; decpo.hooks.feature_decorrelation);
 - variance: the mean over features of the activation's variance across prompts;
@@ -102,23 +103,26 @@ class ProbeResult:
 
 @torch.no_grad()
 def probe(
-    model: torch.nn.Module, tokenizer: Any, prompts: list[str], module: str = "mlp.up_proj",
-    layers: list[int] | None = None, batch_size: int = 16, max_length: int = 256,
+    model: torch.nn.Module, prompts: list[list[int]], pad_id: int, module: str = "mlp.up_proj",
+    layers: list[int] | None = None, batch_size: int = 16,
 ) -> ProbeResult:  # fmt: skip
-    """Run the prompts through `model` and measure every hooked layer."""
+    """Run the tokenized prompts (as training tokenizes them: BOS, prompt cut from the
+    left) through `model` and measure every hooked layer at each prompt's last token."""
     model.eval()
     device = next(model.parameters()).device
     per_layer: list[list[torch.Tensor]] = []
     with DecorrelationHooks(model, module, layers) as hooks:
         for start in range(0, len(prompts), batch_size):
-            enc = tokenizer(
-                prompts[start : start + batch_size], return_tensors="pt", padding=True,
-                truncation=True, max_length=max_length, padding_side="right",
-            )  # fmt: skip
+            chunk = prompts[start : start + batch_size]
+            width = max(len(p) for p in chunk)
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, p in enumerate(chunk):  # right padding: the last real token is the prompt's
+                ids[row, : len(p)] = torch.tensor(p)
+                mask[row, : len(p)] = 1
             with hooks.capture(force=True):
-                model(input_ids=enc["input_ids"].to(device),
-                      attention_mask=enc["attention_mask"].to(device))  # fmt: skip
-            hidden, _ = hooks.rows(enc["attention_mask"].to(device), "last")  # (L, B, F)
+                model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            hidden, _ = hooks.rows(mask.to(device), "last")  # (L, B, F)
             if not per_layer:
                 per_layer = [[] for _ in range(hidden.shape[0])]
             for k in range(hidden.shape[0]):
@@ -150,19 +154,30 @@ def load_for_probe(model_dir: str, adapter: str | None) -> tuple[torch.nn.Module
     return model, tokenizer
 
 
-def default_prompts(run_dir: Path | None, n: int) -> list[str]:
-    """The held-out prompts of a decpo.train run (its data, or the demo task)."""
-    cfg = json.loads((run_dir / "config.json").read_text()) if run_dir else {}
-    if cfg.get("data"):
-        pairs = data_lib.read_pairs(cfg["data"])
-    else:
-        pairs = data_lib.synthetic_pairs(cfg.get("demo_pairs", 2000), cfg.get("seed", 0))
-    seen: dict[str, None] = {}
-    for pair in reversed(pairs):  # different order from the training split's start
-        seen.setdefault(pair.prompt)
+def prompt_tokens(pairs: list[data_lib.TokenizedPair], n: int) -> list[list[int]]:
+    """Up to n distinct tokenized prompts of these pairs, as training saw them."""
+    seen: dict[tuple[int, ...], None] = {}
+    for pair in pairs:
+        seen.setdefault(tuple(pair.chosen_ids[: pair.prompt_len]))
         if len(seen) >= n:
             break
-    return list(seen)
+    return [list(p) for p in seen]
+
+
+def held_out_prompts(run_dir: Path, tokenizer: Any, n: int) -> list[list[int]]:
+    """The held-out prompts of a decpo.train run: its own data and split (its config)."""
+    from decpo import train
+
+    cfg = train.Config(**json.loads((run_dir / "config.json").read_text()))
+    _, eval_set, _ = train.load_data(cfg, tokenizer)
+    return prompt_tokens(eval_set, n)
+
+
+def file_prompts(path: str, tokenizer: Any, n: int, max_length: int) -> list[list[int]]:
+    """Prompts of a preference file, tokenized as training would."""
+    pairs = data_lib.read_pairs(path, tokenizer)
+    tokenized, _ = data_lib.tokenize_pairs(pairs, tokenizer, max_length)
+    return prompt_tokens(tokenized, n)
 
 
 def plot(result: ProbeResult, path: Path, title: str) -> Path:
@@ -198,7 +213,16 @@ def main(argv: list[str] | None = None) -> dict:
         "--model", help="local Hugging Face model directory (default: RUN/base_model)"
     )
     parser.add_argument("--adapter", help="LoRA adapter directory (default: RUN)")
-    parser.add_argument("--prompts", help="JSONL(.gz) preference file whose prompts to use")
+    parser.add_argument(
+        "--prompts",
+        help="JSONL(.gz) preference file whose prompts to use (default: the run's held-out split)",
+    )
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=256,
+        help="tokens per prompt, cut from the left as in training",
+    )
     parser.add_argument("--max-prompts", type=int, default=256)
     parser.add_argument("--module", default="mlp.up_proj")
     parser.add_argument("--layers", default="all", help='"all" or indices like "0,2"')
@@ -213,12 +237,13 @@ def main(argv: list[str] | None = None) -> dict:
     )
     model, tokenizer = load_for_probe(model_dir, adapter)
     if args.prompts:
-        prompts = list(dict.fromkeys(p.prompt for p in data_lib.read_pairs(args.prompts)))
-        prompts = prompts[: args.max_prompts]
+        prompts = file_prompts(args.prompts, tokenizer, args.max_prompts, args.max_length)
+    elif run is not None:
+        prompts = held_out_prompts(run, tokenizer, args.max_prompts)
     else:
-        prompts = default_prompts(run, args.max_prompts)
+        parser.error("--model without a run directory needs --prompts")
     layers = None if args.layers == "all" else [int(x) for x in args.layers.split(",")]
-    result = probe(model, tokenizer, prompts, args.module, layers)
+    result = probe(model, prompts, tokenizer.pad_token_id, args.module, layers)
     out = Path(args.output) if args.output else (run / "probe" if run else Path("probe"))
     out.mkdir(parents=True, exist_ok=True)
     record = {"model": model_dir, "adapter": adapter, **result.__dict__}

@@ -92,17 +92,18 @@ def main() -> None:
             train_run([*common, "--loss", "sft", "--max-steps", str(args.sft_steps),
                        "--output-dir", str(base / "sft")])  # fmt: skip
             merged = merge_sft(base / "sft")
-            prompts = probe.default_prompts(base / "sft", 128)
             sft_model, tokenizer = probe.load_for_probe(str(merged), None)
-            before = probe.probe(sft_model, tokenizer, prompts).decorrelation
+            prompts = probe.held_out_prompts(base / "sft", tokenizer, 128)
+            pad = tokenizer.pad_token_id
+            before = probe.probe(sft_model, prompts, pad).decorrelation
             for name, flags in variants:
                 run = base / name.replace(" ", "_").replace("λ=", "lambda")
                 summary = train_run([
                     *common, *flags, "--model", str(merged), "--lr", "2e-3",
                     "--max-steps", str(args.steps), "--output-dir", str(run),
                 ])  # fmt: skip
-                model, tok = probe.load_for_probe(str(merged), str(run))
-                after = probe.probe(model, tok, prompts).decorrelation
+                model, _ = probe.load_for_probe(str(merged), str(run))
+                after = probe.probe(model, prompts, pad).decorrelation
                 slot = per_variant[name]
                 slot["acc"].append(summary["eval/rewards/accuracies"])
                 slot["margin"].append(summary["eval/rewards/margins"])
