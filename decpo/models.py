@@ -3,7 +3,9 @@ Hugging Face causal LM, with LoRA adapters from peft."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +121,33 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False
+
+
+_ADAPTER_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
+    """The reference model: the policy with every LoRA layer switched off. Same effect
+    as peft's model.disable_adapter(), which also inspects every layer's status on
+    each call (about 4 ms a step on the demo model, 15% of its step time)."""
+    layers = _ADAPTER_LAYERS.get(model)
+    if layers is None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        if not all(hasattr(m, "_disable_adapters") for m in layers):
+            layers = None  # an unknown peft layout: use peft's own context
+        _ADAPTER_LAYERS[model] = layers
+    if layers is None:
+        with model.disable_adapter():
+            yield
+        return
+    previous = [m._disable_adapters for m in layers]
+    for m in layers:
+        m._disable_adapters = True
+    try:
+        yield
+    finally:
+        for m, was in zip(layers, previous, strict=True):
+            m._disable_adapters = was

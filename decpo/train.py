@@ -286,7 +286,7 @@ def reference_logps(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device
 ) -> torch.Tensor:
     """Sequence log-probs (2B,) of the reference: the policy with adapters disabled."""
-    with model.disable_adapter():
+    with models.adapters_disabled(model):
         return sequence_logps(model, batch, device)[0]
 
 
