@@ -2,16 +2,16 @@
 SFT, then DPO against DecPO at several lambda, on the synthetic demo task and on the
 Anthropic HH harmless-base test split, with the tiny Llama and several seeds.
 
-    python -m experiments.replicate            # 15-25 minutes on 2 CPU cores
+    python -m experiments.replicate            # about 10 minutes on 2 CPU cores
 
 For every dataset and seed: SFT on the chosen responses (--loss sft), the SFT adapter
 merged into its base model, then from that model DPO and DecPO (lambda in --lambdas)
 with the same seed, data order and steps. Reported, as mean +- std over seeds (the
 shape of the paper's Table 2): held-out reward accuracy and margin at the end, and
 per layer the change in feature decorrelation (1 - mean pairwise cosine similarity
-of mlp.up_proj activations at the last prompt token, decpo.probe) from the SFT model
-to the trained one. Curves (the paper's Figures 5 and 7): held-out decorrelation of
-the regularized rows and reward margin over steps. Everything lands in
+of mlp.up_proj activations at the last token of the held-out prompts, decpo.probe)
+from the SFT model to the trained one. Curves (the paper's Figures 5 and 7):
+held-out decorrelation of the regularized rows and reward margin over steps. Everything lands in
 experiments/results/ (README.md table, JSON, PNG); runs in experiments/runs/.
 """
 
