@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import torch
 import triton
 import triton.language as tl
 
@@ -28,10 +27,6 @@ def dot(a, b, acc, INTERPRET: tl.constexpr):
     else:
         acc = tl.dot(a, b, acc)
     return acc
-
-
-def triton_dtype_ok(dtype: torch.dtype) -> bool:
-    return dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit

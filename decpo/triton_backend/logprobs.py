@@ -174,29 +174,9 @@ def _token_logprobs_bwd_hidden_kernel(
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < V
-        dl = _dlogits_tile(
-            h_ptr,
-            w_ptr,
-            b_ptr,
-            rows64,
-            row_ok,
-            cols,
-            col_ok,
-            tgt,
-            g,
-            lse,
-            D,
-            stride_hm,
-            stride_hd,
-            stride_wv,
-            stride_wd,
-            inv_t,
-            HAS_BIAS,
-            INTERPRET,
-            BLOCK_N,
-            BLOCK_V,
-            BLOCK_D,
-        )
+        dl = _dlogits_tile(h_ptr, w_ptr, b_ptr, rows64, row_ok, cols, col_ok, tgt, g, lse,
+                           D, stride_hm, stride_hd, stride_wv, stride_wd, inv_t,
+                           HAS_BIAS, INTERPRET, BLOCK_N, BLOCK_V, BLOCK_D)  # fmt: skip
         dl_low = cast(dl, w_ptr.dtype.element_ty, INTERPRET)
         cols64 = cols.to(tl.int64)
         for d0 in range(0, D, BLOCK_D):
@@ -235,29 +215,9 @@ def _token_logprobs_bwd_weight_kernel(
         tgt = tl.load(t_ptr + rows, mask=row_ok, other=0)
         g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-        dl = _dlogits_tile(
-            h_ptr,
-            w_ptr,
-            b_ptr,
-            rows64,
-            row_ok,
-            cols,
-            col_ok,
-            tgt,
-            g,
-            lse,
-            D,
-            stride_hm,
-            stride_hd,
-            stride_wv,
-            stride_wd,
-            inv_t,
-            HAS_BIAS,
-            INTERPRET,
-            BLOCK_N,
-            BLOCK_V,
-            BLOCK_D,
-        )
+        dl = _dlogits_tile(h_ptr, w_ptr, b_ptr, rows64, row_ok, cols, col_ok, tgt, g, lse,
+                           D, stride_hm, stride_hd, stride_wv, stride_wd, inv_t,
+                           HAS_BIAS, INTERPRET, BLOCK_N, BLOCK_V, BLOCK_D)  # fmt: skip
         if NEED_BIAS:
             db += tl.sum(dl, 0)
         if NEED_WEIGHT:
