@@ -1,8 +1,19 @@
-"""Helpers shared by the Triton kernels."""
+"""Helpers shared by the Triton kernels: interpreter-safe dot and cast, and the one
+place every kernel is launched from (so `python -m bench.kernel_stats` can record
+the launches a launcher makes and compile exactly those for the GPU, without one).
+
+Block configurations are `KernelConfig`s: a small named set per kernel, one default
+per shape class. With DECPO_TRITON_AUTOTUNE=1 on a GPU, `pick_config` times the
+named set once per (kernel, key) and keeps the fastest; otherwise the default runs.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import triton
 import triton.language as tl
@@ -11,6 +22,86 @@ import triton.language as tl
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Block sizes (constexpr keyword arguments) and launch options of one variant."""
+
+    name: str
+    blocks: dict[str, int]
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def kwargs(self) -> dict[str, Any]:
+        return {**self.blocks, "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+@dataclass
+class Launch:
+    """One kernel launch as a launcher made it: kernel, grid, keyword arguments."""
+
+    kernel: Any
+    grid: tuple[int, ...]
+    args: dict[str, Any]
+    config: KernelConfig
+    # Every config the launcher could have picked for this launch (autotuning set).
+    candidates: tuple[KernelConfig, ...] = field(default_factory=tuple)
+
+
+_recorder: list[Launch] | None = None
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Launch]]:
+    """Within the block, `launch` records instead of running (the kernels' outputs stay
+    unwritten). Used by bench.kernel_stats to see what the launchers launch."""
+    global _recorder
+    previous, _recorder = _recorder, []
+    try:
+        yield _recorder
+    finally:
+        _recorder = previous
+
+
+def launch(
+    kernel: Any,
+    grid: tuple[int, ...],
+    config: KernelConfig,
+    candidates: tuple[KernelConfig, ...] = (),
+    **args: Any,
+) -> None:
+    """kernel[grid](**args, **config) with keyword arguments only, or record it."""
+    if _recorder is not None:
+        _recorder.append(Launch(kernel, grid, args, config, candidates or (config,)))
+        return
+    kernel[grid](**args, **config.kwargs())
+
+
+_tuned: dict[tuple[Any, ...], KernelConfig] = {}
+
+
+def autotuning() -> bool:
+    return os.environ.get("DECPO_TRITON_AUTOTUNE") == "1" and not interpreting()
+
+
+def pick_config(
+    key: tuple[Any, ...],
+    default: KernelConfig,
+    candidates: tuple[KernelConfig, ...],
+    run: Callable[[KernelConfig], None],
+) -> KernelConfig:
+    """The default config, or with DECPO_TRITON_AUTOTUNE=1 the fastest of `candidates`
+    for this key (timed once with triton.testing.do_bench, then cached). `run(config)`
+    must be side-effect free apart from its own scratch outputs."""
+    if not autotuning() or _recorder is not None:
+        return default
+    if key not in _tuned:
+        from triton.testing import do_bench
+
+        times = {c: do_bench(lambda c=c: run(c), warmup=5, rep=20) for c in candidates}
+        _tuned[key] = min(times, key=times.__getitem__)
+    return _tuned[key]
 
 
 @triton.jit
