@@ -87,14 +87,32 @@ def _target(arch: int) -> GPUTarget:
     return GPUTarget("cuda", arch, 32)
 
 
+def _unwrap(kernel: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The JITFunction under @triton.heuristics, with the heuristics' values added
+    to the arguments as a launch adds them."""
+    from triton.runtime.autotuner import Heuristics
+
+    while isinstance(kernel, Heuristics):
+        kwargs = {**kwargs, **{k: h(kwargs) for k, h in kernel.values.items()}}
+        kernel = kernel.fn
+    return kernel, kwargs
+
+
+def _jit_fn(kernel: Any) -> Any:
+    """The JITFunction under any @triton.heuristics / @triton.autotune wrappers."""
+    while not hasattr(kernel, "params"):
+        kernel = kernel.fn
+    return kernel
+
+
 def _bind(kernel: Any, args: dict[str, Any], config: common.KernelConfig, arch: int):
     """signature, constexprs, attrs and options exactly as the JIT derives them."""
     from triton.compiler.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
     backend = make_backend(_target(arch))
+    kernel, kwargs = _unwrap(kernel, {**args, **config.kwargs()})
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    kwargs = {**args, **config.kwargs()}
     bound_args, specialization, options = binder(**kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(
         backend, kwargs, bound_args, specialization, options
@@ -130,8 +148,8 @@ def _takes_arch(fn: Callable[..., Any]) -> bool:
 def compile_launch(
     case: str, shape_class: str, launch: common.Launch, config: common.KernelConfig, arch: int
 ) -> VariantStats:
-    kernel = launch.kernel
-    signature, constexprs, attrs, options = _bind(kernel, launch.args, config, arch)
+    kernel = _jit_fn(launch.kernel)
+    signature, constexprs, attrs, options = _bind(launch.kernel, launch.args, config, arch)
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=_target(arch), options=options.__dict__)
     ptx = compiled.asm["ptx"]
@@ -192,7 +210,7 @@ def collect(arch: int = 90, only: str | None = None, verbose: bool = True) -> li
         assert launches, f"gate case {case} launched no kernel"
         for launch in launches:
             for config in launch.candidates:
-                key = (launch.kernel.fn.__name__, config, _spec_key(launch), shape_class)
+                key = (_jit_fn(launch.kernel).fn.__name__, config, _spec_key(launch), shape_class)
                 if key in seen:
                     continue
                 seen.add(key)

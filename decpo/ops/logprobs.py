@@ -42,8 +42,8 @@ def _token_logprobs_op(
         from decpo.triton_backend import logprobs as triton_impl
 
         return triton_impl.token_logprobs(
-            hidden, weight, targets, bias, ignore_index, temperature, frozen_grad
-        )
+            hidden, weight, targets, bias, ignore_index, temperature, 0.0, 1.0, frozen_grad, False
+        )[:3]
     # "native": the same tiling with PyTorch's matmuls and the native fused tile epilogue.
     epilogue = native.online_softmax_tile if backend == "native" else None
     assert backend in ("torch", "native"), backend
@@ -88,7 +88,7 @@ def _token_logprobs_backward_op(
         from decpo.triton_backend import logprobs as triton_impl
 
         return triton_impl.token_logprobs_backward(
-            grad_logp, hidden, weight, targets, bias, lse, ignore_index, temperature,
+            grad_logp, hidden, weight, targets, bias, lse, ignore_index, temperature, 0.0, 1.0,
             need_hidden, need_weight, need_bias,
         )  # fmt: skip
     # The native backend's trainable-head backward recomputes tiles with torch ops.

@@ -1,25 +1,43 @@
-"""Triton kernels for per-token log-probs (DESIGN section 1).
+"""Triton kernels for per-token log-probs: tensor-core GEMMs with fused epilogues.
 
-token_logprobs, forward: one program per block of BLOCK_N valid tokens walks the
-vocabulary in BLOCK_V tiles. Each logit tile (BLOCK_N, BLOCK_V) is a tl.dot over D
-in BLOCK_D chunks (bf16 operands, fp32 accumulation) and never leaves the chip; a
-running max m and sums s_other (v != y) and s_target (v = y) per token give the
-logsumexp online, and the target logit is picked from whichever tile holds it.
-With a frozen head the same pass accumulates sum_{v != y} exp(logit_v - m) W_v into
-an fp32 (M, D) buffer, rescaled when m moves (flash-attention style), so the
-gradient d logp / d h = (s_other W_y - that) / (s T) is finished in the epilogue:
-forward + gradient cost 4 M V D FLOPs and the backward is elementwise. Keeping the
-target's own term out of the accumulator avoids subtracting two nearly equal
-vectors when p_y is close to 1.
+token_logprobs(hidden (N, D), weight (V, D), targets (N,)): ignored tokens are
+compacted away first (they cost nothing), then the M valid rows are processed in
+chunks of C rows. Final logits z = f(h W^T + b) with f = logit_scale, optional
+softcap (cap tanh(x / cap)) and 1 / temperature.
 
-FLOPs and bytes (frozen head): 4 M V D FLOPs; bytes ~ (M D + V D (M / BLOCK_N)) x 2
-for the operands plus M D x 8 x (V / BLOCK_V) for the accumulator's read-modify-
-write, which is why BLOCK_V is as wide as registers allow (at M = 8192, D = 4096,
-V = 128256, BLOCK_V = 128 the accumulator moves ~270 GB against 17 TFLOP of work:
-tune BLOCK_V up on the GPU). Trainable head: the backward recomputes logit tiles,
-once per row block for d hidden and once per vocabulary tile for d weight and
-d bias (8 M V D in all), each written by exactly one program: no atomics, so the
-results are bit-identical run to run.
+Frozen head (the LoRA case), forward + gradient in the forward, 4 C V D FLOPs:
+  GEMM 1 `_logits_kernel`, 2-D grid over (row tiles x vocabulary tiles) in grouped
+      order (GROUP_M row tiles share each weight tile while it is in L2). Its
+      epilogue turns the fp32 logit tile into per-tile partials (max m_t, sum of
+      exp(z - m_t) over v != y, and the statistics sums) and stores
+      q = exp(z - m_t) f'(a) (0 at the target) in the weight's dtype: a value in
+      [0, 1] that needs no global max, so the logits never exist in memory.
+  combine `_combine_kernel`: per row, lse from the partials, logp = z_y - lse, the
+      statistics, and the per-(row, tile) factor exp(m_t - lse) f'-scale.
+  GEMM 2 `_grad_kernel`, 2-D grid over (row tiles x D tiles), K = vocabulary:
+      acc = sum_{v != y} p_v f'(a_v) W_v with the A operand q scaled by its tile's
+      factor as it is loaded; epilogue d logp / d h = (1 - p_y) f'(a_y) W_y - acc.
+      The target's own term stays out of the sum (no cancellation when p_y ~ 1).
+Forward only (reference model): GEMM 1 without the store + combine, 2 C V D FLOPs.
+Trainable head (backward, lse known): GEMM 1 recomputes each tile and stores
+      G = g (1[v = y] - p) f'(a) (6 C V D FLOPs in all with GEMMs 2 and 3); GEMM 2
+      gives d hidden = G W; GEMM 3 `_dweight_kernel`, a grid over (vocabulary x D)
+      tiles, gives d weight = G^T h and d bias = column sums of G; every output tile
+      is written by one program (accumulated across chunks), no atomics.
+No kernel uses atomics: results are bit-identical run to run.
+
+Why two GEMMs rather than one online pass: an online pass keeps sum_v p_v W_v per
+row, a (BLOCK_M, D) fp32 accumulator. It stays on chip only while BLOCK_M x D x 4 B
+fits in shared memory next to the operand tiles (D <= 256 at BLOCK_M = 128); at
+D = 4096 it is read and written once per vocabulary tile (~270 GB at N = 8192,
+V = 128256). Storing q costs 2 bytes written and read per logit (4.2 GB there), and
+recomputing a logit would cost 2 D FLOPs (~28 bytes' worth of H100 bandwidth).
+Language models have D >= 768, so the two-GEMM structure is used for every shape.
+
+Chunk size: C = budget / (V_padded x element size) rows (budget DECPO_TRITON_CHUNK_MB,
+default 1024 MiB, so at most that much scratch; 4096 rows at V = 128256 bf16); the
+N x V logits are never allocated. HBM traffic and FLOPs of this tiling:
+`token_logprobs_cost` (used by bench.kernel_stats --roofline and bench/cases.py).
 
 logprobs_from_logits: the forward reads each logit once (online logsumexp and
 gather); the backward reads it once more and writes the gradient once.
@@ -27,221 +45,316 @@ gather); the backward reads it once more and writes the gradient once.
 
 from __future__ import annotations
 
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 
-from decpo.torch_backend.logprobs import _all_finite, _valid_rows
-from decpo.triton_backend.common import cast, dot, interpreting
+from decpo.triton_backend.common import (
+    KernelConfig,
+    cast,
+    dot,
+    interpreting,
+    launch,
+    pick_config,
+)
+
+N_STATS = 4  # entropy, logit sum, target is argmax, log sum p^2
 
 # ------------------------------------------------------------------ kernels
 
 
 @triton.jit
-def _token_logprobs_fwd_kernel(
-    h_ptr, w_ptr, b_ptr, t_ptr, logp_ptr, lse_ptr, acc_ptr, grad_ptr,
-    M, V, D,
-    stride_hm, stride_hd, stride_wv, stride_wd,
-    inv_t,
-    HAS_BIAS: tl.constexpr, FROZEN_GRAD: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < M
-    rows64 = rows.to(tl.int64)
-    tgt = tl.load(t_ptr + rows, mask=row_ok, other=0)
-    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    s_other = tl.zeros([BLOCK_N], tl.float32)
-    s_target = tl.zeros([BLOCK_N], tl.float32)
-    tgt_logit = tl.zeros([BLOCK_N], tl.float32)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        col_ok = cols < V
-        cols64 = cols.to(tl.int64)
-        logits = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            d_ok = ds < D
-            h = tl.load(
-                h_ptr + rows64[:, None] * stride_hm + ds[None, :] * stride_hd,
-                mask=row_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )  # (BLOCK_N, BLOCK_D)
-            wt = tl.load(
-                w_ptr + cols64[None, :] * stride_wv + ds[:, None] * stride_wd,
-                mask=col_ok[None, :] & d_ok[:, None],
-                other=0.0,
-            )  # (BLOCK_D, BLOCK_V)
-            logits = dot(h, wt, logits, INTERPRET)
-        if HAS_BIAS:
-            logits += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        logits = tl.where(col_ok[None, :], logits * inv_t, float("-inf"))
-        is_t = cols[None, :] == tgt[:, None]
-        tgt_logit += tl.sum(tl.where(is_t, logits, 0.0), 1)
-        m_new = tl.maximum(m, tl.max(logits, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far
-        rescale = tl.exp(m - m_safe)
-        p = tl.exp(logits - m_safe[:, None])
-        s_target = s_target * rescale + tl.sum(tl.where(is_t, p, 0.0), 1)
-        p = tl.where(is_t, 0.0, p)
-        s_other = s_other * rescale + tl.sum(p, 1)
-        m = m_new
-        if FROZEN_GRAD:
-            p_low = cast(p, w_ptr.dtype.element_ty, INTERPRET)
-            for d0 in range(0, D, BLOCK_D):
-                ds = d0 + tl.arange(0, BLOCK_D)
-                d_ok = ds < D
-                w = tl.load(
-                    w_ptr + cols64[:, None] * stride_wv + ds[None, :] * stride_wd,
-                    mask=col_ok[:, None] & d_ok[None, :],
-                    other=0.0,
-                )  # (BLOCK_V, BLOCK_D)
-                a_ptrs = acc_ptr + rows64[:, None] * D + ds[None, :]
-                a_mask = row_ok[:, None] & d_ok[None, :]
-                acc = tl.load(a_ptrs, mask=a_mask, other=0.0) * rescale[:, None]
-                tl.store(a_ptrs, dot(p_low, w, acc, INTERPRET), mask=a_mask)
-    s = s_other + s_target
-    lse = tl.where(m == float("-inf"), 0.0, m) + tl.log(s)
-    tl.store(logp_ptr + rows, tgt_logit - lse, mask=row_ok)
-    tl.store(lse_ptr + rows, lse, mask=row_ok)
-    if FROZEN_GRAD:
-        scale = inv_t / s
-        tgt64 = tgt.to(tl.int64)
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            d_ok = ds < D
-            mask = row_ok[:, None] & d_ok[None, :]
-            acc = tl.load(acc_ptr + rows64[:, None] * D + ds[None, :], mask=mask, other=0.0)
-            w_y = tl.load(
-                w_ptr + tgt64[:, None] * stride_wv + ds[None, :] * stride_wd, mask=mask, other=0.0
-            ).to(tl.float32)
-            grad = (s_other[:, None] * w_y - acc) * scale[:, None]
-            tl.store(
-                grad_ptr + rows64[:, None] * D + ds[None, :],
-                cast(grad, grad_ptr.dtype.element_ty, INTERPRET),
-                mask=mask,
-            )
+def _grouped_tile(pid, n_a, n_b, GROUP_A: tl.constexpr):
+    """Program id -> (tile a, tile b), GROUP_A consecutive a-tiles per b-column so the
+    b-operand tile is reused from L2 (Triton's matmul tutorial ordering)."""
+    width = GROUP_A * n_b
+    first = (pid // width) * GROUP_A
+    size = tl.minimum(n_a - first, GROUP_A)
+    return first + (pid % width) % size, (pid % width) // size
 
 
 @triton.jit
-def _dlogits_tile(
-    h_ptr, w_ptr, b_ptr, rows64, row_ok, cols, col_ok, tgt, g, lse,
-    D, stride_hm, stride_hd, stride_wv, stride_wd, inv_t,
-    HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+def _logit_tile(
+    h_ptr, w_ptr, rows, cols, D, stride_hm, stride_hd, stride_wv, stride_wd,
+    INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """d logp / d raw logit on one tile: g (1[v = y] - p_v) / T, fp32 (BLOCK_N, BLOCK_V)."""
-    cols64 = cols.to(tl.int64)
-    logits = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        d_ok = ds < D
-        h = tl.load(
-            h_ptr + rows64[:, None] * stride_hm + ds[None, :] * stride_hd,
-            mask=row_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        wt = tl.load(
-            w_ptr + cols64[None, :] * stride_wv + ds[:, None] * stride_wd,
-            mask=col_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )
-        logits = dot(h, wt, logits, INTERPRET)
+    """fp32 (BLOCK_M, BLOCK_V) tile of h W^T: a K-loop of tensor-core dots."""
+    ks = tl.arange(0, BLOCK_D)
+    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + ks[None, :] * stride_hd
+    w_ptrs = w_ptr + cols.to(tl.int64)[None, :] * stride_wv + ks[:, None] * stride_wd
+    acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
+    for k in range(0, tl.cdiv(D, BLOCK_D)):
+        k_left = D - k * BLOCK_D
+        h = tl.load(h_ptrs, mask=ks[None, :] < k_left, other=0.0)  # (BLOCK_M, BLOCK_D)
+        w = tl.load(w_ptrs, mask=ks[:, None] < k_left, other=0.0)  # (BLOCK_D, BLOCK_V)
+        acc = dot(h, w, acc, INTERPRET)
+        h_ptrs += BLOCK_D * stride_hd
+        w_ptrs += BLOCK_D * stride_wd
+    return acc
+
+
+@triton.jit
+def _final_logits(a, b_ptr, cols, col_ok, logit_scale, softcap, inv_t,
+                  HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr):  # fmt: skip
+    """(z, f'(a) / (logit_scale inv_t)) for raw logits a: z = f(a + b) with f the
+    logit scale, the softcap and 1/T; the derivative factor is 1 without a softcap."""
     if HAS_BIAS:
-        logits += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    p = tl.exp(logits * inv_t - lse[:, None])
-    onehot = cols[None, :] == tgt[:, None]
-    dl = (tl.where(onehot, 1.0, 0.0) - p) * (g * inv_t)[:, None]
-    return tl.where(row_ok[:, None] & col_ok[None, :], dl, 0.0)
+        a += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    x = a * logit_scale
+    if SOFTCAP:
+        t = 2.0 / (1.0 + tl.exp(-2.0 * x / softcap)) - 1.0  # tanh(x / softcap)
+        x = softcap * t
+        slope = 1.0 - t * t
+    else:
+        slope = tl.full(a.shape, 1.0, tl.float32)
+    return x * inv_t, slope
 
 
+@triton.heuristics({"HAS_BIAS": lambda args: args["b_ptr"] is not None})
 @triton.jit
-def _token_logprobs_bwd_hidden_kernel(
-    h_ptr, w_ptr, b_ptr, t_ptr, g_ptr, lse_ptr, dh_ptr,
-    M, V, D,
-    stride_hm, stride_hd, stride_wv, stride_wd,
-    inv_t,
-    HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+def _logits_kernel(
+    # pointers
+    h_ptr, w_ptr, b_ptr, t_ptr, q_ptr, part_ptr, zy_ptr, g_ptr, lse_ptr,
+    # shapes
+    M, V, D, NT,
+    # strides
+    stride_hm, stride_hd, stride_wv, stride_wd, stride_qm, stride_pk,
+    # scalars
+    logit_scale, softcap, inv_t,
+    # flags
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, MODE: tl.constexpr,
+    STATS: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """d hidden (M, D) fp32 for a trainable head: this program owns BLOCK_N rows."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """GEMM 1 with its epilogue. MODE 0: partials only (forward without gradient);
+    MODE 1: partials and q (frozen-head forward); MODE 2: G for the backward (needs
+    g and lse). Partials, fp32 (K, M, NT) with K = 2 (+3 with STATS): tile max,
+    sum exp(z - max) over v != y (, sum e z, sum e^2, sum z)."""
+    pid_m, pid_v = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), NT, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < M
-    rows64 = rows.to(tl.int64)
-    tgt = tl.load(t_ptr + rows, mask=row_ok, other=0)
-    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        col_ok = cols < V
-        dl = _dlogits_tile(h_ptr, w_ptr, b_ptr, rows64, row_ok, cols, col_ok, tgt, g, lse,
-                           D, stride_hm, stride_hd, stride_wv, stride_wd, inv_t,
-                           HAS_BIAS, INTERPRET, BLOCK_N, BLOCK_V, BLOCK_D)  # fmt: skip
-        dl_low = cast(dl, w_ptr.dtype.element_ty, INTERPRET)
-        cols64 = cols.to(tl.int64)
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            d_ok = ds < D
-            w = tl.load(
-                w_ptr + cols64[:, None] * stride_wv + ds[None, :] * stride_wd,
-                mask=col_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            ptrs = dh_ptr + rows64[:, None] * D + ds[None, :]
-            mask = row_ok[:, None] & d_ok[None, :]
-            acc = tl.load(ptrs, mask=mask, other=0.0)
-            tl.store(ptrs, dot(dl_low, w, acc, INTERPRET), mask=mask)
-
-
-@triton.jit
-def _token_logprobs_bwd_weight_kernel(
-    h_ptr, w_ptr, b_ptr, t_ptr, g_ptr, lse_ptr, dw_ptr, db_ptr,
-    M, V, D,
-    stride_hm, stride_hd, stride_wv, stride_wd,
-    inv_t,
-    HAS_BIAS: tl.constexpr, NEED_WEIGHT: tl.constexpr, NEED_BIAS: tl.constexpr,
-    INTERPRET: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    """d weight (V, D) fp32 and d bias (V,) fp32: this program owns BLOCK_V vocab rows."""
-    cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols < V
-    cols64 = cols.to(tl.int64)
-    db = tl.zeros([BLOCK_V], tl.float32)
-    for r0 in range(0, M, BLOCK_N):
-        rows = r0 + tl.arange(0, BLOCK_N)
-        row_ok = rows < M
-        rows64 = rows.to(tl.int64)
-        tgt = tl.load(t_ptr + rows, mask=row_ok, other=0)
+    a = _logit_tile(h_ptr, w_ptr, tl.where(row_ok, rows, 0), tl.where(col_ok, cols, 0), D,
+                    stride_hm, stride_hd, stride_wv, stride_wd,
+                    INTERPRET, BLOCK_M, BLOCK_V, BLOCK_D)  # fmt: skip
+    z, slope = _final_logits(a, b_ptr, cols, col_ok, logit_scale, softcap, inv_t,
+                             HAS_BIAS, SOFTCAP)  # fmt: skip
+    z = tl.where(col_ok[None, :], z, float("-inf"))
+    tgt = tl.load(t_ptr + rows, mask=row_ok, other=-1)
+    is_t = cols[None, :] == tgt[:, None]  # (BLOCK_M, BLOCK_V)
+    rows64 = rows.to(tl.int64)
+    q_ptrs = q_ptr + rows64[:, None] * stride_qm + cols[None, :]
+    if MODE == 2:
         g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-        dl = _dlogits_tile(h_ptr, w_ptr, b_ptr, rows64, row_ok, cols, col_ok, tgt, g, lse,
-                           D, stride_hm, stride_hd, stride_wv, stride_wd, inv_t,
-                           HAS_BIAS, INTERPRET, BLOCK_N, BLOCK_V, BLOCK_D)  # fmt: skip
-        if NEED_BIAS:
-            db += tl.sum(dl, 0)
+        p = tl.exp(z - lse[:, None])
+        d = tl.where(is_t, 1.0 - p, -p) * slope * (g * (logit_scale * inv_t))[:, None]
+        d = tl.where(row_ok[:, None] & col_ok[None, :], d, 0.0)
+        tl.store(q_ptrs, cast(d, q_ptr.dtype.element_ty, INTERPRET), mask=row_ok[:, None])
+    else:
+        has_t = (tgt >= pid_v * BLOCK_V) & (tgt < pid_v * BLOCK_V + BLOCK_V)
+        tl.store(zy_ptr + rows, tl.sum(tl.where(is_t, z, 0.0), 1), mask=row_ok & has_t)
+        n_nan = tl.sum((z != z).to(tl.int32), 1)
+        m = tl.max(z, 1)
+        m = tl.where(n_nan > 0, float("nan"), m)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)  # a fully masked tile
+        e = tl.exp(z - m_safe[:, None])  # 0 at masked columns
+        e_other = tl.where(is_t, 0.0, e)
+        p_ptrs = part_ptr + rows64 * NT + pid_v
+        tl.store(p_ptrs, m, mask=row_ok)
+        tl.store(p_ptrs + stride_pk, tl.sum(e_other, 1), mask=row_ok)
+        if STATS:
+            finite = z > float("-inf")
+            tl.store(p_ptrs + 2 * stride_pk, tl.sum(tl.where(finite, e * z, 0.0), 1), mask=row_ok)
+            tl.store(p_ptrs + 3 * stride_pk, tl.sum(e * e, 1), mask=row_ok)
+            tl.store(p_ptrs + 4 * stride_pk, tl.sum(tl.where(finite, z, 0.0), 1), mask=row_ok)
+        if MODE == 1:
+            q = e_other * slope
+            tl.store(q_ptrs, cast(q, q_ptr.dtype.element_ty, INTERPRET), mask=row_ok[:, None])
+
+
+@triton.jit
+def _combine_kernel(
+    # pointers
+    part_ptr, zy_ptr, logp_ptr, lse_ptr, coef_ptr, stats_ptr,
+    # shapes and strides
+    M, NT, stride_pk,
+    # scalars
+    grad_scale, softcap, inv_t,
+    # flags
+    SOFTCAP: tl.constexpr, FROZEN_GRAD: tl.constexpr, STATS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    """Per row: lse, logp, statistics; with FROZEN_GRAD the A-operand factors
+    exp(m_t - lse) grad_scale (written over the tile maxima) and the target's
+    coefficient (1 - p_y) f'(a_y) grad_scale."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < M
+    base = part_ptr + rows.to(tl.int64)[:, None] * NT
+    mx = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    s_other = tl.zeros([BLOCK_R], tl.float32)
+    sez = tl.zeros([BLOCK_R], tl.float32)
+    se2 = tl.zeros([BLOCK_R], tl.float32)
+    sz = tl.zeros([BLOCK_R], tl.float32)
+    n_nan = tl.zeros([BLOCK_R], tl.int32)
+    for t0 in range(0, NT, BLOCK_T):
+        ts = t0 + tl.arange(0, BLOCK_T)
+        mask = row_ok[:, None] & (ts < NT)[None, :]
+        m_t = tl.load(base + ts[None, :], mask=mask, other=float("-inf"))
+        n_nan += tl.sum((m_t != m_t).to(tl.int32), 1)
+        new = tl.maximum(mx, tl.max(tl.where(m_t == m_t, m_t, float("-inf")), 1))
+        new_safe = tl.where(new == float("-inf"), 0.0, new)
+        w = tl.exp(m_t - new_safe[:, None])  # (BLOCK_R, BLOCK_T), 0 for masked tiles
+        w = tl.where(m_t == m_t, w, 0.0)
+        r = tl.exp(mx - new_safe)
+        s_t = tl.load(base + stride_pk + ts[None, :], mask=mask, other=0.0)
+        s_other = s_other * r + tl.sum(w * s_t, 1)
+        if STATS:
+            sez = sez * r + tl.sum(w * tl.load(base + 2 * stride_pk + ts[None, :], mask=mask,
+                                               other=0.0), 1)  # fmt: skip
+            se2 = se2 * r * r + tl.sum(w * w * tl.load(base + 3 * stride_pk + ts[None, :],
+                                                       mask=mask, other=0.0), 1)  # fmt: skip
+            sz += tl.sum(tl.load(base + 4 * stride_pk + ts[None, :], mask=mask, other=0.0), 1)
+        mx = new
+    zy = tl.load(zy_ptr + rows, mask=row_ok, other=0.0)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    e_y = tl.exp(zy - mx_safe)
+    s = s_other + e_y
+    lse = mx_safe + tl.log(s)
+    lse = tl.where(n_nan > 0, float("nan"), lse)
+    tl.store(logp_ptr + rows, zy - lse, mask=row_ok)
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
+    if STATS:
+        out = stats_ptr + rows.to(tl.int64) * 4
+        tl.store(out, lse - sez / s, mask=row_ok)  # entropy: lse - E_p[z]
+        tl.store(out + 1, sz, mask=row_ok)  # logit sum
+        tl.store(out + 2, (zy >= mx).to(tl.float32), mask=row_ok)  # target is argmax
+        tl.store(out + 3, tl.log(se2) - 2.0 * tl.log(s), mask=row_ok)  # log sum p^2
+    if FROZEN_GRAD:
+        slope_y = tl.full([BLOCK_R], 1.0, tl.float32)
+        if SOFTCAP:
+            t_y = zy / (softcap * inv_t)
+            slope_y = 1.0 - t_y * t_y
+        tl.store(coef_ptr + rows, (s_other / s) * slope_y * grad_scale, mask=row_ok)
+        for t0 in range(0, NT, BLOCK_T):
+            ts = t0 + tl.arange(0, BLOCK_T)
+            mask = row_ok[:, None] & (ts < NT)[None, :]
+            m_t = tl.load(base + ts[None, :], mask=mask, other=float("-inf"))
+            factor = tl.exp(m_t - lse[:, None]) * grad_scale
+            tl.store(base + ts[None, :], tl.where(m_t > float("-inf"), factor, 0.0), mask=mask)
+
+
+@triton.jit
+def _grad_kernel(
+    # pointers
+    q_ptr, scale_ptr, w_ptr, t_ptr, coef_ptr, out_ptr,
+    # shapes
+    M, V, D, KP, NT,
+    # strides
+    stride_qm, stride_wv, stride_wd, stride_om,
+    # flags
+    SCALED: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILE_V: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """GEMM 2: out (M, D) = A W over K = KP (the padded vocabulary), A = q scaled per
+    (row, vocabulary tile of width TILE_V) when SCALED (frozen-head forward; epilogue
+    adds coef W_y), else A = G as stored (trainable-head backward)."""
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(D, BLOCK_N),
+                                 GROUP_M)  # fmt: skip
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dcols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    d_ok = dcols < D
+    rows64 = tl.where(row_ok, rows, 0).to(tl.int64)
+    ks = tl.arange(0, BLOCK_K)
+    q_ptrs = q_ptr + rows64[:, None] * stride_qm + ks[None, :]
+    w_ptrs = w_ptr + ks.to(tl.int64)[:, None] * stride_wv + tl.where(d_ok, dcols, 0)[None, :] * stride_wd
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k in range(0, tl.cdiv(KP, BLOCK_K)):
+        a = tl.load(q_ptrs)  # (BLOCK_M, BLOCK_K); rows past M read row 0, masked at the store
+        if SCALED:
+            f = tl.load(scale_ptr + rows64 * NT + (k * BLOCK_K) // TILE_V)  # (BLOCK_M,)
+            a = cast(a.to(tl.float32) * f[:, None], q_ptr.dtype.element_ty, INTERPRET)
+        w = tl.load(w_ptrs, mask=ks[:, None] < V - k * BLOCK_K, other=0.0)  # (BLOCK_K, BLOCK_N)
+        acc = dot(a, w, acc, INTERPRET)
+        q_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wv
+    if SCALED:
+        tgt = tl.load(t_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
+        w_y = tl.load(w_ptr + tgt[:, None] * stride_wv + dcols[None, :] * stride_wd,
+                      mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        acc = coef[:, None] * w_y - acc
+    tl.store(out_ptr + rows64[:, None] * stride_om + dcols[None, :],
+             cast(acc, out_ptr.dtype.element_ty, INTERPRET),
+             mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
+
+
+@triton.jit
+def _dweight_kernel(
+    # pointers
+    g_ptr, h_ptr, dw_ptr, db_ptr,
+    # shapes
+    M, V, D,
+    # strides
+    stride_gm, stride_hm, stride_hd,
+    # flags
+    ACCUMULATE: tl.constexpr, NEED_WEIGHT: tl.constexpr, NEED_BIAS: tl.constexpr,
+    INTERPRET: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """GEMM 3: d weight (V, D) fp32 (+)= G^T h over the chunk's M rows; d bias (V,)
+    (+)= column sums of G, by the programs of the first D tile. One program per
+    output tile: no atomics."""
+    pid_v, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(V, BLOCK_V), tl.cdiv(D, BLOCK_N),
+                                 GROUP_M)  # fmt: skip
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    dcols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < V
+    d_ok = dcols < D
+    ks = tl.arange(0, BLOCK_K)
+    g_ptrs = g_ptr + ks.to(tl.int64)[:, None] * stride_gm + cols[None, :]
+    h_ptrs = h_ptr + ks.to(tl.int64)[:, None] * stride_hm + tl.where(d_ok, dcols, 0)[None, :] * stride_hd
+    acc = tl.zeros([BLOCK_V, BLOCK_N], tl.float32)
+    db = tl.zeros([BLOCK_V], tl.float32)
+    for k in range(0, tl.cdiv(M, BLOCK_K)):
+        k_ok = ks[:, None] < M - k * BLOCK_K
+        g = tl.load(g_ptrs, mask=k_ok, other=0.0)  # (BLOCK_K, BLOCK_V), zero-padded past V
         if NEED_WEIGHT:
-            dl_t = tl.trans(cast(dl, h_ptr.dtype.element_ty, INTERPRET))  # (BLOCK_V, BLOCK_N)
-            for d0 in range(0, D, BLOCK_D):
-                ds = d0 + tl.arange(0, BLOCK_D)
-                d_ok = ds < D
-                h = tl.load(
-                    h_ptr + rows64[:, None] * stride_hm + ds[None, :] * stride_hd,
-                    mask=row_ok[:, None] & d_ok[None, :],
-                    other=0.0,
-                )
-                ptrs = dw_ptr + cols64[:, None] * D + ds[None, :]
-                mask = col_ok[:, None] & d_ok[None, :]
-                acc = tl.load(ptrs, mask=mask, other=0.0)
-                tl.store(ptrs, dot(dl_t, h, acc, INTERPRET), mask=mask)
-    if NEED_BIAS:
-        tl.store(db_ptr + cols, db, mask=col_ok)
+            h = tl.load(h_ptrs, mask=k_ok, other=0.0)  # (BLOCK_K, BLOCK_N)
+            acc = dot(tl.trans(g), h, acc, INTERPRET)
+        if NEED_BIAS:
+            db += tl.sum(g.to(tl.float32), 0)
+        g_ptrs += BLOCK_K * stride_gm
+        h_ptrs += BLOCK_K * stride_hm
+    if NEED_WEIGHT:
+        out = dw_ptr + cols.to(tl.int64)[:, None] * D + dcols[None, :]
+        mask = col_ok[:, None] & d_ok[None, :]
+        if ACCUMULATE:
+            acc += tl.load(out, mask=mask, other=0.0)
+        tl.store(out, acc, mask=mask)
+    if NEED_BIAS:  # noqa: SIM102 (a constexpr condition and a runtime one)
+        if pid_n == 0:
+            if ACCUMULATE:
+                db += tl.load(db_ptr + cols, mask=col_ok, other=0.0)
+            tl.store(db_ptr + cols, db, mask=col_ok)
 
 
 @triton.jit
 def _logits_fwd_kernel(
+    # pointers
     x_ptr, t_ptr, logp_ptr, lse_ptr,
+    # shapes, strides, scalars
     N, V, stride_xn, inv_t, ignore_index,
+    # blocks
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -255,12 +368,8 @@ def _logits_fwd_kernel(
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         mask = valid[:, None] & (cols < V)[None, :]
-        x = (
-            tl.load(
-                x_ptr + rows64[:, None] * stride_xn + cols[None, :], mask=mask, other=float("-inf")
-            ).to(tl.float32)
-            * inv_t
-        )
+        x_ptrs = x_ptr + rows64[:, None] * stride_xn + cols[None, :]
+        x = tl.load(x_ptrs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
         tgt_logit += tl.sum(tl.where(cols[None, :] == tgt[:, None], x, 0.0), 1)
         m_new = tl.maximum(m, tl.max(x, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -273,8 +382,11 @@ def _logits_fwd_kernel(
 
 @triton.jit
 def _logits_bwd_kernel(
+    # pointers
     x_ptr, t_ptr, g_ptr, lse_ptr, dx_ptr,
+    # shapes, strides, scalars
     N, V, stride_xn, inv_t, ignore_index,
+    # flags and blocks
     INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -286,132 +398,414 @@ def _logits_bwd_kernel(
     g = tl.where(valid, tl.load(g_ptr + rows, mask=row_ok, other=0.0), 0.0) * inv_t
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     mask = row_ok[:, None] & (cols < V)[None, :]
-    x = tl.load(
-        x_ptr + rows64[:, None] * stride_xn + cols[None, :], mask=mask & valid[:, None], other=0.0
-    ).to(tl.float32)
+    x_ptrs = x_ptr + rows64[:, None] * stride_xn + cols[None, :]
+    x = tl.load(x_ptrs, mask=mask & valid[:, None], other=0.0).to(tl.float32)
     p = tl.exp(x * inv_t - lse[:, None])
     d = tl.where(cols[None, :] == tgt[:, None], 1.0 - p, -p) * g[:, None]
     d = tl.where(valid[:, None], d, 0.0)  # ignored rows: exact zeros whatever they hold
-    tl.store(
-        dx_ptr + rows64[:, None] * V + cols[None, :],
-        cast(d, dx_ptr.dtype.element_ty, INTERPRET),
-        mask=mask,
-    )
+    out = dx_ptr + rows64[:, None] * V + cols[None, :]
+    tl.store(out, cast(d, dx_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+# ------------------------------------------------------------------ block configs
+
+# GEMM 1 / GEMM 3 (M x V tiles, K = D) and GEMM 2 (M x D tiles, K = V). The named
+# sets start from Triton's H100 matmul configs. GEMM 1: 128 x 128 x 64 on 8 warps (the
+# fp32 logit tile is 64 registers a thread, leaving room for the softmax epilogue);
+# with the statistics or the softcap in the epilogue, 64 x 128 on 4 warps (the
+# 8-warp tile spills there: bench.kernel_stats). GEMM 2: 128 x 256 output tiles
+# (K = V is long, so the tile area sets the traffic: each wave of 132 programs
+# re-reads W once; 4 waves at M = 4096, D = 4096). Under the interpreter the
+# smallest legal tiles (16) run fastest.
+_GEMM1 = (  # every candidate keeps BLOCK_V = 128: the partials' layout depends on it
+    KernelConfig("m128v128d64", {"BLOCK_M": 128, "BLOCK_V": 128, "BLOCK_D": 64}, 8, 3),
+    KernelConfig("m64v128d64", {"BLOCK_M": 64, "BLOCK_V": 128, "BLOCK_D": 64}, 4, 4),
+    KernelConfig("m128v128d32", {"BLOCK_M": 128, "BLOCK_V": 128, "BLOCK_D": 32}, 8, 4),
+)
+_GEMM2 = (
+    KernelConfig("m128n256k64", {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, 8, 3),
+    KernelConfig("m128n128k64", {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, 8, 3),
+    KernelConfig("m64n128k64", {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, 4, 4),
+)
+_GEMM3 = (
+    KernelConfig("v128n128k64", {"BLOCK_V": 128, "BLOCK_N": 128, "BLOCK_K": 64}, 8, 3),
+    KernelConfig("v64n128k64", {"BLOCK_V": 64, "BLOCK_N": 128, "BLOCK_K": 64}, 4, 4),
+)
+_FP32 = {  # fp32 operands: IEEE fp32 dots (no tensor cores), smaller tiles
+    "gemm1": KernelConfig("fp32-m64v64d32", {"BLOCK_M": 64, "BLOCK_V": 64, "BLOCK_D": 32}, 4, 2),
+    "gemm2": KernelConfig("fp32-m64n64k32", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, 4, 2),
+    "gemm3": KernelConfig("fp32-v64n64k32", {"BLOCK_V": 64, "BLOCK_N": 64, "BLOCK_K": 32}, 4, 2),
+}
+_INTERPRET = {
+    "gemm1": KernelConfig("interp", {"BLOCK_M": 16, "BLOCK_V": 16, "BLOCK_D": 16}, 1, 1),
+    "gemm2": KernelConfig("interp", {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, 1, 1),
+    "gemm3": KernelConfig("interp", {"BLOCK_V": 16, "BLOCK_N": 16, "BLOCK_K": 16}, 1, 1),
+}
+_COMBINE = KernelConfig("r8t128", {"BLOCK_R": 8, "BLOCK_T": 128}, 4, 1)
+_GROUP_M = 16  # row tiles per L2 group: 16 x 128 rows x D=4096 x 2 B = 16 MiB of hidden
+
+
+def _configs(
+    gemm: str, dtype: torch.dtype, heavy_epilogue: bool = False
+) -> tuple[KernelConfig, tuple[KernelConfig, ...]]:
+    """(default, autotuning candidates) for one GEMM and operand dtype."""
+    if interpreting():
+        return _INTERPRET[gemm], (_INTERPRET[gemm],)
+    if dtype == torch.float32:
+        return _FP32[gemm], (_FP32[gemm],)
+    named = {"gemm1": _GEMM1, "gemm2": _GEMM2, "gemm3": _GEMM3}[gemm]
+    if heavy_epilogue:
+        return named[1], named[1:2]
+    return named[0], named
+
+
+def chunk_rows(n_rows: int, n_vocab: int, elem_bytes: int, block_v: int = 256) -> int:
+    """Rows per chunk: the q / G scratch (C x V_padded) within DECPO_TRITON_CHUNK_MB
+    (default 1024 MiB), a multiple of 128 rows, at least 128."""
+    budget = float(os.environ.get("DECPO_TRITON_CHUNK_MB", "1024")) * 2**20
+    padded = triton.cdiv(n_vocab, block_v) * block_v
+    rows = max(128, int(budget // (padded * elem_bytes)) // 128 * 128)
+    return min(rows, max(n_rows, 1))
+
+
+# ------------------------------------------------------------------ cost model
+
+
+def token_logprobs_cost(
+    n_rows: int, n_vocab: int, dim: int, dtype: torch.dtype = torch.bfloat16,
+    *, frozen_grad: bool = True, trainable_head: bool = False, l2_bytes: float = 50e6,
+    sms: int = 132,
+) -> dict[str, float]:  # fmt: skip
+    """FLOPs and HBM bytes of this tiling for M valid rows, with the default configs.
+
+    Traffic model (H100: 50 MB of L2, 132 SMs):
+    - GEMM 1 (K = D): a group of GROUP_M row tiles (GROUP_M x 128 rows x D x 2 B <=
+      l2 / 2) stays in L2 while the vocabulary tiles stream past it, so W is read
+      once per group and the hidden rows once.
+    - GEMM 2 (K = V): the 132 programs of a wave share each q and W slice through L2,
+      so W is read once per wave and q once; more waves, more W reads: the output
+      tile area (128 x 256) sets the count.
+    - scratch q (or G) written once and read once per chunk; partials small.
+    - trainable head: the backward recomputes GEMM 1 (writing G), runs GEMM 2 and
+      GEMM 3 (K = rows of the chunk; d weight read-modified-written in fp32 per chunk).
+    """
+    e = torch.finfo(dtype).bits // 8
+    g1, g2, g3 = _GEMM1[0].blocks, _GEMM2[0].blocks, _GEMM3[0].blocks
+    bv = g1["BLOCK_V"]
+    chunk = chunk_rows(n_rows, n_vocab, e, bv)
+    chunks = [min(chunk, n_rows - r0) for r0 in range(0, n_rows, chunk)]
+    vp = math.ceil(n_vocab / bv) * bv
+    w_bytes = n_vocab * dim * e
+    h_bytes = n_rows * dim * e
+    group_rows = max(g1["BLOCK_M"], min(_GROUP_M * g1["BLOCK_M"], int(l2_bytes / 2 // (dim * e))))
+    gemm1 = sum(math.ceil(c / group_rows) for c in chunks) * w_bytes + h_bytes
+    partials = n_rows * (vp // bv) * 4 * 4  # max and sum written and read; factors
+    nvd = 2.0 * n_rows * n_vocab * dim
+    out = {"flops": nvd, "bytes": float(gemm1 + partials + n_rows * 4 * 3), "chunk_rows": chunk}
+
+    def gemm2() -> float:
+        waves = sum(
+            math.ceil(math.ceil(c / g2["BLOCK_M"]) * math.ceil(dim / g2["BLOCK_N"]) / sms)
+            for c in chunks
+        )
+        return waves * w_bytes + n_rows * vp * e + h_bytes  # W per wave, q once, output
+
+    if frozen_grad or trainable_head:
+        out["flops"] += nvd
+        out["bytes"] += n_rows * vp * e + gemm2()  # q written; GEMM 2
+    if trainable_head:
+        out["flops"] += 2 * nvd  # GEMM 1 again in the backward (G), GEMM 3
+        out["bytes"] += gemm1  # GEMM 1 again (G written: counted with q above)
+        tiles3 = math.ceil(n_vocab / g3["BLOCK_V"]) * math.ceil(dim / g3["BLOCK_N"])
+        # GEMM 3: G and h streamed once per wave-band; d weight fp32 read + written per chunk
+        out["bytes"] += n_rows * vp * e + h_bytes * math.ceil(tiles3 / sms) / 8
+        out["bytes"] += len(chunks) * n_vocab * dim * 4 * 2
+    return out
+
+
+def headline_costs() -> list[dict[str, Any]]:
+    """The headline shapes of bench/cases.py, costed from this tiling."""
+    out = []
+    for n, d, v, name in ((8192, 4096, 128256, "Llama-3-8B"), (8192, 4096, 32000, "Llama-2-7B"),
+                          (8192, 3584, 152064, "Qwen2.5-7B")):  # fmt: skip
+        for frozen, label in ((True, "fwd+grad, frozen head"), (False, "fwd only")):
+            c = token_logprobs_cost(n, v, d, frozen_grad=frozen)
+            out.append({"case": f"token_logprobs {name} N={n} {label}", **c})
+        c = token_logprobs_cost(n, v, d, frozen_grad=False, trainable_head=True)
+        out.append({"case": f"token_logprobs {name} N={n} fwd+bwd, trainable head", **c})
+    return out
 
 
 # ------------------------------------------------------------------ launchers
 
 
-# Blocks: tl.dot needs every dimension >= 16. On the GPU, 64 tokens x 128 vocabulary
-# columns x 64 features keeps the fp32 logit tile (32 KiB) and the bf16 operand tiles
-# in registers and shared memory with room for pipelining; the interpreter runs the
-# smallest legal tiles, which are also the fastest to simulate.
-def _blocks() -> tuple[int, int, int, int]:
-    if interpreting():
-        return 16, 16, 16, 1  # BLOCK_N, BLOCK_V, BLOCK_D, num_warps
-    return 64, 128, 64, 8
+def _head_ok(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """0-dim bool: the head holds no NaN or +-Inf (a -inf bias entry is a masked
+    vocabulary entry, not an error)."""
+    lo, hi = torch.aminmax(weight)
+    ok = (lo > float("-inf")) & (hi < float("inf"))
+    if bias is not None:
+        ok = ok & ~torch.isnan(bias).any() & (bias.max() < float("inf"))
+    return ok
+
+
+def _padding(dim: int, dtype: torch.dtype) -> int:
+    """Zero columns that make a 2-byte row a multiple of 16 bytes. Triton issues
+    cp.async (asynchronous copies into shared memory, which the tensor-core pipeline
+    needs) only for 16-byte-aligned rows; with D % 8 != 0 the launchers pad the
+    (already copied) hidden rows and copy the head once per call (V D 2 bytes, ~3% of
+    the GEMM time at V = 128256). Real language models have D % 64 == 0."""
+    if torch.finfo(dtype).bits != 16:
+        return 0
+    return -dim % 8
+
+
+def _valid_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+    valid = targets != ignore_index
+    if bool(valid.all()):
+        return None
+    return valid.nonzero().squeeze(1)
+
+
+def _launch_gemm1(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, t: torch.Tensor,
+    q: torch.Tensor, part: torch.Tensor, zy: torch.Tensor, g: torch.Tensor | None,
+    lse: torch.Tensor | None, scal: tuple[float, float, float], mode: int, stats: bool,
+) -> None:  # fmt: skip
+    m_rows, dim = h.shape
+    n_vocab = weight.shape[0]
+    default, candidates = _configs("gemm1", weight.dtype, stats or bool(scal[1]))
+    n_t = q.shape[1] // default.blocks["BLOCK_V"] if q.numel() else part.shape[-1]
+    args = dict(
+        h_ptr=h, w_ptr=weight, b_ptr=bias, t_ptr=t, q_ptr=q, part_ptr=part, zy_ptr=zy,
+        g_ptr=g, lse_ptr=lse, M=m_rows, V=n_vocab, D=dim, NT=n_t,
+        stride_hm=h.stride(0), stride_hd=h.stride(1), stride_wv=weight.stride(0),
+        stride_wd=weight.stride(1), stride_qm=q.stride(0) if q.dim() == 2 else 0,
+        stride_pk=part.stride(0), logit_scale=scal[0], softcap=scal[1] or 1.0, inv_t=scal[2],
+        SOFTCAP=bool(scal[1]), MODE=mode, STATS=stats, INTERPRET=interpreting(),
+        GROUP_M=_GROUP_M,
+    )  # fmt: skip
+    # The tile width fixes the partials' layout, so candidates share BLOCK_V.
+    candidates = tuple(c for c in candidates if c.blocks["BLOCK_V"] == default.blocks["BLOCK_V"])
+
+    def grid(c: KernelConfig) -> tuple[int]:
+        return (triton.cdiv(m_rows, c.blocks["BLOCK_M"]) * n_t,)
+
+    def run(c: KernelConfig) -> None:
+        launch(_logits_kernel, grid(c), c, **args)
+
+    config = pick_config(("gemm1", mode, stats, m_rows, n_vocab, dim, weight.dtype), default,
+                         candidates, run)  # fmt: skip
+    launch(_logits_kernel, grid(config), config, candidates, **args)
+
+
+def _launch_gemm2(
+    a: torch.Tensor, scale: torch.Tensor | None, weight: torch.Tensor, t: torch.Tensor | None,
+    coef: torch.Tensor | None, out: torch.Tensor, tile_v: int,
+) -> None:  # fmt: skip
+    m_rows = out.shape[0]
+    n_vocab, dim = weight.shape
+    default, candidates = _configs("gemm2", weight.dtype)
+    assert tile_v % default.blocks["BLOCK_K"] == 0, "a K step must stay inside one vocab tile"
+    args = dict(
+        q_ptr=a, scale_ptr=scale, w_ptr=weight, t_ptr=t, coef_ptr=coef, out_ptr=out,
+        M=m_rows, V=n_vocab, D=dim, KP=a.shape[1], NT=a.shape[1] // tile_v,
+        stride_qm=a.stride(0), stride_wv=weight.stride(0), stride_wd=weight.stride(1),
+        stride_om=out.stride(0), SCALED=scale is not None, INTERPRET=interpreting(),
+        TILE_V=tile_v, GROUP_M=8,
+    )  # fmt: skip
+
+    def grid(c: KernelConfig) -> tuple[int]:
+        return (triton.cdiv(m_rows, c.blocks["BLOCK_M"]) * triton.cdiv(dim, c.blocks["BLOCK_N"]),)
+
+    def run(c: KernelConfig) -> None:
+        launch(_grad_kernel, grid(c), c, **args)
+
+    config = pick_config(("gemm2", scale is None, m_rows, n_vocab, dim, weight.dtype), default,
+                         candidates, run)  # fmt: skip
+    launch(_grad_kernel, grid(config), config, candidates, **args)
+
+
+def _launch_gemm3(
+    g: torch.Tensor, h: torch.Tensor, dw: torch.Tensor, db: torch.Tensor, n_vocab: int,
+    accumulate: bool, need_weight: bool, need_bias: bool,
+) -> None:  # fmt: skip
+    m_rows, dim = h.shape
+    default, candidates = _configs("gemm3", h.dtype)
+    args = dict(
+        g_ptr=g, h_ptr=h, dw_ptr=dw, db_ptr=db, M=m_rows, V=n_vocab, D=dim,
+        stride_gm=g.stride(0), stride_hm=h.stride(0), stride_hd=h.stride(1),
+        ACCUMULATE=accumulate, NEED_WEIGHT=need_weight, NEED_BIAS=need_bias,
+        INTERPRET=interpreting(), GROUP_M=8,
+    )  # fmt: skip
+
+    # G is zero-padded to whole GEMM 1 tiles: a BLOCK_V dividing that width reads no
+    # column past it, so the G loads need no column mask (and stay vectorizable).
+    assert all(g.shape[1] % c.blocks["BLOCK_V"] == 0 for c in candidates), g.shape
+
+    def grid(c: KernelConfig) -> tuple[int]:
+        return (triton.cdiv(n_vocab, c.blocks["BLOCK_V"]) * triton.cdiv(dim, c.blocks["BLOCK_N"]),)
+
+    def run(c: KernelConfig) -> None:
+        launch(_dweight_kernel, grid(c), c, **args)
+
+    config = pick_config(("gemm3", accumulate, m_rows, n_vocab, dim, h.dtype), default,
+                         candidates, run)  # fmt: skip
+    launch(_dweight_kernel, grid(config), config, candidates, **args)
+
+
+def _tile_v(dtype: torch.dtype) -> int:
+    return _configs("gemm1", dtype)[0].blocks["BLOCK_V"]
 
 
 def token_logprobs(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-    bias: torch.Tensor | None, ignore_index: int, temperature: float, frozen_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Forward for hidden (N, D), weight (V, D), targets (N,): (logp, lse, grad or empty).
-    Ignored rows are compacted away before the launch."""
+    bias: torch.Tensor | None, ignore_index: int, temperature: float, softcap: float,
+    logit_scale: float, frozen_grad: bool, with_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Forward for hidden (N, D), weight (V, D), targets (N,): (logp (N,), lse (N,),
+    d logp / d hidden (N, D) or empty, stats (N, 4) or empty), fp32 but the gradient
+    (hidden's dtype). softcap 0 means none."""
     n, dim = hidden.shape
     n_vocab = weight.shape[0]
-    bias = bias.contiguous() if bias is not None else None  # the kernels read it unit-stride
+    device = hidden.device
+    bias = bias.contiguous() if bias is not None else None  # read unit-stride
+    weight = weight if weight.stride(1) == 1 else weight.contiguous()
     logp = hidden.new_zeros(n, dtype=torch.float32)
     lse = hidden.new_zeros(n, dtype=torch.float32)
     grad = hidden.new_zeros((n, dim)) if frozen_grad else hidden.new_empty(0)
+    stats = hidden.new_zeros((n, N_STATS), dtype=torch.float32) if with_stats else hidden.new_empty(0)
     rows = _valid_rows(targets, ignore_index)
-    h = hidden if rows is None else hidden[rows]  # (M, D)
+    h = (hidden if rows is None else hidden[rows]).contiguous()  # (M, D)
     t = (targets if rows is None else targets[rows]).contiguous()  # (M,)
     m_rows = h.shape[0]
     if m_rows == 0:
-        return logp, lse, grad
-    out_logp = torch.empty(m_rows, dtype=torch.float32, device=h.device)
+        return logp, lse, grad, stats
+    if pad := _padding(dim, weight.dtype):
+        h = torch.nn.functional.pad(h, (0, pad))  # (M, D + pad)
+        weight = torch.nn.functional.pad(weight, (0, pad))  # (V, D + pad)
+    inv_t = 1.0 / temperature
+    scal = (float(logit_scale), float(softcap), inv_t)
+    tile_v = _tile_v(weight.dtype)
+    n_t = triton.cdiv(n_vocab, tile_v)
+    out_logp = torch.empty(m_rows, dtype=torch.float32, device=device)
     out_lse = torch.empty_like(out_logp)
-    acc = (
-        torch.zeros((m_rows, dim), dtype=torch.float32, device=h.device)
-        if frozen_grad
-        else out_logp
-    )
     out_grad = (
-        torch.empty((m_rows, dim), dtype=hidden.dtype, device=h.device) if frozen_grad else out_logp
+        torch.empty((m_rows, dim + pad), dtype=hidden.dtype, device=device) if frozen_grad else None
     )
-    block_n, block_v, block_d, warps = _blocks()
-    _token_logprobs_fwd_kernel[(triton.cdiv(m_rows, block_n),)](
-        h, weight, bias if bias is not None else weight, t, out_logp, out_lse, acc, out_grad,
-        m_rows, n_vocab, dim,
-        h.stride(0), h.stride(1), weight.stride(0), weight.stride(1),
-        1.0 / temperature,
-        HAS_BIAS=bias is not None, FROZEN_GRAD=frozen_grad, INTERPRET=interpreting(),
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=warps,
-    )  # fmt: skip
-    head_finite = _all_finite(weight) if bias is None else _all_finite(weight) & _all_finite(bias)
-    out_logp = torch.where(head_finite, out_logp, float("nan"))
+    out_stats = torch.empty((m_rows, N_STATS), dtype=torch.float32, device=device)
+    chunk = chunk_rows(m_rows, n_vocab, weight.element_size(), tile_v)
+    n_parts = 5 if with_stats else 2
+    part = torch.empty((n_parts, chunk, n_t), dtype=torch.float32, device=device)  # (K, C, NT)
+    zy = torch.empty(chunk, dtype=torch.float32, device=device)
+    coef = torch.empty(chunk, dtype=torch.float32, device=device)
+    q = (
+        torch.empty((chunk, n_t * tile_v), dtype=weight.dtype, device=device)  # (C, V_padded)
+        if frozen_grad
+        else torch.empty(0, dtype=weight.dtype, device=device)
+    )
+    for r0 in range(0, m_rows, chunk):
+        r1 = min(r0 + chunk, m_rows)
+        h_c, t_c = h[r0:r1], t[r0:r1]  # (C, D), (C,)
+        _launch_gemm1(h_c, weight, bias, t_c, q, part, zy, None, None, scal,
+                      mode=1 if frozen_grad else 0, stats=with_stats)  # fmt: skip
+        launch(
+            _combine_kernel, (triton.cdiv(r1 - r0, _COMBINE.blocks["BLOCK_R"]),), _COMBINE,
+            part_ptr=part, zy_ptr=zy, logp_ptr=out_logp[r0:], lse_ptr=out_lse[r0:],
+            coef_ptr=coef, stats_ptr=out_stats[r0:], M=r1 - r0, NT=n_t,
+            stride_pk=part.stride(0), grad_scale=logit_scale * inv_t, softcap=softcap or 1.0,
+            inv_t=inv_t, SOFTCAP=bool(softcap), FROZEN_GRAD=frozen_grad, STATS=with_stats,
+        )  # fmt: skip
+        if frozen_grad:
+            assert out_grad is not None
+            _launch_gemm2(q, part[0], weight, t_c, coef, out_grad[r0:r1], tile_v)
+    head_ok = _head_ok(weight, bias)
+    out_logp = torch.where(head_ok, out_logp, float("nan"))
+    if frozen_grad and pad:
+        assert out_grad is not None
+        out_grad = out_grad[:, :dim]
     if rows is None:
-        return out_logp, out_lse, (out_grad if frozen_grad else grad)
+        return (out_logp, out_lse, out_grad if frozen_grad else grad,
+                out_stats if with_stats else stats)  # fmt: skip
     logp[rows] = out_logp
     lse[rows] = out_lse
     if frozen_grad:
         grad[rows] = out_grad
-    return logp, lse, grad
+    if with_stats:
+        stats[rows] = out_stats
+    return logp, lse, grad, stats
 
 
 def token_logprobs_backward(
     grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     bias: torch.Tensor | None, lse: torch.Tensor, ignore_index: int, temperature: float,
-    need_hidden: bool, need_weight: bool, need_bias: bool,
+    softcap: float, logit_scale: float, need_hidden: bool, need_weight: bool, need_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Trainable head: (d hidden, d weight, d bias) by recomputing logit tiles."""
+    """Trainable head: (d hidden, d weight, d bias) from G tiles recomputed per chunk
+    (GEMM 1 in MODE 2), then GEMM 2 (d hidden) and GEMM 3 (d weight, d bias)."""
     n, dim = hidden.shape
     n_vocab = weight.shape[0]
-    bias = bias.contiguous() if bias is not None else None  # the kernels read it unit-stride
+    device = hidden.device
+    bias = bias.contiguous() if bias is not None else None
+    weight = weight if weight.stride(1) == 1 else weight.contiguous()
+    need_bias = need_bias and bias is not None
     rows = _valid_rows(targets, ignore_index)
-    h = hidden if rows is None else hidden[rows]
+    h = (hidden if rows is None else hidden[rows]).contiguous()  # (M, D)
     t = (targets if rows is None else targets[rows]).contiguous()
     g = (grad_logp if rows is None else grad_logp[rows]).float().contiguous()
     row_lse = (lse if rows is None else lse[rows]).contiguous()
     m_rows = h.shape[0]
-    block_n, block_v, block_d, warps = _blocks()
-    common = dict(HAS_BIAS=bias is not None, INTERPRET=interpreting(), BLOCK_N=block_n,
-                  BLOCK_V=block_v, BLOCK_D=block_d, num_warps=warps)  # fmt: skip
-    strides = (h.stride(0), h.stride(1), weight.stride(0), weight.stride(1))
-    b = bias if bias is not None else weight
+    if pad := _padding(dim, weight.dtype):
+        h = torch.nn.functional.pad(h, (0, pad))  # (M, D + pad)
+        weight = torch.nn.functional.pad(weight, (0, pad))  # (V, D + pad)
+    dim_k = dim + pad
+    dh = torch.zeros((m_rows, dim_k), dtype=torch.float32, device=device) if need_hidden else None
+    dw = torch.zeros((n_vocab, dim_k) if need_weight else (1, 1), dtype=torch.float32,
+                     device=device)  # fmt: skip
+    db = torch.zeros(n_vocab if need_bias else 1, dtype=torch.float32, device=device)
+    scal = (float(logit_scale), float(softcap), 1.0 / temperature)
+    tile_v = _tile_v(weight.dtype)
+    n_t = triton.cdiv(n_vocab, tile_v)
+    chunk = chunk_rows(m_rows, n_vocab, weight.element_size(), tile_v)
+    gbuf = torch.empty((min(chunk, max(m_rows, 1)), n_t * tile_v), dtype=weight.dtype,
+                       device=device)  # (C, V_padded)  # fmt: skip
+    dummy = torch.empty((1, 1, 1), dtype=torch.float32, device=device)
+    for i, r0 in enumerate(range(0, m_rows, chunk)):
+        r1 = min(r0 + chunk, m_rows)
+        h_c = h[r0:r1]  # (C, D)
+        _launch_gemm1(h_c, weight, bias, t[r0:r1], gbuf, dummy, dummy, g[r0:r1],
+                      row_lse[r0:r1], scal, mode=2, stats=False)  # fmt: skip
+        if need_hidden:
+            assert dh is not None
+            _launch_gemm2(gbuf, None, weight, None, None, dh[r0:r1], tile_v)
+        if need_weight or need_bias:
+            _launch_gemm3(gbuf, h_c, dw, db, n_vocab, i > 0, need_weight, need_bias)
     d_hidden = hidden.new_empty(0)
     if need_hidden:
-        dh = torch.zeros((m_rows, dim), dtype=torch.float32, device=h.device)
-        if m_rows:
-            _token_logprobs_bwd_hidden_kernel[(triton.cdiv(m_rows, block_n),)](
-                h, weight, b, t, g, row_lse, dh, m_rows, n_vocab, dim, *strides,
-                1.0 / temperature, **common,
-            )  # fmt: skip
+        assert dh is not None
         if rows is None:
-            d_hidden = dh.to(hidden.dtype)
+            d_hidden = dh[:, :dim].to(hidden.dtype)
         else:
             d_hidden = hidden.new_zeros((n, dim))
-            d_hidden[rows] = dh.to(hidden.dtype)
-    need_bias = need_bias and bias is not None
-    dw = torch.zeros((n_vocab, dim) if need_weight else (1, 1), dtype=torch.float32,
-                     device=h.device)  # fmt: skip
-    db = torch.zeros(n_vocab if need_bias else 1, dtype=torch.float32, device=h.device)
-    if (need_weight or need_bias) and m_rows:
-        _token_logprobs_bwd_weight_kernel[(triton.cdiv(n_vocab, block_v),)](
-            h, weight, b, t, g, row_lse, dw, db, m_rows, n_vocab, dim, *strides,
-            1.0 / temperature, NEED_WEIGHT=need_weight, NEED_BIAS=need_bias, **common,
-        )  # fmt: skip
-    d_weight = dw.to(weight.dtype) if need_weight else weight.new_empty(0)
-    d_bias = db.to(bias.dtype) if need_bias else weight.new_empty(0)
+            d_hidden[rows] = dh[:, :dim].to(hidden.dtype)
+    d_weight = dw[:, :dim].to(weight.dtype) if need_weight else weight.new_empty(0)
+    d_bias = db.to(bias.dtype) if need_bias and bias is not None else weight.new_empty(0)
     return d_hidden, d_weight, d_bias
 
 
-def _logit_blocks(n_vocab: int) -> tuple[int, int, int]:
+_LOGITS_FWD = KernelConfig("row4096", {"BLOCK_N": 1, "BLOCK_V": 4096}, 8, 1)
+_LOGITS_BWD = KernelConfig("row1024", {"BLOCK_N": 1, "BLOCK_V": 1024}, 8, 1)
+_LOGITS_INTERP = KernelConfig("interp", {"BLOCK_N": 4, "BLOCK_V": 64}, 1, 1)
+
+
+def _logit_config(n_vocab: int, backward: bool) -> KernelConfig:
+    """One row per program, BLOCK_V columns per step (long contiguous reads): the op
+    is bandwidth-bound (2 + 4 bytes a logit forward, read + write backward)."""
     if interpreting():
-        return 4, 64, 1
-    # One row per program up to BLOCK_V = 4096 columns per step: long contiguous reads.
-    return 1, min(4096, triton.next_power_of_2(n_vocab)), 8
+        return _LOGITS_INTERP
+    config = _LOGITS_BWD if backward else _LOGITS_FWD
+    width = min(config.blocks["BLOCK_V"], triton.next_power_of_2(n_vocab))
+    return KernelConfig(config.name, {"BLOCK_N": 1, "BLOCK_V": width}, config.num_warps, 1)
 
 
 def logprobs_from_logits(
@@ -425,10 +819,11 @@ def logprobs_from_logits(
     lse = torch.empty_like(logp)
     if n == 0:
         return logp, lse
-    block_n, block_v, warps = _logit_blocks(n_vocab)
-    _logits_fwd_kernel[(triton.cdiv(n, block_n),)](
-        logits, targets.contiguous(), logp, lse, n, n_vocab, logits.stride(0),
-        1.0 / temperature, ignore_index, BLOCK_N=block_n, BLOCK_V=block_v, num_warps=warps,
+    config = _logit_config(n_vocab, backward=False)
+    launch(
+        _logits_fwd_kernel, (triton.cdiv(n, config.blocks["BLOCK_N"]),), config,
+        x_ptr=logits, t_ptr=targets.contiguous(), logp_ptr=logp, lse_ptr=lse, N=n, V=n_vocab,
+        stride_xn=logits.stride(0), inv_t=1.0 / temperature, ignore_index=ignore_index,
     )  # fmt: skip
     return logp, lse
 
@@ -444,11 +839,56 @@ def logprobs_from_logits_backward(
     out = torch.empty((n, n_vocab), dtype=logits.dtype, device=logits.device)
     if n == 0:
         return out
-    block_n, block_v, warps = _logit_blocks(n_vocab)
-    block_v = min(block_v, 1024) if not interpreting() else block_v
-    _logits_bwd_kernel[(triton.cdiv(n, block_n), triton.cdiv(n_vocab, block_v))](
-        logits, targets.contiguous(), grad_logp.float().contiguous(), lse.contiguous(), out,
-        n, n_vocab, logits.stride(0), 1.0 / temperature, ignore_index,
-        INTERPRET=interpreting(), BLOCK_N=block_n, BLOCK_V=block_v, num_warps=warps,
+    config = _logit_config(n_vocab, backward=True)
+    grid = (triton.cdiv(n, config.blocks["BLOCK_N"]), triton.cdiv(n_vocab, config.blocks["BLOCK_V"]))
+    launch(
+        _logits_bwd_kernel, grid, config,
+        x_ptr=logits, t_ptr=targets.contiguous(), g_ptr=grad_logp.float().contiguous(),
+        lse_ptr=lse.contiguous(), dx_ptr=out, N=n, V=n_vocab, stride_xn=logits.stride(0),
+        inv_t=1.0 / temperature, ignore_index=ignore_index, INTERPRET=interpreting(),
     )  # fmt: skip
     return out
+
+
+# ------------------------------------------------------------------ compile gate
+
+
+def gate_cases() -> list[tuple[str, str, Callable[[], None]]]:
+    """Launcher calls at representative shapes, for bench.kernel_stats: every kernel
+    variant the launchers can launch (dtype x flags x aligned / unaligned shapes)."""
+    cases: list[tuple[str, str, Callable[[], None]]] = []
+    shapes = {"aligned": (512, 4096, 32000), "unaligned": (300, 4095, 50257)}
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for cls, (n, d, v) in shapes.items():
+            if dtype == torch.float32 and cls == "unaligned":
+                continue
+
+            def fwd(n=n, d=d, v=v, dtype=dtype) -> None:
+                h = torch.randn(n, d, dtype=dtype)
+                w = torch.randn(v, d, dtype=dtype)
+                t = torch.randint(0, v, (n,))
+                b = torch.randn(v, dtype=dtype)
+                for frozen, stats, softcap, bias in ((True, True, 30.0, b), (False, False, 0.0, None),
+                                                    (True, False, 0.0, None)):  # fmt: skip
+                    token_logprobs(h, w, t, bias, -100, 1.0, softcap, 1.0, frozen, stats)
+
+            def bwd(n=n, d=d, v=v, dtype=dtype) -> None:
+                h = torch.randn(n, d, dtype=dtype)
+                w = torch.randn(v, d, dtype=dtype)
+                t = torch.randint(0, v, (n,))
+                b = torch.randn(v, dtype=dtype)
+                g = torch.randn(n)
+                lse = torch.zeros(n)
+                token_logprobs_backward(g, h, w, t, b, lse, -100, 1.0, 30.0, 1.0, True, True, True)
+
+            def logits(n=n, v=v, dtype=dtype) -> None:
+                x = torch.randn(n, v, dtype=dtype)
+                t = torch.randint(0, v, (n,))
+                _, lse = logprobs_from_logits(x, t, -100, 1.0)
+                logprobs_from_logits_backward(torch.randn(n), x, t, lse, -100, 1.0)
+
+            name = str(dtype).removeprefix("torch.")
+            cases.append((f"token_logprobs fwd {name}", cls, fwd))
+            cases.append((f"token_logprobs bwd {name}", cls, bwd))
+            cases.append((f"logprobs_from_logits {name}", cls, logits))
+    return cases
