@@ -42,12 +42,12 @@ from typing import Any
 if os.environ.get("TRITON_INTERPRET") == "1":
     raise SystemExit("bench.kernel_stats compiles kernels: run it without TRITON_INTERPRET=1")
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-from decpo.triton_backend import common  # noqa: E402
+from decpo.triton_backend import common
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -130,8 +130,10 @@ def _ptxas_report(ptx: str, arch: int) -> tuple[int, int, int]:
         src.write_text(ptx)
         out = subprocess.run(
             [ptxas, "-v", f"--gpu-name=sm_{arch}a", str(src), "-o", str(Path(tmp) / "k.cubin")],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     log = out.stderr + out.stdout
     regs = max((int(x) for x in re.findall(r"Used (\d+) registers", log)), default=0)
     stores = sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", log))
@@ -178,13 +180,27 @@ def compile_launch(
     if low:
         dtype = "bf16" if "*bf16" in dtypes else "fp16"
     return VariantStats(
-        case=case, kernel=kernel.fn.__name__, config=config.name, shape_class=shape_class,
-        dtype=dtype, launched=config == launch.config, num_warps=config.num_warps,
-        num_stages=config.num_stages, grid=tuple(launch.grid), registers=regs,
-        spill_stores=spill_st, spill_loads=spill_ld, shared_bytes=shared, ctas_per_sm=ctas,
-        dots=dots, wgmma=wgmma, cp_async=cp_async, tma=tma, low_precision=low,
+        case=case,
+        kernel=kernel.fn.__name__,
+        config=config.name,
+        shape_class=shape_class,
+        dtype=dtype,
+        launched=config == launch.config,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+        grid=tuple(launch.grid),
+        registers=regs,
+        spill_stores=spill_st,
+        spill_loads=spill_ld,
+        shared_bytes=shared,
+        ctas_per_sm=ctas,
+        dots=dots,
+        wgmma=wgmma,
+        cp_async=cp_async,
+        tma=tma,
+        low_precision=low,
         problems=problems,
-    )  # fmt: skip
+    )
 
 
 def gate_cases() -> list[tuple[str, str, Callable[[], None]]]:
@@ -266,17 +282,22 @@ def roofline() -> list[dict[str, Any]]:
                 t_bytes = case["bytes"] / (dev["tbps"] * 1e12)
                 rows.append(
                     {
-                        **case, "device": dev_name, "ms": 1e3 * max(t_flops, t_bytes),
+                        **case,
+                        "device": dev_name,
+                        "ms": 1e3 * max(t_flops, t_bytes),
                         "bound": "compute" if t_flops >= t_bytes else "memory",
                         "intensity": case["flops"] / max(case["bytes"], 1),
                     }
-                )  # fmt: skip
+                )
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.kernel_stats", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.kernel_stats",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--arch", type=int, default=90, help="compute capability (90: Hopper)")
     parser.add_argument("--only", default=None, help="only cases whose name contains this")
     parser.add_argument("--gate", action="store_true", help="exit 1 if any variant has a problem")
@@ -300,9 +321,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.only:
         out = Path(args.out) if args.out else RESULTS / f"kernel-stats-sm{args.arch}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"triton": triton.__version__, "torch": torch.__version__, "arch": f"sm_{args.arch}a"}
-        payload = {"meta": meta, "variants": [dataclasses.asdict(r) for r in rows],
-                   "roofline": roofline()}  # fmt: skip
+        meta = {
+            "triton": triton.__version__,
+            "torch": torch.__version__,
+            "arch": f"sm_{args.arch}a",
+        }
+        payload = {
+            "meta": meta,
+            "variants": [dataclasses.asdict(r) for r in rows],
+            "roofline": roofline(),
+        }
         out.write_text(json.dumps(payload, indent=1) + "\n")
         print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
     return 1 if (args.gate and bad) else 0

@@ -34,7 +34,9 @@ class KernelConfig:
     num_stages: int = 3
 
     def __hash__(self) -> int:
-        return hash((self.name, tuple(sorted(self.blocks.items())), self.num_warps, self.num_stages))
+        return hash(
+            (self.name, tuple(sorted(self.blocks.items())), self.num_warps, self.num_stages)
+        )
 
     def kwargs(self) -> dict[str, Any]:
         return {**self.blocks, "num_warps": self.num_warps, "num_stages": self.num_stages}

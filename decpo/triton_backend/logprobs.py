@@ -80,10 +80,20 @@ def _grouped_tile(pid, n_a, n_b, GROUP_A: tl.constexpr):
 
 @triton.jit
 def _logit_tile(
-    h_ptr, w_ptr, rows, cols, D, stride_hm, stride_hd, stride_wv, stride_wd,
-    INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+    h_ptr,
+    w_ptr,
+    rows,
+    cols,
+    D,
+    stride_hm,
+    stride_hd,
+    stride_wv,
+    stride_wd,
+    INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
-):  # fmt: skip
+):
     """fp32 (BLOCK_M, BLOCK_V) tile of h W^T: a K-loop of tensor-core dots."""
     ks = tl.arange(0, BLOCK_D)
     h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + ks[None, :] * stride_hd
@@ -100,8 +110,17 @@ def _logit_tile(
 
 
 @triton.jit
-def _final_logits(a, b_ptr, cols, col_ok, logit_scale, softcap, inv_t,
-                  HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr):  # fmt: skip
+def _final_logits(
+    a,
+    b_ptr,
+    cols,
+    col_ok,
+    logit_scale,
+    softcap,
+    inv_t,
+    HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+):
     """(z, f'(a) / (logit_scale inv_t)) for raw logits a: z = f(a + b) with f the
     logit scale, the softcap and 1/T; the derivative factor is 1 without a softcap."""
     if HAS_BIAS:
@@ -120,19 +139,42 @@ def _final_logits(a, b_ptr, cols, col_ok, logit_scale, softcap, inv_t,
 @triton.jit
 def _logits_kernel(
     # pointers
-    h_ptr, w_ptr, b_ptr, t_ptr, q_ptr, part_ptr, zy_ptr, g_ptr, lse_ptr,
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    t_ptr,
+    q_ptr,
+    part_ptr,
+    zy_ptr,
+    g_ptr,
+    lse_ptr,
     # shapes
-    M, V, D, NT,
+    M,
+    V,
+    D,
+    NT,
     # strides
-    stride_hm, stride_hd, stride_wv, stride_wd, stride_qm, stride_pk,
+    stride_hm,
+    stride_hd,
+    stride_wv,
+    stride_wd,
+    stride_qm,
+    stride_pk,
     # scalars
-    logit_scale, softcap, inv_t,
+    logit_scale,
+    softcap,
+    inv_t,
     # flags
-    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, MODE: tl.constexpr,
-    STATS: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    MODE: tl.constexpr,
+    STATS: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     GROUP_M: tl.constexpr,
-):  # fmt: skip
+):
     """GEMM 1 with its epilogue. MODE 0: partials only (forward without gradient);
     MODE 1: partials and q (frozen-head forward); MODE 2: G for the backward (needs
     g and lse). Partials, fp32 (K, M, NT) with K = 2 (+3 with STATS): tile max,
@@ -142,11 +184,22 @@ def _logits_kernel(
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < M
     col_ok = cols < V
-    a = _logit_tile(h_ptr, w_ptr, tl.where(row_ok, rows, 0), tl.where(col_ok, cols, 0), D,
-                    stride_hm, stride_hd, stride_wv, stride_wd,
-                    INTERPRET, BLOCK_M, BLOCK_V, BLOCK_D)  # fmt: skip
-    z, slope = _final_logits(a, b_ptr, cols, col_ok, logit_scale, softcap, inv_t,
-                             HAS_BIAS, SOFTCAP)  # fmt: skip
+    a = _logit_tile(
+        h_ptr,
+        w_ptr,
+        tl.where(row_ok, rows, 0),
+        tl.where(col_ok, cols, 0),
+        D,
+        stride_hm,
+        stride_hd,
+        stride_wv,
+        stride_wd,
+        INTERPRET,
+        BLOCK_M,
+        BLOCK_V,
+        BLOCK_D,
+    )
+    z, slope = _final_logits(a, b_ptr, cols, col_ok, logit_scale, softcap, inv_t, HAS_BIAS, SOFTCAP)
     z = tl.where(col_ok[None, :], z, float("-inf"))
     tgt = tl.load(t_ptr + rows, mask=row_ok, other=-1)
     is_t = cols[None, :] == tgt[:, None]  # (BLOCK_M, BLOCK_V)
@@ -184,15 +237,27 @@ def _logits_kernel(
 @triton.jit
 def _combine_kernel(
     # pointers
-    part_ptr, zy_ptr, logp_ptr, lse_ptr, coef_ptr, stats_ptr,
+    part_ptr,
+    zy_ptr,
+    logp_ptr,
+    lse_ptr,
+    coef_ptr,
+    stats_ptr,
     # shapes and strides
-    M, NT, stride_pk,
+    M,
+    NT,
+    stride_pk,
     # scalars
-    grad_scale, softcap, inv_t,
+    grad_scale,
+    softcap,
+    inv_t,
     # flags
-    SOFTCAP: tl.constexpr, FROZEN_GRAD: tl.constexpr, STATS: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
-):  # fmt: skip
+    SOFTCAP: tl.constexpr,
+    FROZEN_GRAD: tl.constexpr,
+    STATS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
     """Per row: lse, logp, statistics; with FROZEN_GRAD the A-operand factors
     exp(m_t - lse) grad_scale (written over the tile maxima) and the target's
     coefficient (1 - p_y) f'(a_y) grad_scale."""
@@ -218,10 +283,12 @@ def _combine_kernel(
         s_t = tl.load(base + stride_pk + ts[None, :], mask=mask, other=0.0)
         s_other = s_other * r + tl.sum(w * s_t, 1)
         if STATS:
-            sez = sez * r + tl.sum(w * tl.load(base + 2 * stride_pk + ts[None, :], mask=mask,
-                                               other=0.0), 1)  # fmt: skip
-            se2 = se2 * r * r + tl.sum(w * w * tl.load(base + 3 * stride_pk + ts[None, :],
-                                                       mask=mask, other=0.0), 1)  # fmt: skip
+            sez = sez * r + tl.sum(
+                w * tl.load(base + 2 * stride_pk + ts[None, :], mask=mask, other=0.0), 1
+            )
+            se2 = se2 * r * r + tl.sum(
+                w * w * tl.load(base + 3 * stride_pk + ts[None, :], mask=mask, other=0.0), 1
+            )
             sz += tl.sum(tl.load(base + 4 * stride_pk + ts[None, :], mask=mask, other=0.0), 1)
         mx = new
     zy = tl.load(zy_ptr + rows, mask=row_ok, other=0.0)
@@ -255,20 +322,38 @@ def _combine_kernel(
 @triton.jit
 def _grad_kernel(
     # pointers
-    q_ptr, scale_ptr, w_ptr, t_ptr, coef_ptr, out_ptr,
+    q_ptr,
+    scale_ptr,
+    w_ptr,
+    t_ptr,
+    coef_ptr,
+    out_ptr,
     # shapes
-    M, V, D, KP, NT,
+    M,
+    V,
+    D,
+    KP,
+    NT,
     # strides
-    stride_qm, stride_wv, stride_wd, stride_om,
+    stride_qm,
+    stride_wv,
+    stride_wd,
+    stride_om,
     # flags
-    SCALED: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILE_V: tl.constexpr, GROUP_M: tl.constexpr,
-):  # fmt: skip
+    SCALED: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    TILE_V: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     """GEMM 2: out (M, D) = A W over K = KP (the padded vocabulary), A = q scaled per
     (row, vocabulary tile of width TILE_V) when SCALED (frozen-head forward; epilogue
     adds coef W_y), else A = G as stored (trainable-head backward)."""
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(D, BLOCK_N),
-                                 GROUP_M)  # fmt: skip
+    pid_m, pid_n = _grouped_tile(
+        tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(D, BLOCK_N), GROUP_M
+    )
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dcols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
@@ -276,7 +361,9 @@ def _grad_kernel(
     rows64 = tl.where(row_ok, rows, 0).to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
     q_ptrs = q_ptr + rows64[:, None] * stride_qm + ks[None, :]
-    w_ptrs = w_ptr + ks.to(tl.int64)[:, None] * stride_wv + tl.where(d_ok, dcols, 0)[None, :] * stride_wd
+    w_ptrs = (
+        w_ptr + ks.to(tl.int64)[:, None] * stride_wv + tl.where(d_ok, dcols, 0)[None, :] * stride_wd
+    )
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k in range(0, tl.cdiv(KP, BLOCK_K)):
         a = tl.load(q_ptrs)  # (BLOCK_M, BLOCK_K); rows past M read row 0, masked at the store
@@ -290,39 +377,59 @@ def _grad_kernel(
     if SCALED:
         tgt = tl.load(t_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
-        w_y = tl.load(w_ptr + tgt[:, None] * stride_wv + dcols[None, :] * stride_wd,
-                      mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        w_y = tl.load(
+            w_ptr + tgt[:, None] * stride_wv + dcols[None, :] * stride_wd,
+            mask=row_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
         acc = coef[:, None] * w_y - acc
-    tl.store(out_ptr + rows64[:, None] * stride_om + dcols[None, :],
-             cast(acc, out_ptr.dtype.element_ty, INTERPRET),
-             mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
+    tl.store(
+        out_ptr + rows64[:, None] * stride_om + dcols[None, :],
+        cast(acc, out_ptr.dtype.element_ty, INTERPRET),
+        mask=row_ok[:, None] & d_ok[None, :],
+    )
 
 
 @triton.jit
 def _dweight_kernel(
     # pointers
-    g_ptr, h_ptr, dw_ptr, db_ptr,
+    g_ptr,
+    h_ptr,
+    dw_ptr,
+    db_ptr,
     # shapes
-    M, V, D,
+    M,
+    V,
+    D,
     # strides
-    stride_gm, stride_hm, stride_hd,
+    stride_gm,
+    stride_hm,
+    stride_hd,
     # flags
-    ACCUMULATE: tl.constexpr, NEED_WEIGHT: tl.constexpr, NEED_BIAS: tl.constexpr,
-    INTERPRET: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):  # fmt: skip
+    ACCUMULATE: tl.constexpr,
+    NEED_WEIGHT: tl.constexpr,
+    NEED_BIAS: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     """GEMM 3: d weight (V, D) fp32 (+)= G^T h over the chunk's M rows; d bias (V,)
     (+)= column sums of G, by the programs of the first D tile. One program per
     output tile: no atomics."""
-    pid_v, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(V, BLOCK_V), tl.cdiv(D, BLOCK_N),
-                                 GROUP_M)  # fmt: skip
+    pid_v, pid_n = _grouped_tile(
+        tl.program_id(0), tl.cdiv(V, BLOCK_V), tl.cdiv(D, BLOCK_N), GROUP_M
+    )
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     dcols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < V
     d_ok = dcols < D
     ks = tl.arange(0, BLOCK_K)
     g_ptrs = g_ptr + ks.to(tl.int64)[:, None] * stride_gm + cols[None, :]
-    h_ptrs = h_ptr + ks.to(tl.int64)[:, None] * stride_hm + tl.where(d_ok, dcols, 0)[None, :] * stride_hd
+    h_ptrs = (
+        h_ptr + ks.to(tl.int64)[:, None] * stride_hm + tl.where(d_ok, dcols, 0)[None, :] * stride_hd
+    )
     acc = tl.zeros([BLOCK_V, BLOCK_N], tl.float32)
     db = tl.zeros([BLOCK_V], tl.float32)
     for k in range(0, tl.cdiv(M, BLOCK_K)):
@@ -351,12 +458,20 @@ def _dweight_kernel(
 @triton.jit
 def _logits_fwd_kernel(
     # pointers
-    x_ptr, t_ptr, logp_ptr, lse_ptr,
+    x_ptr,
+    t_ptr,
+    logp_ptr,
+    lse_ptr,
     # shapes, strides, scalars
-    N, V, stride_xn, inv_t, ignore_index,
+    N,
+    V,
+    stride_xn,
+    inv_t,
+    ignore_index,
     # blocks
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-):  # fmt: skip
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
@@ -383,12 +498,22 @@ def _logits_fwd_kernel(
 @triton.jit
 def _logits_bwd_kernel(
     # pointers
-    x_ptr, t_ptr, g_ptr, lse_ptr, dx_ptr,
+    x_ptr,
+    t_ptr,
+    g_ptr,
+    lse_ptr,
+    dx_ptr,
     # shapes, strides, scalars
-    N, V, stride_xn, inv_t, ignore_index,
+    N,
+    V,
+    stride_xn,
+    inv_t,
+    ignore_index,
     # flags and blocks
-    INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-):  # fmt: skip
+    INTERPRET: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < N
@@ -472,10 +597,16 @@ def chunk_rows(n_rows: int, n_vocab: int, elem_bytes: int, block_v: int = 256) -
 
 
 def token_logprobs_cost(
-    n_rows: int, n_vocab: int, dim: int, dtype: torch.dtype = torch.bfloat16,
-    *, frozen_grad: bool = True, trainable_head: bool = False, l2_bytes: float = 50e6,
+    n_rows: int,
+    n_vocab: int,
+    dim: int,
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    frozen_grad: bool = True,
+    trainable_head: bool = False,
+    l2_bytes: float = 50e6,
     sms: int = 132,
-) -> dict[str, float]:  # fmt: skip
+) -> dict[str, float]:
     """FLOPs and HBM bytes of this tiling for M valid rows, with the default configs.
 
     Traffic model (H100: 50 MB of L2, 132 SMs):
@@ -526,8 +657,11 @@ def token_logprobs_cost(
 def headline_costs() -> list[dict[str, Any]]:
     """The headline shapes of bench/cases.py, costed from this tiling."""
     out = []
-    for n, d, v, name in ((8192, 4096, 128256, "Llama-3-8B"), (8192, 4096, 32000, "Llama-2-7B"),
-                          (8192, 3584, 152064, "Qwen2.5-7B")):  # fmt: skip
+    for n, d, v, name in (
+        (8192, 4096, 128256, "Llama-3-8B"),
+        (8192, 4096, 32000, "Llama-2-7B"),
+        (8192, 3584, 152064, "Qwen2.5-7B"),
+    ):
         for frozen, label in ((True, "fwd+grad, frozen head"), (False, "fwd only")):
             c = token_logprobs_cost(n, v, d, frozen_grad=frozen)
             out.append({"case": f"token_logprobs {name} N={n} {label}", **c})
@@ -568,23 +702,52 @@ def _valid_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None
 
 
 def _launch_gemm1(
-    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, t: torch.Tensor,
-    q: torch.Tensor, part: torch.Tensor, zy: torch.Tensor, g: torch.Tensor | None,
-    lse: torch.Tensor | None, scal: tuple[float, float, float], mode: int, stats: bool,
-) -> None:  # fmt: skip
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    t: torch.Tensor,
+    q: torch.Tensor,
+    part: torch.Tensor,
+    zy: torch.Tensor,
+    g: torch.Tensor | None,
+    lse: torch.Tensor | None,
+    scal: tuple[float, float, float],
+    mode: int,
+    stats: bool,
+) -> None:
     m_rows, dim = h.shape
     n_vocab = weight.shape[0]
     default, candidates = _configs("gemm1", weight.dtype, stats or bool(scal[1]))
     n_t = q.shape[1] // default.blocks["BLOCK_V"] if q.numel() else part.shape[-1]
     args = dict(
-        h_ptr=h, w_ptr=weight, b_ptr=bias, t_ptr=t, q_ptr=q, part_ptr=part, zy_ptr=zy,
-        g_ptr=g, lse_ptr=lse, M=m_rows, V=n_vocab, D=dim, NT=n_t,
-        stride_hm=h.stride(0), stride_hd=h.stride(1), stride_wv=weight.stride(0),
-        stride_wd=weight.stride(1), stride_qm=q.stride(0) if q.dim() == 2 else 0,
-        stride_pk=part.stride(0), logit_scale=scal[0], softcap=scal[1] or 1.0, inv_t=scal[2],
-        SOFTCAP=bool(scal[1]), MODE=mode, STATS=stats, INTERPRET=interpreting(),
+        h_ptr=h,
+        w_ptr=weight,
+        b_ptr=bias,
+        t_ptr=t,
+        q_ptr=q,
+        part_ptr=part,
+        zy_ptr=zy,
+        g_ptr=g,
+        lse_ptr=lse,
+        M=m_rows,
+        V=n_vocab,
+        D=dim,
+        NT=n_t,
+        stride_hm=h.stride(0),
+        stride_hd=h.stride(1),
+        stride_wv=weight.stride(0),
+        stride_wd=weight.stride(1),
+        stride_qm=q.stride(0) if q.dim() == 2 else 0,
+        stride_pk=part.stride(0),
+        logit_scale=scal[0],
+        softcap=scal[1] or 1.0,
+        inv_t=scal[2],
+        SOFTCAP=bool(scal[1]),
+        MODE=mode,
+        STATS=stats,
+        INTERPRET=interpreting(),
         GROUP_M=_GROUP_M,
-    )  # fmt: skip
+    )
     # The tile width fixes the partials' layout, so candidates share BLOCK_V.
     candidates = tuple(c for c in candidates if c.blocks["BLOCK_V"] == default.blocks["BLOCK_V"])
 
@@ -594,26 +757,46 @@ def _launch_gemm1(
     def run(c: KernelConfig) -> None:
         launch(_logits_kernel, grid(c), c, **args)
 
-    config = pick_config(("gemm1", mode, stats, m_rows, n_vocab, dim, weight.dtype), default,
-                         candidates, run)  # fmt: skip
+    config = pick_config(
+        ("gemm1", mode, stats, m_rows, n_vocab, dim, weight.dtype), default, candidates, run
+    )
     launch(_logits_kernel, grid(config), config, candidates, **args)
 
 
 def _launch_gemm2(
-    a: torch.Tensor, scale: torch.Tensor | None, weight: torch.Tensor, t: torch.Tensor | None,
-    coef: torch.Tensor | None, out: torch.Tensor, tile_v: int,
-) -> None:  # fmt: skip
+    a: torch.Tensor,
+    scale: torch.Tensor | None,
+    weight: torch.Tensor,
+    t: torch.Tensor | None,
+    coef: torch.Tensor | None,
+    out: torch.Tensor,
+    tile_v: int,
+) -> None:
     m_rows = out.shape[0]
     n_vocab, dim = weight.shape
     default, candidates = _configs("gemm2", weight.dtype)
     assert tile_v % default.blocks["BLOCK_K"] == 0, "a K step must stay inside one vocab tile"
     args = dict(
-        q_ptr=a, scale_ptr=scale, w_ptr=weight, t_ptr=t, coef_ptr=coef, out_ptr=out,
-        M=m_rows, V=n_vocab, D=dim, KP=a.shape[1], NT=a.shape[1] // tile_v,
-        stride_qm=a.stride(0), stride_wv=weight.stride(0), stride_wd=weight.stride(1),
-        stride_om=out.stride(0), SCALED=scale is not None, INTERPRET=interpreting(),
-        TILE_V=tile_v, GROUP_M=8,
-    )  # fmt: skip
+        q_ptr=a,
+        scale_ptr=scale,
+        w_ptr=weight,
+        t_ptr=t,
+        coef_ptr=coef,
+        out_ptr=out,
+        M=m_rows,
+        V=n_vocab,
+        D=dim,
+        KP=a.shape[1],
+        NT=a.shape[1] // tile_v,
+        stride_qm=a.stride(0),
+        stride_wv=weight.stride(0),
+        stride_wd=weight.stride(1),
+        stride_om=out.stride(0),
+        SCALED=scale is not None,
+        INTERPRET=interpreting(),
+        TILE_V=tile_v,
+        GROUP_M=8,
+    )
 
     def grid(c: KernelConfig) -> tuple[int]:
         return (triton.cdiv(m_rows, c.blocks["BLOCK_M"]) * triton.cdiv(dim, c.blocks["BLOCK_N"]),)
@@ -621,23 +804,41 @@ def _launch_gemm2(
     def run(c: KernelConfig) -> None:
         launch(_grad_kernel, grid(c), c, **args)
 
-    config = pick_config(("gemm2", scale is None, m_rows, n_vocab, dim, weight.dtype), default,
-                         candidates, run)  # fmt: skip
+    config = pick_config(
+        ("gemm2", scale is None, m_rows, n_vocab, dim, weight.dtype), default, candidates, run
+    )
     launch(_grad_kernel, grid(config), config, candidates, **args)
 
 
 def _launch_gemm3(
-    g: torch.Tensor, h: torch.Tensor, dw: torch.Tensor, db: torch.Tensor, n_vocab: int,
-    accumulate: bool, need_weight: bool, need_bias: bool,
-) -> None:  # fmt: skip
+    g: torch.Tensor,
+    h: torch.Tensor,
+    dw: torch.Tensor,
+    db: torch.Tensor,
+    n_vocab: int,
+    accumulate: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> None:
     m_rows, dim = h.shape
     default, candidates = _configs("gemm3", h.dtype)
     args = dict(
-        g_ptr=g, h_ptr=h, dw_ptr=dw, db_ptr=db, M=m_rows, V=n_vocab, D=dim,
-        stride_gm=g.stride(0), stride_hm=h.stride(0), stride_hd=h.stride(1),
-        ACCUMULATE=accumulate, NEED_WEIGHT=need_weight, NEED_BIAS=need_bias,
-        INTERPRET=interpreting(), GROUP_M=8,
-    )  # fmt: skip
+        g_ptr=g,
+        h_ptr=h,
+        dw_ptr=dw,
+        db_ptr=db,
+        M=m_rows,
+        V=n_vocab,
+        D=dim,
+        stride_gm=g.stride(0),
+        stride_hm=h.stride(0),
+        stride_hd=h.stride(1),
+        ACCUMULATE=accumulate,
+        NEED_WEIGHT=need_weight,
+        NEED_BIAS=need_bias,
+        INTERPRET=interpreting(),
+        GROUP_M=8,
+    )
 
     # G is zero-padded to whole GEMM 1 tiles: a BLOCK_V dividing that width reads no
     # column past it, so the G loads need no column mask (and stay vectorizable).
@@ -649,8 +850,9 @@ def _launch_gemm3(
     def run(c: KernelConfig) -> None:
         launch(_dweight_kernel, grid(c), c, **args)
 
-    config = pick_config(("gemm3", accumulate, m_rows, n_vocab, dim, h.dtype), default,
-                         candidates, run)  # fmt: skip
+    config = pick_config(
+        ("gemm3", accumulate, m_rows, n_vocab, dim, h.dtype), default, candidates, run
+    )
     launch(_dweight_kernel, grid(config), config, candidates, **args)
 
 
@@ -659,10 +861,17 @@ def _tile_v(dtype: torch.dtype) -> int:
 
 
 def token_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-    bias: torch.Tensor | None, ignore_index: int, temperature: float, softcap: float,
-    logit_scale: float, frozen_grad: bool, with_stats: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    ignore_index: int,
+    temperature: float,
+    softcap: float,
+    logit_scale: float,
+    frozen_grad: bool,
+    with_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward for hidden (N, D), weight (V, D), targets (N,): (logp (N,), lse (N,),
     d logp / d hidden (N, D) or empty, stats (N, 4) or empty), fp32 but the gradient
     (hidden's dtype). softcap 0 means none."""
@@ -674,7 +883,9 @@ def token_logprobs(
     logp = hidden.new_zeros(n, dtype=torch.float32)
     lse = hidden.new_zeros(n, dtype=torch.float32)
     grad = hidden.new_zeros((n, dim)) if frozen_grad else hidden.new_empty(0)
-    stats = hidden.new_zeros((n, N_STATS), dtype=torch.float32) if with_stats else hidden.new_empty(0)
+    stats = (
+        hidden.new_zeros((n, N_STATS), dtype=torch.float32) if with_stats else hidden.new_empty(0)
+    )
     rows = _valid_rows(targets, ignore_index)
     h = (hidden if rows is None else hidden[rows]).contiguous()  # (M, D)
     t = (targets if rows is None else targets[rows]).contiguous()  # (M,)
@@ -707,15 +918,40 @@ def token_logprobs(
     for r0 in range(0, m_rows, chunk):
         r1 = min(r0 + chunk, m_rows)
         h_c, t_c = h[r0:r1], t[r0:r1]  # (C, D), (C,)
-        _launch_gemm1(h_c, weight, bias, t_c, q, part, zy, None, None, scal,
-                      mode=1 if frozen_grad else 0, stats=with_stats)  # fmt: skip
+        _launch_gemm1(
+            h_c,
+            weight,
+            bias,
+            t_c,
+            q,
+            part,
+            zy,
+            None,
+            None,
+            scal,
+            mode=1 if frozen_grad else 0,
+            stats=with_stats,
+        )
         launch(
-            _combine_kernel, (triton.cdiv(r1 - r0, _COMBINE.blocks["BLOCK_R"]),), _COMBINE,
-            part_ptr=part, zy_ptr=zy, logp_ptr=out_logp[r0:], lse_ptr=out_lse[r0:],
-            coef_ptr=coef, stats_ptr=out_stats[r0:], M=r1 - r0, NT=n_t,
-            stride_pk=part.stride(0), grad_scale=logit_scale * inv_t, softcap=softcap or 1.0,
-            inv_t=inv_t, SOFTCAP=bool(softcap), FROZEN_GRAD=frozen_grad, STATS=with_stats,
-        )  # fmt: skip
+            _combine_kernel,
+            (triton.cdiv(r1 - r0, _COMBINE.blocks["BLOCK_R"]),),
+            _COMBINE,
+            part_ptr=part,
+            zy_ptr=zy,
+            logp_ptr=out_logp[r0:],
+            lse_ptr=out_lse[r0:],
+            coef_ptr=coef,
+            stats_ptr=out_stats[r0:],
+            M=r1 - r0,
+            NT=n_t,
+            stride_pk=part.stride(0),
+            grad_scale=logit_scale * inv_t,
+            softcap=softcap or 1.0,
+            inv_t=inv_t,
+            SOFTCAP=bool(softcap),
+            FROZEN_GRAD=frozen_grad,
+            STATS=with_stats,
+        )
         if frozen_grad:
             assert out_grad is not None
             _launch_gemm2(q, part[0], weight, t_c, coef, out_grad[r0:r1], tile_v)
@@ -725,8 +961,12 @@ def token_logprobs(
         assert out_grad is not None
         out_grad = out_grad[:, :dim]
     if rows is None:
-        return (out_logp, out_lse, out_grad if frozen_grad else grad,
-                out_stats if with_stats else stats)  # fmt: skip
+        return (
+            out_logp,
+            out_lse,
+            out_grad if frozen_grad else grad,
+            out_stats if with_stats else stats,
+        )
     logp[rows] = out_logp
     lse[rows] = out_lse
     if frozen_grad:
@@ -737,10 +977,20 @@ def token_logprobs(
 
 
 def token_logprobs_backward(
-    grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-    bias: torch.Tensor | None, lse: torch.Tensor, ignore_index: int, temperature: float,
-    softcap: float, logit_scale: float, need_hidden: bool, need_weight: bool, need_bias: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    grad_logp: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    lse: torch.Tensor,
+    ignore_index: int,
+    temperature: float,
+    softcap: float,
+    logit_scale: float,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Trainable head: (d hidden, d weight, d bias) from G tiles recomputed per chunk
     (GEMM 1 in MODE 2), then GEMM 2 (d hidden) and GEMM 3 (d weight, d bias)."""
     n, dim = hidden.shape
@@ -760,21 +1010,35 @@ def token_logprobs_backward(
         weight = torch.nn.functional.pad(weight, (0, pad))  # (V, D + pad)
     dim_k = dim + pad
     dh = torch.zeros((m_rows, dim_k), dtype=torch.float32, device=device) if need_hidden else None
-    dw = torch.zeros((n_vocab, dim_k) if need_weight else (1, 1), dtype=torch.float32,
-                     device=device)  # fmt: skip
+    dw = torch.zeros(
+        (n_vocab, dim_k) if need_weight else (1, 1), dtype=torch.float32, device=device
+    )
     db = torch.zeros(n_vocab if need_bias else 1, dtype=torch.float32, device=device)
     scal = (float(logit_scale), float(softcap), 1.0 / temperature)
     tile_v = _tile_v(weight.dtype)
     n_t = triton.cdiv(n_vocab, tile_v)
     chunk = chunk_rows(m_rows, n_vocab, weight.element_size(), tile_v)
-    gbuf = torch.empty((min(chunk, max(m_rows, 1)), n_t * tile_v), dtype=weight.dtype,
-                       device=device)  # (C, V_padded)  # fmt: skip
+    gbuf = torch.empty(
+        (min(chunk, max(m_rows, 1)), n_t * tile_v), dtype=weight.dtype, device=device
+    )  # (C, V_padded)
     dummy = torch.empty((1, 1, 1), dtype=torch.float32, device=device)
     for i, r0 in enumerate(range(0, m_rows, chunk)):
         r1 = min(r0 + chunk, m_rows)
         h_c = h[r0:r1]  # (C, D)
-        _launch_gemm1(h_c, weight, bias, t[r0:r1], gbuf, dummy, dummy, g[r0:r1],
-                      row_lse[r0:r1], scal, mode=2, stats=False)  # fmt: skip
+        _launch_gemm1(
+            h_c,
+            weight,
+            bias,
+            t[r0:r1],
+            gbuf,
+            dummy,
+            dummy,
+            g[r0:r1],
+            row_lse[r0:r1],
+            scal,
+            mode=2,
+            stats=False,
+        )
         if need_hidden:
             assert dh is not None
             _launch_gemm2(gbuf, None, weight, None, None, dh[r0:r1], tile_v)
@@ -821,17 +1085,30 @@ def logprobs_from_logits(
         return logp, lse
     config = _logit_config(n_vocab, backward=False)
     launch(
-        _logits_fwd_kernel, (triton.cdiv(n, config.blocks["BLOCK_N"]),), config,
-        x_ptr=logits, t_ptr=targets.contiguous(), logp_ptr=logp, lse_ptr=lse, N=n, V=n_vocab,
-        stride_xn=logits.stride(0), inv_t=1.0 / temperature, ignore_index=ignore_index,
-    )  # fmt: skip
+        _logits_fwd_kernel,
+        (triton.cdiv(n, config.blocks["BLOCK_N"]),),
+        config,
+        x_ptr=logits,
+        t_ptr=targets.contiguous(),
+        logp_ptr=logp,
+        lse_ptr=lse,
+        N=n,
+        V=n_vocab,
+        stride_xn=logits.stride(0),
+        inv_t=1.0 / temperature,
+        ignore_index=ignore_index,
+    )
     return logp, lse
 
 
 def logprobs_from_logits_backward(
-    grad_logp: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
-    ignore_index: int, temperature: float,
-) -> torch.Tensor:  # fmt: skip
+    grad_logp: torch.Tensor,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    ignore_index: int,
+    temperature: float,
+) -> torch.Tensor:
     """d logits (N, V) contiguous in the logits' dtype: one read and one write."""
     if logits.stride(1) != 1:
         logits = logits.contiguous()
@@ -840,13 +1117,26 @@ def logprobs_from_logits_backward(
     if n == 0:
         return out
     config = _logit_config(n_vocab, backward=True)
-    grid = (triton.cdiv(n, config.blocks["BLOCK_N"]), triton.cdiv(n_vocab, config.blocks["BLOCK_V"]))
+    grid = (
+        triton.cdiv(n, config.blocks["BLOCK_N"]),
+        triton.cdiv(n_vocab, config.blocks["BLOCK_V"]),
+    )
     launch(
-        _logits_bwd_kernel, grid, config,
-        x_ptr=logits, t_ptr=targets.contiguous(), g_ptr=grad_logp.float().contiguous(),
-        lse_ptr=lse.contiguous(), dx_ptr=out, N=n, V=n_vocab, stride_xn=logits.stride(0),
-        inv_t=1.0 / temperature, ignore_index=ignore_index, INTERPRET=interpreting(),
-    )  # fmt: skip
+        _logits_bwd_kernel,
+        grid,
+        config,
+        x_ptr=logits,
+        t_ptr=targets.contiguous(),
+        g_ptr=grad_logp.float().contiguous(),
+        lse_ptr=lse.contiguous(),
+        dx_ptr=out,
+        N=n,
+        V=n_vocab,
+        stride_xn=logits.stride(0),
+        inv_t=1.0 / temperature,
+        ignore_index=ignore_index,
+        INTERPRET=interpreting(),
+    )
     return out
 
 
@@ -868,8 +1158,11 @@ def gate_cases() -> list[tuple[str, str, Callable[[], None]]]:
                 w = torch.randn(v, d, dtype=dtype)
                 t = torch.randint(0, v, (n,))
                 b = torch.randn(v, dtype=dtype)
-                for frozen, stats, softcap, bias in ((True, True, 30.0, b), (False, False, 0.0, None),
-                                                    (True, False, 0.0, None)):  # fmt: skip
+                for frozen, stats, softcap, bias in (
+                    (True, True, 30.0, b),
+                    (False, False, 0.0, None),
+                    (True, False, 0.0, None),
+                ):
                     token_logprobs(h, w, t, bias, -100, 1.0, softcap, 1.0, frozen, stats)
 
             def bwd(n=n, d=d, v=v, dtype=dtype) -> None:

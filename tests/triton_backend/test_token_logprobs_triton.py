@@ -11,7 +11,7 @@ from tests.helpers import TOL, assert_close, rel_err, upstream_like
 
 pytest.importorskip("triton")
 
-from decpo.triton_backend import logprobs as tlp  # noqa: E402
+from decpo.triton_backend import logprobs as tlp
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -126,7 +126,7 @@ def test_masked_vocabulary_bias_is_finite():
     h, w, b, t = _inputs(20, 16, 40, torch.float32, seed=4, ignore_frac=0.0)
     b[::3] = float("-inf")
     t = torch.where(t % 3 == 0, t + 1, t)
-    logp, _, grad, stats = tlp.token_logprobs(h, w, t, b, -100, 1.0, 0.0, 1.0, True, True)
+    logp, _, grad, _stats = tlp.token_logprobs(h, w, t, b, -100, 1.0, 0.0, 1.0, True, True)
     ref_logp, _ = _reference(h, w, b, t, -100, 1.0, 0.0, 1.0)
     assert torch.isfinite(logp).all() and torch.isfinite(grad).all()
     assert rel_err(logp, ref_logp) <= TOL[torch.float32]
