@@ -142,6 +142,23 @@ def work(case: Case, mode: str, dtype_bytes: int = 2) -> tuple[float, float]:
     return float(flops), float(size * (1 if mode == "fwd" else 2))
 
 
+def tiled_cost(case: Case, mode: str, dtype: torch.dtype = torch.bfloat16) -> tuple[float, float]:
+    """(FLOPs, HBM bytes) of decpo's Triton kernels on this case, from the launchers'
+    own tiling and traffic model (work() is the algorithmic floor instead). Modes
+    "fwd" and "fwd+bwd" (frozen head for token_logprobs)."""
+    d = case.dims
+    if case.op == "token_logprobs":
+        from decpo.triton_backend.logprobs import token_logprobs_cost
+
+        c = token_logprobs_cost(d["N"], d["V"], d["D"], dtype, frozen_grad=mode != "fwd")
+        return c["flops"], c["bytes"]
+    if case.op == "decorrelation_penalty":
+        from decpo.triton_backend.decorrelation import decorrelation_cost
+
+        return decorrelation_cost(case, mode, dtype)
+    return work(case, mode, torch.finfo(dtype).bits // 8)  # one read (and write): the floor
+
+
 # ------------------------------------------------------------------ providers
 
 

@@ -52,10 +52,11 @@ from decpo.triton_backend import common
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
-# Published dense bf16 tensor-core peaks and HBM bandwidths (SXM parts).
+# bf16 dense tensor-core peak and HBM bandwidth: the H100 SXM's published figures;
+# for the H200, the peaks measured on the H200s this project benchmarks on.
 DEVICES = {
     "H100": {"tflops": 989.0, "tbps": 3.35, "sms": 132, "smem_kib": 228, "regs": 65536},
-    "H200": {"tflops": 989.0, "tbps": 4.8, "sms": 132, "smem_kib": 228, "regs": 65536},
+    "H200": {"tflops": 790.0, "tbps": 4.3, "sms": 132, "smem_kib": 228, "regs": 65536},
 }
 
 
@@ -147,23 +148,42 @@ def _takes_arch(fn: Callable[..., Any]) -> bool:
     return len(inspect.signature(fn).parameters) > 0
 
 
-def compile_launch(
-    case: str, shape_class: str, launch: common.Launch, config: common.KernelConfig, arch: int
-) -> VariantStats:
-    kernel = _jit_fn(launch.kernel)
-    signature, constexprs, attrs, options = _bind(launch.kernel, launch.args, config, arch)
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=_target(arch), options=options.__dict__)
+@dataclass
+class Job:
+    """One variant to compile: the JIT's binding of a recorded launch."""
+
+    case: str
+    shape_class: str
+    kernel: Any  # the JITFunction
+    config: common.KernelConfig
+    launched: bool
+    grid: tuple[int, ...]
+    signature: dict[str, Any]
+    constexprs: dict[Any, Any]
+    attrs: dict[Any, Any]
+    options: dict[str, Any]
+
+    def key(self) -> str:
+        return repr(
+            (self.kernel.fn.__name__, self.config, self.signature, self.constexprs, self.attrs)
+        )
+
+
+def _compile(job: Job, arch: int) -> VariantStats:
+    src = ASTSource(
+        fn=job.kernel, signature=job.signature, constexprs=job.constexprs, attrs=job.attrs
+    )
+    compiled = triton.compile(src, target=_target(arch), options=job.options)
     ptx = compiled.asm["ptx"]
     ttir = compiled.asm["ttir"]
     regs, spill_st, spill_ld = _ptxas_report(ptx, arch)
     shared = int(compiled.metadata.shared)
-    threads = config.num_warps * 32
+    config = job.config
     dev = DEVICES["H100"]
-    by_regs = dev["regs"] // max(1, regs * threads)
+    by_regs = dev["regs"] // max(1, regs * config.num_warps * 32)
     by_smem = (dev["smem_kib"] * 1024) // shared if shared else 32
     ctas = max(0, min(by_regs, by_smem, 32))
-    dtypes = {v for k, v in signature.items() if isinstance(v, str) and v.startswith("*")}
+    dtypes = {v for v in job.signature.values() if isinstance(v, str) and v.startswith("*")}
     low = bool(dtypes & {"*bf16", "*fp16"})
     dots = len(re.findall(r"tt\.dot\b", ttir))
     wgmma = "wgmma.mma_async" in ptx
@@ -176,19 +196,17 @@ def compile_launch(
         problems.append("bf16/fp16 tl.dot compiled without wgmma")
     if low and dots and not (cp_async or tma):
         problems.append("bf16/fp16 matmul operands loaded without cp.async or TMA")
-    dtype = next((d[1:] for d in sorted(dtypes) if d in ("*bf16", "*fp16", "*fp32")), "-")
-    if low:
-        dtype = "bf16" if "*bf16" in dtypes else "fp16"
+    dtype = "bf16" if "*bf16" in dtypes else "fp16" if "*fp16" in dtypes else "fp32"
     return VariantStats(
-        case=case,
-        kernel=kernel.fn.__name__,
+        case=job.case,
+        kernel=job.kernel.fn.__name__,
         config=config.name,
-        shape_class=shape_class,
+        shape_class=job.shape_class,
         dtype=dtype,
-        launched=config == launch.config,
+        launched=job.launched,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
-        grid=tuple(launch.grid),
+        grid=tuple(job.grid),
         registers=regs,
         spill_stores=spill_st,
         spill_loads=spill_ld,
@@ -214,9 +232,16 @@ def gate_cases() -> list[tuple[str, str, Callable[[], None]]]:
     return cases
 
 
-def collect(arch: int = 90, only: str | None = None, verbose: bool = True) -> list[VariantStats]:
-    rows: list[VariantStats] = []
-    seen: set[tuple[Any, ...]] = set()
+_JOBS: list[Job] = []  # read by the forked compile workers
+
+
+def _compile_job(index_arch: tuple[int, int]) -> VariantStats:
+    return _compile(_JOBS[index_arch[0]], index_arch[1])
+
+
+def jobs(only: str | None = None, launched_only: bool = False, arch: int = 90) -> list[Job]:
+    """Record every gate case's launches and bind each distinct variant."""
+    out: dict[str, Job] = {}
     torch.manual_seed(0)
     for case, shape_class, thunk in gate_cases():
         if only and only not in case:
@@ -225,31 +250,42 @@ def collect(arch: int = 90, only: str | None = None, verbose: bool = True) -> li
             thunk()
         assert launches, f"gate case {case} launched no kernel"
         for launch in launches:
-            for config in launch.candidates:
-                key = (_jit_fn(launch.kernel).fn.__name__, config, _spec_key(launch), shape_class)
-                if key in seen:
-                    continue
-                seen.add(key)
-                row = compile_launch(case, shape_class, launch, config, arch)
-                rows.append(row)
-                if verbose:
-                    print(_format_row(row), flush=True)
+            configs = (launch.config,) if launched_only else launch.candidates
+            for config in configs:
+                signature, constexprs, attrs, options = _bind(
+                    launch.kernel, launch.args, config, arch
+                )
+                job = Job(
+                    case,
+                    shape_class,
+                    _jit_fn(launch.kernel),
+                    config,
+                    config == launch.config,
+                    tuple(launch.grid),
+                    signature,
+                    constexprs,
+                    attrs,
+                    options.__dict__,
+                )
+                out.setdefault(job.key(), job)
+    return list(out.values())
+
+
+def collect(
+    arch: int = 90, only: str | None = None, launched_only: bool = False, verbose: bool = True
+) -> list[VariantStats]:
+    """Compile every variant (in parallel, one process a core) and report each."""
+    import multiprocessing
+
+    _JOBS[:] = jobs(only, launched_only, arch)
+    workers = min(len(_JOBS), os.cpu_count() or 1) or 1
+    rows = []
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        for row in pool.imap(_compile_job, [(i, arch) for i in range(len(_JOBS))]):
+            rows.append(row)
+            if verbose:
+                print(_format_row(row), flush=True)
     return rows
-
-
-def _spec_key(launch: common.Launch) -> tuple[Any, ...]:
-    """What the JIT specialises on: constexprs, dtypes, ==1 and %16 of integers."""
-    out = []
-    for name, value in sorted(launch.args.items()):
-        if isinstance(value, torch.Tensor):
-            out.append((name, str(value.dtype), value.data_ptr() % 16 == 0))
-        elif isinstance(value, bool) or value is None:
-            out.append((name, value))
-        elif isinstance(value, int):
-            out.append((name, value == 1, value % 16 == 0))
-        else:
-            out.append((name, type(value).__name__))
-    return tuple(out)
 
 
 HEADER = (
@@ -270,23 +306,30 @@ def _format_row(r: VariantStats) -> str:
 
 
 def roofline() -> list[dict[str, Any]]:
-    """Predicted time of each headline case: max(FLOPs / peak, bytes / bandwidth),
-    with FLOPs and bytes from the launchers' own cost functions."""
-    from decpo.triton_backend import decorrelation, logprobs
+    """Predicted time of every GPU benchmark case: max(FLOPs / peak, bytes / bandwidth)
+    with FLOPs and bytes from the launchers' own cost functions (bench.cases.tiled_cost)."""
+    from bench.cases import GPU_CASES, tiled_cost
 
     rows = []
-    for module in (logprobs, decorrelation):
-        for case in getattr(module, "headline_costs", list)():
+    for case in GPU_CASES:
+        for mode in ("fwd", "fwd+bwd"):
+            try:
+                flops, nbytes = tiled_cost(case, mode)
+            except (ImportError, AttributeError) as exc:  # a module without a cost model
+                print(f"no cost model for {case.key}: {exc}", file=sys.stderr)
+                continue
             for dev_name, dev in DEVICES.items():
-                t_flops = case["flops"] / (dev["tflops"] * 1e12)
-                t_bytes = case["bytes"] / (dev["tbps"] * 1e12)
+                t_flops = flops / (dev["tflops"] * 1e12)
+                t_bytes = nbytes / (dev["tbps"] * 1e12)
                 rows.append(
                     {
-                        **case,
+                        "case": f"{case.key} {mode}",
                         "device": dev_name,
+                        "flops": flops,
+                        "bytes": nbytes,
                         "ms": 1e3 * max(t_flops, t_bytes),
                         "bound": "compute" if t_flops >= t_bytes else "memory",
-                        "intensity": case["flops"] / max(case["bytes"], 1),
+                        "intensity": flops / max(nbytes, 1),
                     }
                 )
     return rows
@@ -301,21 +344,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability (90: Hopper)")
     parser.add_argument("--only", default=None, help="only cases whose name contains this")
     parser.add_argument("--gate", action="store_true", help="exit 1 if any variant has a problem")
+    parser.add_argument(
+        "--launched-only",
+        action="store_true",
+        help="only the configs launched without autotuning (not the autotuning candidates)",
+    )
     parser.add_argument("--roofline", action="store_true", help="print predicted H100/H200 times")
     parser.add_argument("--out", default=None, help="JSON output (default bench/results/...)")
     args = parser.parse_args(argv)
 
     if args.roofline:
-        print(f"{'case':<52} {'device':<6} {'GFLOP':>9} {'GB':>8} {'FLOP/B':>7} {'ms':>8} bound")
+        print(f"{'case':<64} {'device':<6} {'GFLOP':>9} {'GB':>8} {'FLOP/B':>7} {'ms':>8} bound")
         for r in roofline():
             print(
-                f"{r['case']:<52} {r['device']:<6} {r['flops'] / 1e9:>9.1f} "
+                f"{r['case']:<64} {r['device']:<6} {r['flops'] / 1e9:>9.1f} "
                 f"{r['bytes'] / 1e9:>8.3f} {r['intensity']:>7.0f} {r['ms']:>8.3f} {r['bound']}"
             )
         return 0
 
     print(HEADER)
-    rows = collect(args.arch, args.only)
+    rows = collect(args.arch, args.only, args.launched_only)
     bad = [r for r in rows if r.problems]
     print(f"compiled {len(rows)} kernel variants for sm_{args.arch}a; {len(bad)} with problems")
     if not args.only:
