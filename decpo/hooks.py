@@ -239,15 +239,17 @@ class DecorrelationHooks:
             raise RuntimeError(
                 "decpo: the decorrelation penalty's gradient did not reach "
                 f"{missed} hooked module(s) under gradient checkpointing with "
-                "use_reentrant=True; use gradient_checkpointing_kwargs="
-                '{"use_reentrant": False} or report this'
+                "use_reentrant=True (a penalty computed with gradients enabled must be "
+                "part of the loss that is backpropagated; compute metric-only penalties "
+                'under torch.no_grad()), or use gradient_checkpointing_kwargs={"use_reentrant": '
+                "False}"
             )
 
     def _scalar(self, fn: Callable[[list[torch.Tensor]], torch.Tensor]) -> torch.Tensor:
         """fn(outputs), differentiable also when some outputs came from a reentrant
         checkpoint's no_grad forward (their gradient is injected when backward
-        recomputes those layers)."""
-        if not self._deferred:
+        recomputes those layers). Under no_grad (a metric) nothing is deferred."""
+        if not self._deferred or not torch.is_grad_enabled():
             return fn(self.outputs)
         leaves = {i: self.outputs[i].detach().requires_grad_(True) for i in self._deferred}
         inputs = [leaves.get(i, out) for i, out in enumerate(self.outputs)]
