@@ -8,7 +8,7 @@ Every op takes backend="auto" | "torch" | "triton" | "native".
 from decpo.backend import BackendUnavailableError
 from decpo.losses import DPOLossOutput, SequenceLogprobs, dpo_loss, sequence_logprobs
 from decpo.ops.decorrelation import decorrelation_penalty
-from decpo.ops.logprobs import logprobs_from_logits, token_logprobs
+from decpo.ops.logprobs import TokenStats, logprobs_from_logits, token_logprobs
 
 __version__ = "0.1.0"
 
@@ -16,6 +16,7 @@ __all__ = [
     "BackendUnavailableError",
     "DPOLossOutput",
     "SequenceLogprobs",
+    "TokenStats",
     "decorrelation_penalty",
     "dpo_loss",
     "logprobs_from_logits",

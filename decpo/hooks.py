@@ -10,13 +10,25 @@ Outputs are recorded only inside `capture()`, only with gradients enabled and ne
 while autograd runs a backward pass, so a reference pass (outside capture or under
 no_grad), an evaluation under no_grad and a gradient-checkpoint recomputation never
 add rows. Hooks are removed on exit (the paper's code leaked one hook per step).
+
+Gradient checkpointing: with use_reentrant=False the checkpointed forward keeps
+autograd on, so the recorded outputs carry their graph as usual. With
+use_reentrant=True (TRL forces it for PEFT under DeepSpeed ZeRO-3) the forward of a
+checkpointed layer runs under no_grad and only the layer's output gets a gradient,
+in a recomputation inside backward. The hooks then record that forward's outputs
+(detected by the checkpoint frame, not by grad mode), penalty() computes
+d penalty / d output at once, and when backward recomputes the layer the hook adds
+upstream x that gradient to the recomputed output's gradient: the same gradient as
+without checkpointing. If that cannot happen (the gradient never reached the layer)
+the next capture() raises instead of training without the regularizer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
-from collections.abc import Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -29,6 +41,36 @@ TOKEN_MODES = ("last", "all")
 
 def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
+
+
+_REENTRANT_FORWARD = torch.utils.checkpoint.CheckpointFunction.forward.__code__
+
+
+def _in_reentrant_checkpoint() -> bool:
+    """True inside the (no_grad) forward of torch.utils.checkpoint(use_reentrant=True)."""
+    frame = sys._getframe(2)
+    for _ in range(256):
+        if frame is None:
+            return False
+        if frame.f_code is _REENTRANT_FORWARD:
+            return True
+        frame = frame.f_back
+    return False
+
+
+class _UpstreamProbe(torch.autograd.Function):
+    """0 in the forward; in the backward it stores the upstream gradient of the loss
+    term it belongs to (the scale for gradients injected into recomputed layers)."""
+
+    @staticmethod
+    def forward(ctx, anchor: torch.Tensor, hooks: DecorrelationHooks) -> torch.Tensor:
+        ctx.hooks = hooks
+        return anchor.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, None]:
+        ctx.hooks._upstream = grad.detach()
+        return None, None
 
 
 def select_rows(
@@ -115,6 +157,15 @@ class DecorrelationHooks:
         self._handles: list[Any] = []
         self._active = False
         self._force = False
+        self._training = False
+        # Reentrant checkpointing (see the module docstring): which recorded outputs had
+        # no graph, the penalty gradients waiting for each module's recomputation, and
+        # the loss gradient's scale at the penalty, set during backward.
+        self._recorded_by: list[torch.nn.Module] = []
+        self._deferred: set[int] = set()
+        self._pending: dict[int, torch.Tensor] = {}
+        self._upstream: torch.Tensor | None = None
+        self._missed: list[str] = []
 
     def __enter__(self) -> DecorrelationHooks:
         for mod in self.modules:
@@ -126,26 +177,91 @@ class DecorrelationHooks:
             handle.remove()
         self._handles.clear()
         self.outputs.clear()
+        self._recorded_by.clear()
+        self._deferred.clear()
+        self._pending.clear()
 
     def _record(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        if not self._active or _in_backward():
+        if _in_backward():
+            self._inject(module, output)  # a reentrant checkpoint's recomputation
+            return
+        if not self._active:
             return
         if self.first_pass_only and len(self.outputs) >= len(self.modules):
             return
+        out = output[0] if isinstance(output, tuple) else output
         if self._force or torch.is_grad_enabled():
-            self.outputs.append(output[0] if isinstance(output, tuple) else output)
+            self.outputs.append(out)
+            self._recorded_by.append(module)
+        elif self._training and _in_reentrant_checkpoint():
+            self.outputs.append(out)
+            self._recorded_by.append(module)
+            self._deferred.add(len(self.outputs) - 1)
+
+    def _inject(self, module: torch.nn.Module, output: Any) -> None:
+        grad = self._pending.pop(id(module), None)
+        if grad is None:
+            return
+        out = output[0] if isinstance(output, tuple) else output
+        if self._upstream is None or not out.requires_grad:
+            self._missed.append(type(module).__name__)
+            return
+        extra = (self._upstream * grad).to(out.dtype)
+        out.register_hook(lambda g: g + extra)
 
     @contextlib.contextmanager
     def capture(self, force: bool = False) -> Iterator[DecorrelationHooks]:
         """Record outputs during this block (cleared first). Without `force`, only a
-        pass with gradients enabled records; force=True records under no_grad too
+        pass with gradients enabled records (or the forward of a reentrant gradient
+        checkpoint inside such a block); force=True records under no_grad too
         (metrics in evaluation)."""
+        self._check_previous_step()
         self.outputs.clear()
+        self._recorded_by.clear()
+        self._deferred.clear()
         self._active, self._force = True, force
+        self._training = torch.is_grad_enabled() and not force
         try:
             yield self
         finally:
-            self._active = self._force = False
+            self._active = self._force = self._training = False
+
+    def _check_previous_step(self) -> None:
+        """The penalty gradient of the last reentrant-checkpointed step reached every
+        hooked layer, or an error (never a silent DPO step)."""
+        missed = len(self._missed)
+        if self._upstream is not None:
+            missed += len(self._pending)
+        self._pending.clear()
+        self._missed.clear()
+        self._upstream = None
+        if missed:
+            raise RuntimeError(
+                "decpo: the decorrelation penalty's gradient did not reach "
+                f"{missed} hooked module(s) under gradient checkpointing with "
+                "use_reentrant=True (a penalty computed with gradients enabled must be "
+                "part of the loss that is backpropagated; compute metric-only penalties "
+                'under torch.no_grad()), or use gradient_checkpointing_kwargs={"use_reentrant": '
+                "False}"
+            )
+
+    def _scalar(self, fn: Callable[[list[torch.Tensor]], torch.Tensor]) -> torch.Tensor:
+        """fn(outputs), differentiable also when some outputs came from a reentrant
+        checkpoint's no_grad forward (their gradient is injected when backward
+        recomputes those layers). Under no_grad (a metric) nothing is deferred."""
+        if not self._deferred or not torch.is_grad_enabled():
+            return fn(self.outputs)
+        leaves = {i: self.outputs[i].detach().requires_grad_(True) for i in self._deferred}
+        inputs = [leaves.get(i, out) for i, out in enumerate(self.outputs)]
+        with torch.enable_grad():
+            value = fn(inputs)
+            live = any(out.requires_grad for i, out in enumerate(inputs) if i not in leaves)
+            grads = torch.autograd.grad(value, list(leaves.values()), retain_graph=live)
+        self._pending = {id(self._recorded_by[i]): g for i, g in zip(leaves, grads, strict=True)}
+        self._upstream = None
+        anchor = torch.zeros((), device=value.device, dtype=value.dtype, requires_grad=True)
+        probe = _UpstreamProbe.apply(anchor, self)
+        return (value if live else value.detach()) + probe
 
     def rows(
         self, completion_mask: torch.Tensor, tokens: str = "last"
@@ -164,8 +280,13 @@ class DecorrelationHooks:
         """decorrelation_penalty of the captured rows (mean over hooked layers).
         completion_mask (B, T): response tokens, or the attention mask for "the last
         real token" / "every real token"."""
-        hidden, segment_ids = self.rows(completion_mask, tokens)
-        return decpo.decorrelation_penalty(hidden, segment_ids=segment_ids, normalize=normalize)
+        self.rows(completion_mask, tokens)  # checks what was captured
+
+        def penalty(outputs: list[torch.Tensor]) -> torch.Tensor:
+            hidden, segment_ids = select_rows(outputs, completion_mask, tokens)
+            return decpo.decorrelation_penalty(hidden, segment_ids=segment_ids, normalize=normalize)
+
+        return self._scalar(penalty)
 
     def official_regularizer(self) -> torch.Tensor:
         """PAPER-CODE COMPATIBILITY, for ablations only (DESIGN section 1): what the
@@ -176,9 +297,13 @@ class DecorrelationHooks:
         official weight is 0.001. decpo's correct regularizer is penalty()."""
         if len(self.outputs) != len(self.modules):
             raise RuntimeError("run exactly one policy forward inside capture() first")
-        values = []
-        for out in self.outputs:
-            a = out[0::2, -1].float().abs()  # (B', D)
-            eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
-            values.append((a @ a.T - eye).mean())
-        return torch.stack(values).mean()
+
+        def regularizer(outputs: list[torch.Tensor]) -> torch.Tensor:
+            values = []
+            for out in outputs:
+                a = out[0::2, -1].float().abs()  # (B', D)
+                eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+                values.append((a @ a.T - eye).mean())
+            return torch.stack(values).mean()
+
+        return self._scalar(regularizer)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 LIBRARY_NAME = "libdecpo_native.so"
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 # Dtypes the native kernels read and write.
@@ -72,23 +72,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         # grad_logp, logits, dtype, n_rows, n_vocab, row_stride, targets, ignore_index,
         # inv_t, lse, grad_logits
         "decpo_logprobs_from_logits_bwd": [ptr, ptr, i32, i64, i64, i64, ptr, i64, f32, ptr, ptr],
-        # tile, dtype, n_rows, n_cols, row_stride, bias, inv_t, local_targets,
-        # m, s_other, s_target, target_logit, rescale
-        "decpo_online_softmax_tile": [
-            ptr,
-            i32,
-            i64,
-            i64,
-            i64,
-            ptr,
-            f32,
-            ptr,
-            ptr,
-            ptr,
-            ptr,
-            ptr,
-            ptr,
-        ],
+        # tile, dtype, n_rows, n_cols, row_stride, bias, inv_t, softcap, logit_scale,
+        # local_targets, m, s_other, s_target, target_logit, stats, rescale
+        "decpo_online_softmax_tile": [ptr, i32, i64, i64, i64, ptr, f32, f32, f32] + [ptr] * 7,
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
@@ -188,31 +174,39 @@ def online_softmax_tile(
     tile: torch.Tensor,
     bias: torch.Tensor | None,
     inv_temperature: float,
+    softcap: float,
+    logit_scale: float,
     local_targets: torch.Tensor,
     m: torch.Tensor,
     s_other: torch.Tensor,
     s_target: torch.Tensor,
     target_logit: torch.Tensor,
+    stats: torch.Tensor | None,
 ) -> torch.Tensor:
     """Fold one logit tile (R, Vc) into the running online-softmax state, in place.
 
     tile: h W_chunk^T, fp32 or bf16 with unit column stride; on return it holds
-    exp(x - m_new) with the target column zeroed (x = (tile + bias) * inv_t).
-    bias: (Vc,) fp32 or None. local_targets: (R,) int64 column of each row's target
-    in this chunk or -1. m, s_other, s_target, target_logit: (R,) fp32, updated.
-    Returns rescale = exp(m_old - m_new), (R,) fp32.
+    exp(z - m_new), times (1 - tanh^2) when softcap > 0, with the target column zeroed,
+    where z = softcap tanh(logit_scale (tile + bias) / softcap) / T (logit_scale
+    (tile + bias) / T when softcap == 0). bias: (Vc,) or None. local_targets: (R,)
+    int64 column of each row's target in this chunk or -1. m, s_other, s_target,
+    target_logit: (R,) fp32, updated. stats: None or (3, R) fp32 running
+    [sum e (z - m), sum e^2, sum z], updated. Returns rescale = exp(m_old - m_new),
+    (R,) fp32.
     """
     assert tile.dim() == 2 and tile.stride(1) == 1 and tile.dtype in _DTYPE_CODES
     assert all(t.dtype == torch.float32 and t.is_contiguous() for t in (m, s_other, s_target))
     assert target_logit.is_contiguous() and local_targets.is_contiguous()
+    assert stats is None or (stats.dtype == torch.float32 and stats.is_contiguous())
     n, v = tile.shape
     rescale = torch.empty(n, dtype=torch.float32)
     if bias is not None:
         bias = bias.to(torch.float32).contiguous()
     status = library().decpo_online_softmax_tile(
         tile.data_ptr(), _DTYPE_CODES[tile.dtype], n, v, tile.stride(0),
-        None if bias is None else bias.data_ptr(), inv_temperature, local_targets.data_ptr(),
-        m.data_ptr(), s_other.data_ptr(), s_target.data_ptr(), target_logit.data_ptr(),
+        None if bias is None else bias.data_ptr(), inv_temperature, softcap, logit_scale,
+        local_targets.data_ptr(), m.data_ptr(), s_other.data_ptr(), s_target.data_ptr(),
+        target_logit.data_ptr(), None if stats is None else stats.data_ptr(),
         rescale.data_ptr(),
     )  # fmt: skip
     assert status == 0, f"decpo_online_softmax_tile returned {status}"

@@ -53,6 +53,24 @@ def decorrelation_penalty_reference(
     return total / pairs if reduction == "mean" else total
 
 
+def final_logits_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+) -> torch.Tensor:
+    """z = softcap tanh(logit_scale (h W^T + b) / softcap) / T, full (..., V) logits."""
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    logits = logits * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits / temperature
+
+
 def token_logprobs_reference(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -60,12 +78,37 @@ def token_logprobs_reference(
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> torch.Tensor:
-    """log_softmax((h W^T + b) / T) at targets through full logits; 0 at ignore_index."""
-    logits = hidden @ weight.T
-    if bias is not None:
-        logits = logits + bias
-    return logprobs_from_logits_reference(logits, targets, ignore_index, temperature)
+    """log_softmax of the final logits at targets through full logits; 0 at ignore_index."""
+    z = final_logits_reference(hidden, weight, bias, 1.0, softcap, logit_scale)
+    return logprobs_from_logits_reference(z, targets, ignore_index, temperature)
+
+
+def token_stats_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """TokenStats' fields through full logits: entropy, logit_sum, argmax_match,
+    log_sum_p2; 0 at ignore_index."""
+    z = final_logits_reference(hidden, weight, bias, temperature, softcap, logit_scale)
+    logp = torch.log_softmax(z, dim=-1)
+    valid = targets != ignore_index
+    z_target = z.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
+    stats = {
+        "entropy": -(logp.exp() * logp).sum(-1),
+        "logit_sum": z.sum(-1),
+        "argmax_match": (z_target >= z.amax(-1)).to(z.dtype),
+        "log_sum_p2": torch.logsumexp(2 * logp, dim=-1),
+    }
+    return {k: torch.where(valid, v, torch.zeros_like(v)) for k, v in stats.items()}
 
 
 def logprobs_from_logits_reference(
@@ -92,11 +135,18 @@ def eager_token_logprobs(
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> torch.Tensor:
-    """hidden @ weight.T at the input dtype, then fp32 log_softmax and gather."""
+    """hidden @ weight.T at the input dtype (scale and softcap there too, as the model
+    code does), then fp32 log_softmax and gather."""
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
+    if logit_scale != 1.0:
+        logits = logits * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     return eager_logprobs_from_logits(logits, targets, ignore_index, temperature)
 
 

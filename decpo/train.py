@@ -36,6 +36,7 @@ import decpo
 from decpo import data as data_lib
 from decpo import models
 from decpo.hooks import DecorrelationHooks, feature_decorrelation
+from decpo.integrations.hf import logit_transform
 
 LOSSES = ("dpo", "decpo", "ipo", "hinge", "simpo", "sft")
 # --loss -> decpo.dpo_loss loss_type; decpo = DPO's sigmoid loss + the regularizer.
@@ -201,13 +202,6 @@ def build_model(cfg: Config, out: Path, device: torch.device) -> tuple[torch.nn.
         model, tokenizer = models.load_pretrained(cfg.model, dtype)
     if cfg.gradient_checkpointing:
         models.enable_checkpointing(model)
-    text_config = model.config.get_text_config()
-    for field in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
-        if getattr(text_config, field, None) not in (None, 1, 1.0):
-            raise SystemExit(
-                f"--model {cfg.model}: its config sets {field}; decpo.train scores tokens "
-                "straight from the LM head (h W^T) and does not apply it yet"
-            )
     torch.manual_seed(cfg.seed)  # identical LoRA init on every rank
     model = models.add_lora(model, cfg.lora_r, None, cfg.lora_targets.split(","))
     return model.to(device), tokenizer
@@ -276,7 +270,10 @@ def sequence_logps(
     if hidden.dtype != weight.dtype:
         weight = weight.to(hidden.dtype)
         bias = bias.to(hidden.dtype) if bias is not None else None
-    logp = decpo.token_logprobs(hidden, weight, targets, bias=bias)  # (2B, T - 1)
+    softcap, logit_scale = logit_transform(base)  # Gemma's softcap, Cohere/Granite scales
+    logp = decpo.token_logprobs(
+        hidden, weight, targets, bias=bias, softcap=softcap, logit_scale=logit_scale
+    )  # (2B, T - 1)
     per_sequence = decpo.sequence_logprobs(logp, targets != data_lib.IGNORE_INDEX)
     return per_sequence.sum, per_sequence.mean
 
@@ -327,7 +324,8 @@ def forward_pair_batch(
     )  # fmt: skip
     hidden, segment_ids = hooks.rows(completion, cfg.dec_tokens)
     if cfg.loss == "decpo" and train:
-        penalty = decpo.decorrelation_penalty(hidden, segment_ids=segment_ids)
+        # Through the hooks: also differentiable under reentrant gradient checkpointing.
+        penalty = hooks.penalty(completion, cfg.dec_tokens)
     else:
         with torch.no_grad():
             penalty = decpo.decorrelation_penalty(hidden.detach(), segment_ids=segment_ids)

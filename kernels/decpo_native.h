@@ -29,13 +29,17 @@ DECPO_API int decpo_logprobs_from_logits_bwd(const float* grad_logp, const void*
                                              const float* lse, void* grad_logits);
 
 // Fused epilogue of one logit tile for token_logprobs (see online_softmax_tile.cpp):
-// tile (R, Vc) with row stride, fp32 or bf16, holds h W_chunk^T on entry and the
-// unnormalized probabilities exp(x - m') with the target column zeroed on exit.
-// bias: Vc floats or NULL. local_targets: (R,) column of each row's target in this
-// chunk, or -1. m, s_other, s_target, target_logit: (R,) running state, updated.
-// rescale: (R,) out, exp(m_old - m_new), for the caller's other accumulators.
+// tile (R, Vc) with row stride, fp32 or bf16, holds h W_chunk^T on entry and, on exit,
+// the unnormalized probabilities exp(z - m') times (1 - tanh^2) when softcapping, with
+// the target column zeroed. z = softcap tanh(logit_scale (tile + bias) / softcap) / T,
+// or logit_scale (tile + bias) / T when softcap <= 0. bias: Vc floats or NULL.
+// local_targets: (R,) column of each row's target in this chunk, or -1. m, s_other,
+// s_target, target_logit: (R,) running state, updated. stats: NULL or (3, R) running
+// [sum e (z - m), sum e^2, sum z], updated. rescale: (R,) out, exp(m_old - m_new), for
+// the caller's other accumulators.
 DECPO_API int decpo_online_softmax_tile(void* tile, int dtype, int64_t n_rows, int64_t n_cols,
                                         int64_t row_stride, const float* bias,
-                                        float inv_temperature, const int64_t* local_targets,
-                                        float* m, float* s_other, float* s_target,
-                                        float* target_logit, float* rescale);
+                                        float inv_temperature, float softcap, float logit_scale,
+                                        const int64_t* local_targets, float* m, float* s_other,
+                                        float* s_target, float* target_logit, float* stats,
+                                        float* rescale);

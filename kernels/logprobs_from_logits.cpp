@@ -106,7 +106,7 @@ bool targets_ok(const int64_t* targets, int64_t n_rows, int64_t n_vocab, int64_t
 
 }  // namespace
 
-DECPO_API int decpo_abi_version(void) { return 3; }
+DECPO_API int decpo_abi_version(void) { return 4; }
 
 DECPO_API int decpo_logprobs_from_logits_fwd(const void* logits, int dtype, int64_t n_rows,
                                              int64_t n_vocab, int64_t row_stride,

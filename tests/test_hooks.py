@@ -125,3 +125,84 @@ def test_any_hugging_face_model_gpt2():
         torch.testing.assert_close(hidden[:, 1], torch.stack([o[1, 5] for o in hooks.outputs]))
         hooks.penalty(attention, "all").backward()
     assert model.transformer.h[0].mlp.c_fc.weight.grad is not None
+
+
+def _set_checkpointing(base, mode):
+    """mode None: off; else torch.utils.checkpoint with use_reentrant=mode."""
+    if mode is None:
+        for module in base.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = False
+        return
+    kwargs = {"use_reentrant": mode}
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _penalized_grads(model, batch, mode, tokens):
+    """LoRA gradients of mean(logits^2) + 0.7 x penalty with checkpointing `mode`."""
+    base = model.get_base_model()
+    _set_checkpointing(base, mode)
+    base.train()
+    handle = base.get_input_embeddings().register_forward_hook(
+        lambda m, a, out: out.requires_grad_(True)  # what peft's enable_input_require_grads does
+    )
+    model.zero_grad()
+    try:
+        with DecorrelationHooks(model, "mlp.up_proj", [0, 2, 3]) as hooks:
+            for _ in range(2):  # two steps: the second checks the first was complete
+                model.zero_grad()
+                with hooks.capture():
+                    logits = _forward(model, batch)
+                assert len(hooks.outputs) == 3
+                penalty = hooks.penalty(batch["attention_mask"], tokens)
+                loss = logits.float().pow(2).mean() * 1e-3 + 0.7 * penalty
+                (loss * 0.5).backward()  # a loss scale, as gradient accumulation applies
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    finally:
+        handle.remove()
+        _set_checkpointing(base, None)
+        base.eval()
+    return penalty.detach(), grads
+
+
+@pytest.mark.parametrize("tokens", ["last", "all"])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_penalty_gradient_under_gradient_checkpointing(tiny, reentrant, tokens):
+    # The regularizer must act identically with and without checkpointing; with
+    # use_reentrant=True the checkpointed forward runs under no_grad (the old hooks
+    # recorded nothing there and DecPO trained as DPO).
+    model, batch = tiny
+    penalty_ref, ref = _penalized_grads(model, batch, None, tokens)
+    penalty, grads = _penalized_grads(model, batch, reentrant, tokens)
+    torch.testing.assert_close(penalty, penalty_ref)
+    assert ref.keys() == grads.keys()
+    for name in ref:
+        torch.testing.assert_close(grads[name], ref[name], rtol=1e-4, atol=1e-7, msg=name)
+    # The penalty moves the hooked layers' adapters: its gradient is really in there.
+    up = [n for n in ref if "layers.2.mlp.up_proj.lora_B" in n]
+    assert up and ref[up[0]].abs().sum() > 0
+
+
+def test_reentrant_checkpoint_gradient_that_never_arrives_is_an_error(tiny):
+    model, batch = tiny
+    base = model.get_base_model()
+    _set_checkpointing(base, True)
+    base.train()
+    handle = base.get_input_embeddings().register_forward_hook(
+        lambda m, a, out: out.requires_grad_(True)
+    )
+    try:
+        with DecorrelationHooks(model, "mlp.up_proj", [1]) as hooks:
+            with hooks.capture():
+                _forward(model, batch)
+            penalty = hooks.penalty(batch["attention_mask"], "last")
+            penalty.backward()  # reaches the probe, but no layer is recomputed
+            with pytest.raises(RuntimeError, match="use_reentrant"), hooks.capture():
+                pass
+    finally:
+        handle.remove()
+        _set_checkpointing(base, None)
+        base.eval()

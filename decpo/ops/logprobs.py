@@ -8,7 +8,7 @@ to 2-D, backend choice).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -25,6 +25,29 @@ def _out_dtype(dtype: torch.dtype) -> torch.dtype:
 # ---------------------------------------------------------------- token_logprobs
 
 
+class TokenStats(NamedTuple):
+    """Per-token statistics of the final-logit distribution p = softmax(z), computed
+    by token_logprobs(..., return_stats=True) in the same pass as the log-probs (no
+    extra matmul). Each is fp32 (float64 for float64 input), shaped like targets,
+    detached (no gradient), and 0 where the target is ignore_index.
+
+    entropy:      H = logsumexp(z) - sum_v p_v z_v.
+    logit_sum:    sum_v z_v over the whole vocabulary; TRL's mean logit (the logits/chosen
+                  and logits/rejected metrics) is logit_sum / V.
+    argmax_match: 1.0 where z_y == max_v z_v, else 0.0. A tie at the maximum counts as a
+                  match (TRL's is_top1 takes torch.argmax's first maximum, so a tie with
+                  an earlier vocabulary entry is a miss there; with continuous logits ties
+                  are vanishingly rare). Sums to TRL's mean_token_accuracy numerator.
+    log_sum_p2:   log sum_v p_v^2 = logsumexp(2 z) - 2 logsumexp(z), TRL's
+                  log_sum_sq_probs (the WPO weights, use_weighting=True).
+    """
+
+    entropy: torch.Tensor
+    logit_sum: torch.Tensor
+    argmax_match: torch.Tensor
+    log_sum_p2: torch.Tensor
+
+
 @torch.library.custom_op("decpo::token_logprobs", mutates_args=())
 def _token_logprobs_op(
     hidden: torch.Tensor,
@@ -33,23 +56,29 @@ def _token_logprobs_op(
     bias: torch.Tensor | None,
     ignore_index: int,
     temperature: float,
+    softcap: float,
+    logit_scale: float,
     backend: str,
     frozen_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logp (N,), lse (N,), d logp / d hidden (N, D) if frozen_grad else empty)."""
+    with_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp (N,), lse (N,), d logp / d hidden (N, D) if frozen_grad else empty,
+    stats (N, 4) [entropy, logit_sum, argmax_match, log_sum_p2] if with_stats else empty)."""
     checks.targets_in_range(targets, weight.shape[0], ignore_index)
     if backend == "triton":
         from decpo.triton_backend import logprobs as triton_impl
 
         return triton_impl.token_logprobs(
-            hidden, weight, targets, bias, ignore_index, temperature, 0.0, 1.0, frozen_grad, False
-        )[:3]
+            hidden, weight, targets, bias, ignore_index, temperature, softcap, logit_scale,
+            frozen_grad, with_stats,
+        )  # fmt: skip
     # "native": the same tiling with PyTorch's matmuls and the native fused tile epilogue.
     epilogue = native.online_softmax_tile if backend == "native" else None
     assert backend in ("torch", "native"), backend
     return torch_impl.token_logprobs(
-        hidden, weight, targets, bias, ignore_index, temperature, frozen_grad, epilogue
-    )
+        hidden, weight, targets, bias, ignore_index, temperature, softcap, logit_scale,
+        frozen_grad, with_stats, epilogue,
+    )  # fmt: skip
 
 
 @_token_logprobs_op.register_fake
@@ -60,13 +89,22 @@ def _(
     bias: Tensor | None,
     ignore_index: int,
     temperature: float,
+    softcap: float,
+    logit_scale: float,
     backend: str,
     frozen_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+    with_stats: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     n = hidden.shape[0]
     out_dtype = _out_dtype(hidden.dtype)
     grad = hidden.new_empty(hidden.shape) if frozen_grad else hidden.new_empty(0)
-    return hidden.new_empty(n, dtype=out_dtype), hidden.new_empty(n, dtype=out_dtype), grad
+    stats = hidden.new_empty((n, 4) if with_stats else (0,), dtype=out_dtype)
+    return (
+        hidden.new_empty(n, dtype=out_dtype),
+        hidden.new_empty(n, dtype=out_dtype),
+        grad,
+        stats,
+    )
 
 
 @torch.library.custom_op("decpo::token_logprobs_backward", mutates_args=())
@@ -79,6 +117,8 @@ def _token_logprobs_backward_op(
     lse: torch.Tensor,
     ignore_index: int,
     temperature: float,
+    softcap: float,
+    logit_scale: float,
     backend: str,
     need_hidden: bool,
     need_weight: bool,
@@ -88,14 +128,14 @@ def _token_logprobs_backward_op(
         from decpo.triton_backend import logprobs as triton_impl
 
         return triton_impl.token_logprobs_backward(
-            grad_logp, hidden, weight, targets, bias, lse, ignore_index, temperature, 0.0, 1.0,
-            need_hidden, need_weight, need_bias,
+            grad_logp, hidden, weight, targets, bias, lse, ignore_index, temperature,
+            softcap, logit_scale, need_hidden, need_weight, need_bias,
         )  # fmt: skip
     # The native backend's trainable-head backward recomputes tiles with torch ops.
     assert backend in ("torch", "native"), backend
     return torch_impl.token_logprobs_backward(
         grad_logp, hidden, weight, targets, bias, lse, ignore_index, temperature,
-        need_hidden, need_weight, need_bias,
+        softcap, logit_scale, need_hidden, need_weight, need_bias,
     )  # fmt: skip
 
 
@@ -109,6 +149,8 @@ def _(
     lse: Tensor,
     ignore_index: int,
     temperature: float,
+    softcap: float,
+    logit_scale: float,
     backend: str,
     need_hidden: bool,
     need_weight: bool,
@@ -121,11 +163,12 @@ def _(
 
 
 def _token_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-    hidden, weight, targets, bias, ignore_index, temperature, backend, frozen_grad = inputs
-    _logp, lse, grad = output
-    ctx.mark_non_differentiable(lse, grad)
+    (hidden, weight, targets, bias, ignore_index, temperature, softcap, logit_scale, backend,
+     frozen_grad, _with_stats) = inputs  # fmt: skip
+    _logp, lse, grad, stats = output
+    ctx.mark_non_differentiable(lse, grad, stats)
     ctx.frozen_grad = frozen_grad
-    ctx.args = (ignore_index, temperature, backend)
+    ctx.args = (ignore_index, temperature, softcap, logit_scale, backend)
     ctx.has_bias = bias is not None
     if frozen_grad:
         ctx.save_for_backward(grad)
@@ -133,14 +176,17 @@ def _token_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor
         ctx.save_for_backward(hidden, weight, targets, bias, lse)
 
 
+_N_TOKEN_INPUTS = 11
+
+
 def _token_backward(
-    ctx: Any, grad_logp: Tensor, _g_lse: Tensor, _g_grad: Tensor
+    ctx: Any, grad_logp: Tensor, _g_lse: Tensor, _g_grad: Tensor, _g_stats: Tensor
 ) -> tuple[Tensor | None, ...]:
     if ctx.frozen_grad:
-        # One-pass frozen head: d hidden = g * (W_y - E) / T was computed in the forward.
+        # One-pass frozen head: d hidden = g * d logp / d hidden, computed in the forward.
         (grad,) = ctx.saved_tensors
         d_hidden = (grad.to(grad_logp.dtype) * grad_logp[:, None]).to(grad.dtype)
-        return d_hidden, None, None, None, None, None, None, None
+        return (d_hidden,) + (None,) * (_N_TOKEN_INPUTS - 1)
     hidden, weight, targets, bias, lse = ctx.saved_tensors
     need_hidden, need_weight, _, need_bias = ctx.needs_input_grad[:4]
     d_hidden, d_weight, d_bias = _token_logprobs_backward_op(
@@ -152,8 +198,7 @@ def _token_backward(
         d_weight if need_weight else None,
         None,
         d_bias if (need_bias and ctx.has_bias) else None,
-        None, None, None, None,
-    )  # fmt: skip
+    ) + (None,) * (_N_TOKEN_INPUTS - 4)
 
 
 _token_logprobs_op.register_autograd(_token_backward, setup_context=_token_setup_context)
@@ -167,16 +212,27 @@ def token_logprobs(
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    return_stats: bool = False,
     backend: str = "auto",
-) -> torch.Tensor:
-    """log softmax((hidden @ weight.T + bias) / temperature) gathered at targets,
-    without materializing the logits.
+) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
+    """log softmax(z) gathered at targets, without materializing the logits, where
+    z = softcap tanh(logit_scale (hidden @ weight.T + bias) / softcap) / temperature
+    (z = logit_scale (hidden @ weight.T + bias) / temperature when softcap is None).
 
     hidden (..., D) floating; weight (V, D), the LM head, same dtype; targets (...)
     int64 in [0, V) or ignore_index; bias (V,) optional. Returns fp32 log-probs
     (float64 for float64 input) shaped like targets, 0 where targets == ignore_index.
     Differentiable in hidden, weight and bias; with a frozen head (weight and bias
-    not requiring grad) the gradient is computed in the forward pass.
+    not requiring grad) the gradient is computed in the forward pass, the chain rule
+    through the scale and the softcap included.
+
+    Model conventions: Gemma 2/3 final_logit_softcapping -> softcap; Cohere logit_scale
+    -> logit_scale; Granite logits_scaling -> logit_scale = 1 / logits_scaling.
+
+    return_stats=True returns (logp, TokenStats(entropy, logit_sum, argmax_match,
+    log_sum_p2)), computed in the same pass; see TokenStats.
     """
     checks.floating("hidden", hidden)
     checks.floating("weight", weight)
@@ -207,6 +263,8 @@ def token_logprobs(
     checks.same_dtype(hidden=hidden, weight=weight, bias=bias)
     checks.integer_scalar("ignore_index", ignore_index)
     temperature = checks.positive_float("temperature", temperature)
+    softcap_value = 0.0 if softcap is None else checks.positive_float("softcap", softcap)
+    logit_scale = _finite_float("logit_scale", logit_scale)
     resolved = resolve_backend("token_logprobs", backend, hidden.device, hidden.dtype)
 
     grad_on = torch.is_grad_enabled()
@@ -214,10 +272,23 @@ def token_logprobs(
     frozen_grad = grad_on and hidden.requires_grad and not head_trainable
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, D)
     flat_targets = targets.reshape(-1).long()  # (N,)
-    logp, _, _ = _token_logprobs_op(
-        flat_hidden, weight, flat_targets, bias, ignore_index, temperature, resolved, frozen_grad
-    )
-    return logp.reshape(targets.shape)
+    logp, _, _, stats = _token_logprobs_op(
+        flat_hidden, weight, flat_targets, bias, ignore_index, temperature, softcap_value,
+        logit_scale, resolved, frozen_grad, bool(return_stats),
+    )  # fmt: skip
+    logp = logp.reshape(targets.shape)
+    if not return_stats:
+        return logp
+    return logp, TokenStats(*(stats[:, k].reshape(targets.shape) for k in range(4)))
+
+
+def _finite_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
 
 
 # ---------------------------------------------------------- logprobs_from_logits

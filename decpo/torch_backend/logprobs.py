@@ -1,13 +1,17 @@
 """Per-token log-probs in pure PyTorch, tiled so no N x V fp32 buffer is ever held.
 
-token_logprobs: logits = (h W^T + b) / T are produced one (row chunk, vocab chunk)
+token_logprobs: final logits z = softcap tanh(logit_scale (h W^T + b) / softcap) / T
+(logit_scale (h W^T + b) / T without a softcap) are produced one (row chunk, vocab chunk)
 tile at a time and folded into a running max m and sum-exp s per row (the online
 logsumexp), with the target logit gathered from whichever tile holds it.
 
 With a frozen head (hidden needs a gradient, weight and bias do not) the forward
 also accumulates E_t = sum_v p_tv W_v online, flash-attention style (rescale the
 accumulator when the running max moves), so the gradient is known at the end of
-the forward: d logp_t / d h_t = (W_{y_t} - E_t) / T. Two matrix products per tile
+the forward: d logp_t / d h_t = (W_{y_t} - E_t) / T (with a logit scale and softcap
+each W_v is weighted by the chain-rule factor dz_v / da_v, in the same pass). The
+per-token statistics (entropy, logit sum, argmax match, log sum p^2) are three more
+running sums beside the logsumexp: no extra matmul. Two matrix products per tile
 (2 N V D each): forward+gradient costs 4 N V D FLOPs, and the backward is one
 elementwise multiply by grad_output. When the weight or bias needs a gradient
 the backward recomputes each tile (6 N V D in all).
@@ -23,8 +27,9 @@ from collections.abc import Callable
 import torch
 
 # A fused replacement for the per-tile softmax steps (decpo.native.online_softmax_tile):
-# (tile, bias chunk, 1/T, local target or -1, m, s_other, s_target, target_logit) ->
-# rescale, with the tile turned into exp(x - m_new) (target column zeroed) in place.
+# (tile, bias chunk, 1/T, softcap, logit_scale, local target or -1, m, s_other, s_target,
+# target_logit, stats accumulators (3, R) or None) -> rescale, with the tile turned into
+# exp(z - m_new) (1 - tanh^2 with a softcap) in place, target column zeroed.
 TileEpilogue = Callable[..., torch.Tensor]
 
 # Elements per fp32 logit tile: 2^22 * 4 bytes = 16 MiB (64 MiB on GPUs).
@@ -50,15 +55,20 @@ def _safe_max(m: torch.Tensor) -> torch.Tensor:
 
 def _logit_tile(
     h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, v0: int, v1: int,
-    inv_t: float, compute_dtype: torch.dtype,
-) -> torch.Tensor:  # fmt: skip
-    """(h W[v0:v1]^T + b[v0:v1]) / T in the compute dtype: (rows, v1 - v0)."""
+    inv_t: float, compute_dtype: torch.dtype, softcap: float = 0.0, logit_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """Final logits z of vocabulary rows [v0, v1) in the compute dtype: (rows, v1 - v0),
+    and t = tanh(logit_scale a / softcap) when softcapping (else None), where
+    a = h W^T + b and z = softcap t / T (or logit_scale a / T without a softcap)."""
     logits = (h @ weight[v0:v1].T).to(compute_dtype)
     if bias is not None:
         logits += bias[v0:v1].to(compute_dtype)
-    if inv_t != 1.0:
-        logits *= inv_t
-    return logits
+    if softcap:
+        t = torch.tanh(logits * (logit_scale / softcap))
+        return t * (softcap * inv_t), t
+    if logit_scale * inv_t != 1.0:
+        logits *= logit_scale * inv_t
+    return logits, None
 
 
 def _target_columns(targets: torch.Tensor, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,17 +97,25 @@ def _valid_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None
 
 def token_logprobs(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-    bias: torch.Tensor | None, ignore_index: int, temperature: float, frozen_grad: bool,
+    bias: torch.Tensor | None, ignore_index: int, temperature: float, softcap: float,
+    logit_scale: float, frozen_grad: bool, with_stats: bool,
     epilogue: TileEpilogue | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Forward for hidden (N, D), weight (V, D), targets (N,).
 
-    epilogue: a fused implementation of the per-tile softmax steps (the native CPU
-    library's); None runs them as torch ops.
+    Final logits z = c(logit_scale (h W^T + b)) / T with c(x) = softcap tanh(x / softcap)
+    (the identity when softcap == 0). epilogue: a fused implementation of the per-tile
+    softmax steps (the native CPU library's); None runs them as torch ops.
 
-    Returns logp (N,), lse (N,) in fp32 (float64 for float64 input; 0 at ignored
-    rows), and, if frozen_grad, d logp / d hidden (N, D) in hidden's dtype (else an
-    empty tensor). Ignored rows are compacted away first and cost nothing.
+    Returns logp (N,), lse (N,) = logsumexp_v z in fp32 (float64 for float64 input; 0
+    at ignored rows); if frozen_grad, d logp / d hidden (N, D) in hidden's dtype (else
+    an empty tensor); if with_stats, (N, 4) columns [entropy, logit_sum, argmax_match,
+    log_sum_p2] (else empty), 0 at ignored rows. Ignored rows are compacted away first
+    and cost nothing.
+
+    Statistics, accumulated online beside the logsumexp (sums rescaled when the
+    running max m moves): s = sum_v e_v with e_v = exp(z_v - m); x = sum_v e_v (z_v - m);
+    q = sum_v e_v^2; then entropy = log s - x / s, log_sum_p2 = log q - 2 log s.
     """
     n, dim = hidden.shape
     n_vocab = weight.shape[0]
@@ -106,60 +124,94 @@ def token_logprobs(
     logp = hidden.new_zeros(n, dtype=cdt)
     lse = hidden.new_zeros(n, dtype=cdt)
     grad = hidden.new_zeros((n, dim)) if frozen_grad else hidden.new_empty(0)
+    stats = hidden.new_zeros((n, 4), dtype=cdt) if with_stats else hidden.new_empty(0, dtype=cdt)
     rows = _valid_rows(targets, ignore_index)
     h_all = hidden if rows is None else hidden[rows]  # (M, D) valid rows
     t_all = targets if rows is None else targets[rows]  # (M,)
     m_rows = h_all.shape[0]
     if m_rows == 0:
-        return logp, lse, grad
+        return logp, lse, grad, stats
 
     row_chunk, vocab_chunk = _tile(m_rows, n_vocab, hidden.device)
-    out_logp, out_lse, out_grad = [], [], []
+    out_logp, out_lse, out_grad, out_stats = [], [], [], []
     for r0 in range(0, m_rows, row_chunk):
         h = h_all[r0 : r0 + row_chunk]  # (R, D)
         t = t_all[r0 : r0 + row_chunk]  # (R,)
         m = h.new_full((h.shape[0],), float("-inf"), dtype=cdt)  # running max
-        s_other = h.new_zeros(h.shape[0], dtype=cdt)  # sum of exp(logit - m) over v != y
-        s_target = h.new_zeros(h.shape[0], dtype=cdt)  # exp(logit_y - m)
+        s_other = h.new_zeros(h.shape[0], dtype=cdt)  # sum of exp(z - m) over v != y
+        s_target = h.new_zeros(h.shape[0], dtype=cdt)  # exp(z_y - m)
         target_logit = h.new_zeros(h.shape[0], dtype=cdt)
-        # sum over v != y of exp(logit_v - m) W_v. The target's own term is kept out so
-        # that W_y - E = (s_other W_y - this) / s never subtracts two nearly equal
-        # low-precision vectors when p_y is close to 1.
+        # Running statistics (with_stats): x, q, sum of z (see the docstring).
+        acc = h.new_zeros((3, h.shape[0]), dtype=cdt) if with_stats else None
+        # sum over v != y of exp(z_v - m) (dz_v / da_v) / (logit_scale / T) W_v. The
+        # target's own term is kept out so that the gradient's W_y - E never subtracts
+        # two nearly equal low-precision vectors when p_y is close to 1.
         other_w = h.new_zeros((h.shape[0], dim), dtype=cdt) if frozen_grad else None
         for v0 in range(0, n_vocab, vocab_chunk):
             v1 = min(v0 + vocab_chunk, n_vocab)
             local, inside = _target_columns(t, v0, v1)
             if epilogue is not None:
-                p_tile = h @ weight[v0:v1].T  # (R, Vc), becomes exp(x - m_new) in place
+                p_tile = h @ weight[v0:v1].T  # (R, Vc), becomes exp(z - m_new) c' in place
                 rescale = epilogue(
-                    p_tile, None if bias is None else bias[v0:v1], inv_t,
-                    torch.where(inside, local.squeeze(1), -1), m, s_other, s_target, target_logit,
+                    p_tile, None if bias is None else bias[v0:v1], inv_t, softcap, logit_scale,
+                    torch.where(inside, local.squeeze(1), -1), m, s_other, s_target,
+                    target_logit, acc,
                 )  # fmt: skip
             else:
-                tile = _logit_tile(h, weight, bias, v0, v1, inv_t, cdt)  # (R, Vc)
+                tile, tanh_tile = _logit_tile(
+                    h, weight, bias, v0, v1, inv_t, cdt, softcap, logit_scale
+                )  # (R, Vc)
                 target_logit = torch.where(inside, tile.gather(1, local).squeeze(1), target_logit)
                 m_new = torch.maximum(m, tile.amax(1))
                 m_safe = _safe_max(m_new)
                 rescale = torch.exp(m - m_safe)  # (R,)
-                tile.sub_(m_safe[:, None]).exp_()  # exp(logit - m), unnormalized p
-                p_target = tile.gather(1, local).squeeze(1)
-                tile.scatter_(1, local, torch.where(inside, 0.0, p_target)[:, None])
+                if acc is not None:
+                    acc[2] += tile.sum(1)
+                    s_old = s_other + s_target
+                    shift = torch.where(s_old > 0, s_old * (m - m_safe), 0.0)
+                e = tile.sub_(m_safe[:, None]).exp_()  # exp(z - m), unnormalized p (in place)
+                if acc is not None:
+                    z_dev = torch.where(e == 0, 0.0, e * e.log())  # e (z - m), from e
+                    acc[0] = rescale * (acc[0] + shift) + z_dev.sum(1)
+                    acc[1] = acc[1] * rescale * rescale + (e * e).sum(1)
+                p_target = e.gather(1, local).squeeze(1)
+                e.scatter_(1, local, torch.where(inside, 0.0, p_target)[:, None])
                 s_target = s_target * rescale + torch.where(inside, p_target, 0.0)
-                s_other = s_other * rescale + tile.sum(1)
+                s_other = s_other * rescale + e.sum(1)
                 m = m_new
-                p_tile = tile.to(weight.dtype)
+                if other_w is not None and tanh_tile is not None:
+                    e.mul_(1.0 - tanh_tile.square_())  # dz / da up to logit_scale / T
+                p_tile = e.to(weight.dtype) if other_w is not None else e
             if other_w is not None:
                 other_w.mul_(rescale[:, None])
                 other_w += p_tile @ weight[v0:v1]
         s = s_other + s_target
-        row_lse = _safe_max(m) + torch.log(s)
+        log_s = torch.log(s)
+        row_lse = _safe_max(m) + log_s
         out_logp.append(target_logit - row_lse)
         out_lse.append(row_lse)
         if other_w is not None:
-            # d logp / d h = (W_y - E) / T = (s_other W_y - other_w) / (s T)
+            # d logp / d h = sum_v (1[v = y] - p_v) dz_v/da_v W_v
+            #             = (c_y s_other W_y - other_w) logit_scale / (s T)
             w_target = weight[t].to(cdt)  # (R, D)
-            grad_rows = (s_other[:, None] * w_target - other_w) * (inv_t / s)[:, None]
+            c_target = s_other
+            if softcap:
+                c_target = s_other * (1.0 - (target_logit * (temperature / softcap)).square())
+            scale = (logit_scale * inv_t) / s
+            grad_rows = (c_target[:, None] * w_target - other_w) * scale[:, None]
             out_grad.append(grad_rows.to(hidden.dtype))
+        if acc is not None:
+            out_stats.append(
+                torch.stack(
+                    [
+                        log_s - acc[0] / s,  # entropy
+                        acc[2],  # sum of the final logits
+                        (target_logit >= m).to(cdt),  # target is a (tied) argmax
+                        torch.log(acc[1]) - 2.0 * log_s,  # log sum_v p_v^2
+                    ],
+                    dim=1,
+                )
+            )
 
     # A NaN or Inf in the head makes every log-prob NaN, even for rows where it would
     # only meet a -inf logit (which softmax would otherwise absorb). One reduction pass
@@ -172,36 +224,42 @@ def token_logprobs(
         logp, lse = torch.cat(out_logp), torch.cat(out_lse)
         if frozen_grad:
             grad = torch.cat(out_grad)
+        if with_stats:
+            stats = torch.cat(out_stats)
     else:
         logp[rows] = torch.cat(out_logp)
         lse[rows] = torch.cat(out_lse)
         if frozen_grad:
             grad[rows] = torch.cat(out_grad)
-    return logp, lse, grad
+        if with_stats:
+            stats[rows] = torch.cat(out_stats)
+    return logp, lse, grad, stats
 
 
 def token_logprobs_backward(
     grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     bias: torch.Tensor | None, lse: torch.Tensor, ignore_index: int, temperature: float,
-    need_hidden: bool, need_weight: bool, need_bias: bool,
+    softcap: float, logit_scale: float, need_hidden: bool, need_weight: bool, need_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Recompute-in-backward for a trainable head: (d hidden, d weight, d bias), each
     an empty tensor when not needed. Vocabulary chunks outside, row chunks inside,
     so d weight is accumulated per chunk in fp32 and every tile is computed once.
 
-    d logp_t / d logit_tv = (1[v = y_t] - p_tv), and logit = (h W^T + b) / T.
+    d logp_t / d a_tv = (1[v = y_t] - p_tv) dz_tv / da_tv with a = h W^T + b and
+    dz / da = logit_scale (1 - tanh^2) / T (logit_scale / T without a softcap).
     """
     n, dim = hidden.shape
     n_vocab = weight.shape[0]
     cdt = _compute_dtype(hidden.dtype)
     inv_t = 1.0 / temperature
-    # Rows with zero upstream gradient or an ignored target contribute nothing.
+    # Rows with an ignored target contribute nothing.
     rows = _valid_rows(targets, ignore_index)
     h_all = hidden if rows is None else hidden[rows]
     t_all = targets if rows is None else targets[rows]
     g_all = (grad_logp if rows is None else grad_logp[rows]).to(cdt)
     lse_all = lse if rows is None else lse[rows]
     m_rows = h_all.shape[0]
+    dz_da = logit_scale * inv_t
 
     d_hidden = hidden.new_zeros((m_rows, dim), dtype=cdt) if need_hidden else None
     d_weight = weight.new_zeros(weight.shape) if need_weight else weight.new_empty(0)
@@ -214,12 +272,17 @@ def token_logprobs_backward(
         for r0 in range(0, m_rows, row_chunk):
             r1 = min(r0 + row_chunk, m_rows)
             h = h_all[r0:r1]
-            tile = _logit_tile(h, weight, bias, v0, v1, inv_t, cdt)  # (R, Vc)
+            tile, tanh_tile = _logit_tile(
+                h, weight, bias, v0, v1, inv_t, cdt, softcap, logit_scale
+            )  # (R, Vc)
             g = g_all[r0:r1]
-            # d logit = g * (onehot - p) / T
-            tile.sub_(lse_all[r0:r1, None]).exp_().mul_(-g[:, None] * inv_t)
+            # d a = g * (onehot - p) * dz/da
+            tile.sub_(lse_all[r0:r1, None]).exp_().mul_(-g[:, None])
             local, inside = _target_columns(t_all[r0:r1], v0, v1)
-            tile.scatter_add_(1, local, torch.where(inside, g * inv_t, 0.0)[:, None])
+            tile.scatter_add_(1, local, torch.where(inside, g, 0.0)[:, None])
+            if tanh_tile is not None:
+                tile.mul_(1.0 - tanh_tile.square_())
+            tile.mul_(dz_da)
             if d_hidden is not None:
                 d_hidden[r0:r1] += (tile.to(weight.dtype) @ weight[v0:v1]).to(cdt)
             if dw is not None:

@@ -10,8 +10,10 @@ from decpo import native
 from decpo.reference import (
     eager_logprobs_from_logits,
     eager_token_logprobs,
+    final_logits_reference,
     logprobs_from_logits_reference,
     token_logprobs_reference,
+    token_stats_reference,
 )
 from decpo.torch_backend import logprobs as torch_impl
 from tests.helpers import assert_close, upstream_like
@@ -52,17 +54,18 @@ def _targets(shape, vocab, ignore_frac=0.2):
 
 def _check_token_logprobs(
     lead, dim, vocab, dtype, *, bias=False, temperature=1.0, train_weight=False,
-    train_bias=False, backend="torch",
+    train_bias=False, backend="torch", softcap=None, logit_scale=1.0, hidden_scale=1.0,
 ):  # fmt: skip
     if backend == "native" and dtype not in native.DTYPES:
         pytest.skip(f"native kernels do not read {dtype}")
-    hidden = (torch.randn(*lead, dim) / dim**0.25).to(dtype).requires_grad_(True)
+    hidden = (torch.randn(*lead, dim) * hidden_scale / dim**0.25).to(dtype).requires_grad_(True)
     weight = (torch.randn(vocab, dim) / dim**0.25).to(dtype).requires_grad_(train_weight)
     b = (torch.randn(vocab) * 0.5).to(dtype).requires_grad_(train_bias) if bias else None
     targets = _targets(tuple(lead), vocab)
 
+    cap = {"softcap": softcap, "logit_scale": logit_scale}
     out = decpo.token_logprobs(
-        hidden, weight, targets, bias=b, temperature=temperature, backend=backend
+        hidden, weight, targets, bias=b, temperature=temperature, backend=backend, **cap
     )
     assert out.shape == targets.shape and out.dtype == torch.float32
     assert torch.all(out[targets == -100] == 0)
@@ -73,13 +76,13 @@ def _check_token_logprobs(
     leaves64 = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
     h64, w64 = leaves64[:2]
     b64 = leaves64[2] if b is not None else None
-    ref = token_logprobs_reference(h64, w64, targets, b64, temperature=temperature)
+    ref = token_logprobs_reference(h64, w64, targets, b64, temperature=temperature, **cap)
     (ref * upstream.double()).sum().backward()
 
     eager_leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in leaves]
     eh, ew = eager_leaves[:2]
     eb = eager_leaves[2] if b is not None else None
-    eager = eager_token_logprobs(eh, ew, targets, eb, temperature=temperature)
+    eager = eager_token_logprobs(eh, ew, targets, eb, temperature=temperature, **cap)
     (eager * upstream).sum().backward()
 
     assert_close(out, ref, dtype, "logp", eager=eager)
@@ -180,7 +183,10 @@ def test_token_logprobs_nan_in_gives_nan_out(backend):
 
 def test_token_logprobs_compile_fullgraph():
     def f(h, w, t):
-        return decpo.token_logprobs(torch.tanh(h), w, t).sum()
+        logp, stats = decpo.token_logprobs(
+            torch.tanh(h), w, t, softcap=3.0, logit_scale=0.5, return_stats=True
+        )
+        return logp.sum() + stats.entropy.sum()
 
     compiled = torch.compile(f, fullgraph=True)  # inductor
     h = torch.randn(3, 5, 8, requires_grad=True)
@@ -200,10 +206,154 @@ def test_token_logprobs_opcheck():
     h, w, t = torch.randn(6, 4), torch.randn(11, 4), _targets((6,), 11)
     op = torch.ops.decpo.token_logprobs.default
     for frozen_grad in (False, True):
-        torch.library.opcheck(
-            op, (h, w, t, None, -100, 1.0, "torch", frozen_grad),
-            test_utils=("test_schema", "test_faketensor"),
-        )  # fmt: skip
+        for softcap, stats in ((0.0, False), (4.0, True)):
+            torch.library.opcheck(
+                op, (h, w, t, None, -100, 1.0, softcap, 0.7, "torch", frozen_grad, stats),
+                test_utils=("test_schema", "test_faketensor"),
+            )  # fmt: skip
+
+
+# ------------------------------------------- softcap, logit scale, per-token stats
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("train_weight", [False, True])
+def test_token_logprobs_softcap_and_scale(dtype, train_weight, backend, small_tiles):
+    # hidden_scale 4: logits of a few tens, so tanh saturates on some of them.
+    _check_token_logprobs(
+        (3, 11), 7, 53, dtype, bias=True, temperature=0.8, softcap=5.0, logit_scale=1.7,
+        hidden_scale=4.0, train_weight=train_weight, backend=backend,
+    )  # fmt: skip
+    _check_token_logprobs(
+        (29,), 5, 37, dtype, logit_scale=1 / 8, hidden_scale=4.0, train_weight=train_weight,
+        backend=backend,
+    )  # fmt: skip
+    _check_token_logprobs((1,), 13, 5, dtype, softcap=30.0, backend=backend)
+
+
+def test_token_logprobs_softcap_gradcheck_float64(small_tiles):
+    hidden = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True) * 2
+    targets = _targets((2, 5), 23)
+    for train_weight in (False, True):
+        weight = torch.randn(23, 4, dtype=torch.float64, requires_grad=train_weight)
+        bias = torch.randn(23, dtype=torch.float64, requires_grad=train_weight)
+        assert torch.autograd.gradcheck(
+            lambda h, w, b: decpo.token_logprobs(
+                h, w, targets, bias=b, temperature=1.3, softcap=2.5, logit_scale=0.6
+            ),
+            (hidden.detach().requires_grad_(True), weight, bias),
+        )
+
+
+def _stats_inputs(lead, dim, vocab, dtype, scale=1.0):
+    hidden = (torch.randn(*lead, dim) * scale / dim**0.25).to(dtype)
+    weight = (torch.randn(vocab, dim) / dim**0.25).to(dtype)
+    bias = (torch.randn(vocab) * 0.5).to(dtype)
+    return hidden, weight, bias, _targets(tuple(lead), vocab)
+
+
+def _eager_stats(hidden, weight, bias, targets, temperature, softcap, logit_scale):
+    """The statistics as PyTorch computes them at the input dtype (full logits)."""
+    z = final_logits_reference(hidden, weight, bias, 1.0, softcap, logit_scale).float()
+    z = z / temperature
+    logp = torch.log_softmax(z, -1)
+    valid = targets != -100
+    stats = {
+        "entropy": -(logp.exp() * logp).sum(-1),
+        "logit_sum": z.sum(-1),
+        "log_sum_p2": torch.logsumexp(2 * logp, -1),
+    }
+    return {k: v * valid for k, v in stats.items()}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "lead,dim,vocab,cap",
+    [
+        ((37,), 13, 101, {}),
+        ((2, 17), 11, 67, {"softcap": 4.0, "logit_scale": 1.5, "temperature": 0.7}),
+        ((1,), 2, 1, {}),
+        ((9,), 8, 8209, {"logit_scale": 0.25}),
+    ],
+)
+def test_token_logprobs_stats(lead, dim, vocab, cap, dtype, backend, request):
+    if backend == "native" and dtype not in native.DTYPES:
+        pytest.skip(f"native kernels do not read {dtype}")
+    if vocab < 8192:
+        request.getfixturevalue("small_tiles")
+    hidden, weight, bias, targets = _stats_inputs(lead, dim, vocab, dtype, scale=3.0)
+    h = hidden.clone().requires_grad_(True)
+    logp, stats = decpo.token_logprobs(
+        h, weight, targets, bias=bias, return_stats=True, backend=backend, **cap
+    )
+    plain = decpo.token_logprobs(h, weight, targets, bias=bias, backend=backend, **cap)
+    assert isinstance(stats, decpo.TokenStats)
+    torch.testing.assert_close(logp, plain, rtol=0, atol=0)  # same numbers with stats on
+    ref = token_stats_reference(hidden.double(), weight.double(), targets, bias.double(), **cap)
+    eager = _eager_stats(hidden, weight, bias, targets, cap.get("temperature", 1.0),
+                         cap.get("softcap"), cap.get("logit_scale", 1.0))  # fmt: skip
+    ignored = targets == -100
+    for name in ("entropy", "logit_sum", "log_sum_p2", "argmax_match"):
+        value = getattr(stats, name)
+        assert value.shape == targets.shape and value.dtype == torch.float32, name
+        assert not value.requires_grad, name
+        assert torch.all(value[ignored] == 0), name
+        if name == "argmax_match":
+            # Exact where the float64 argmax margin exceeds the dtype's rounding.
+            z = final_logits_reference(hidden.double(), weight.double(), bias.double(),
+                                       **cap)  # fmt: skip
+            top2 = z.topk(min(2, vocab), -1).values
+            margin = (top2[..., 0] - top2[..., -1]) if vocab > 1 else torch.ones(lead)
+            clear = (margin > 0.05) | (vocab == 1)
+            assert torch.equal(value[clear], ref[name].float()[clear]), name
+            assert set(value.unique().tolist()) <= {0.0, 1.0}
+        else:
+            floor = 1e-3 * vocab if name == "logit_sum" else 1e-3
+            assert_close(value, ref[name], dtype, name, eager=eager[name], floor=floor)
+    # The gradient is unaffected by asking for the statistics.
+    upstream = upstream_like(logp)
+    logp.backward(upstream)
+    h2 = hidden.clone().requires_grad_(True)
+    decpo.token_logprobs(h2, weight, targets, bias=bias, backend=backend, **cap).backward(upstream)
+    torch.testing.assert_close(h.grad, h2.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_logprobs_stats_peaked_and_tied(backend):
+    # A near one-hot distribution (entropy ~ 0, log sum p^2 ~ 0) and an exact tie at the
+    # maximum (counts as a match).
+    weight = torch.eye(4) * 60.0
+    hidden = torch.tensor([[1.0, 0, 0, 0], [0.0, 1, 0, 0], [1.0, 1, 0, 0]])
+    targets = torch.tensor([0, 2, 1])
+    _, stats = decpo.token_logprobs(hidden, weight, targets, return_stats=True, backend=backend)
+    ref = token_stats_reference(hidden.double(), weight.double(), targets)
+    torch.testing.assert_close(stats.entropy.double(), ref["entropy"], atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(stats.log_sum_p2.double(), ref["log_sum_p2"], atol=1e-6, rtol=1e-4)
+    assert stats.argmax_match.tolist() == [1.0, 0.0, 1.0]
+    torch.testing.assert_close(stats.logit_sum, torch.tensor([60.0, 60.0, 120.0]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_logprobs_stats_nan_propagates(backend):
+    hidden = torch.randn(3, 6)
+    hidden[1, 2] = float("nan")
+    _, stats = decpo.token_logprobs(
+        hidden, torch.randn(9, 6), torch.tensor([1, 2, -100]), return_stats=True, backend=backend
+    )
+    assert torch.isnan(stats.entropy[1]) and torch.isnan(stats.logit_sum[1])
+    assert torch.isfinite(stats.entropy[0]) and stats.entropy[2] == 0
+
+
+def test_token_logprobs_bad_softcap_and_scale():
+    h, w, t = torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long)
+    with pytest.raises(ValueError, match="softcap"):
+        decpo.token_logprobs(h, w, t, softcap=0.0)
+    with pytest.raises(ValueError, match="logit_scale"):
+        decpo.token_logprobs(h, w, t, logit_scale=float("inf"))
+    with pytest.raises(TypeError, match="logit_scale"):
+        decpo.token_logprobs(h, w, t, logit_scale="2")
 
 
 # ---------------------------------------------------------- logprobs_from_logits
