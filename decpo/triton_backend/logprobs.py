@@ -225,7 +225,7 @@ def _logits_kernel(
         tl.store(p_ptrs, m, mask=row_ok)
         tl.store(p_ptrs + stride_pk, tl.sum(e_other, 1), mask=row_ok)
         if STATS:
-            finite = z > float("-inf")
+            finite = z != float("-inf")  # masked entries out; NaN stays in
             tl.store(p_ptrs + 2 * stride_pk, tl.sum(tl.where(finite, e * z, 0.0), 1), mask=row_ok)
             tl.store(p_ptrs + 3 * stride_pk, tl.sum(e * e, 1), mask=row_ok)
             tl.store(p_ptrs + 4 * stride_pk, tl.sum(tl.where(finite, z, 0.0), 1), mask=row_ok)

@@ -283,6 +283,10 @@ def test_token_logprobs_stats(lead, dim, vocab, cap, dtype, backend, request):
         pytest.skip(f"native kernels do not read {dtype}")
     if vocab < 8192:
         request.getfixturevalue("small_tiles")
+    if backend == "triton" and vocab > 1031:
+        # The interpreter's 16-wide vocabulary tiles: 1031 is already 65 of them (and
+        # the Triton GEMM pipeline has its own multi-chunk tests in tests/triton_backend).
+        vocab = 1031
     hidden, weight, bias, targets = _stats_inputs(lead, dim, vocab, dtype, scale=3.0)
     h = hidden.clone().requires_grad_(True)
     logp, stats = decpo.token_logprobs(
