@@ -13,6 +13,8 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+# Predicted times (FLOPs and bytes of decpo's tiling) to set beside the measured ones.
+python3 -m bench.kernel_stats --roofline 2>&1 | tee "$OUT/roofline.txt"
 timeout 420 python3 -m pytest bench/test_ops.py --benchmark-enable -q -p no:cacheprovider \
   --benchmark-columns=median 2>&1 | tee "$OUT/ops.log" | tail -60
 timeout 160 python3 -m bench.train_step --device cuda 2>&1 | tee "$OUT/train_step.log"
