@@ -130,6 +130,12 @@ def add_decpo_lm_head(
         hidden = hidden.to(lm_head.weight.device)
         labels = labels.to(lm_head.weight.device)
         mask = labels != -100
+        if hasattr(lm_head.weight, "ds_status") and lm_head.weight.requires_grad:
+            raise NotImplementedError(
+                "decpo's head under DeepSpeed ZeRO-3 needs a frozen LM head (LoRA): a "
+                "trainable head's backward would read the re-partitioned weight; use "
+                "logprob_head='trl' to train the head"
+            )
         weight, bias = _full(lm_head.weight), _full(lm_head.bias)
         if cast_lm_head_to_fp32:
             dtype = torch.float32
