@@ -109,6 +109,23 @@ def pick_config(
     return _tuned[key]
 
 
+def launch_tuned(
+    kernel: Any,
+    key: tuple[Any, ...],
+    default: KernelConfig,
+    candidates: tuple[KernelConfig, ...],
+    grid: Callable[[KernelConfig], tuple[int, ...]],
+    **args: Any,
+) -> None:
+    """Launch with the config `pick_config` chooses; grid(config) sizes the grid."""
+
+    def run(config: KernelConfig) -> None:
+        launch(kernel, grid(config), config, **args)
+
+    config = pick_config(key, default, candidates, run)
+    launch(kernel, grid(config), config, candidates, **args)
+
+
 @triton.jit
 def dot(a, b, acc, INTERPRET: tl.constexpr):
     """acc + a @ b with fp32 accumulation. Under the interpreter, bf16/fp16 operands

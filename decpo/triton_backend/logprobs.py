@@ -60,7 +60,7 @@ from decpo.triton_backend.common import (
     dot,
     interpreting,
     launch,
-    pick_config,
+    launch_tuned,
 )
 
 N_STATS = 4  # entropy, logit sum, target is argmax, log sum p^2
@@ -738,13 +738,14 @@ def _launch_gemm1(
     def grid(c: KernelConfig) -> tuple[int]:
         return (triton.cdiv(m_rows, c.blocks["BLOCK_M"]) * n_t,)
 
-    def run(c: KernelConfig) -> None:
-        launch(_logits_kernel, grid(c), c, **args)
-
-    config = pick_config(
-        ("gemm1", mode, stats, m_rows, n_vocab, dim, weight.dtype), default, candidates, run
+    launch_tuned(
+        _logits_kernel,
+        ("gemm1", mode, stats, m_rows, n_vocab, dim, weight.dtype),
+        default,
+        candidates,
+        grid,
+        **args,
     )
-    launch(_logits_kernel, grid(config), config, candidates, **args)
 
 
 def _launch_gemm2(
@@ -785,13 +786,14 @@ def _launch_gemm2(
     def grid(c: KernelConfig) -> tuple[int]:
         return (triton.cdiv(m_rows, c.blocks["BLOCK_M"]) * triton.cdiv(dim, c.blocks["BLOCK_N"]),)
 
-    def run(c: KernelConfig) -> None:
-        launch(_grad_kernel, grid(c), c, **args)
-
-    config = pick_config(
-        ("gemm2", scale is None, m_rows, n_vocab, dim, weight.dtype), default, candidates, run
+    launch_tuned(
+        _grad_kernel,
+        ("gemm2", scale is None, m_rows, n_vocab, dim, weight.dtype),
+        default,
+        candidates,
+        grid,
+        **args,
     )
-    launch(_grad_kernel, grid(config), config, candidates, **args)
 
 
 def _launch_gemm3(
@@ -831,13 +833,14 @@ def _launch_gemm3(
     def grid(c: KernelConfig) -> tuple[int]:
         return (triton.cdiv(n_vocab, c.blocks["BLOCK_V"]) * triton.cdiv(dim, c.blocks["BLOCK_N"]),)
 
-    def run(c: KernelConfig) -> None:
-        launch(_dweight_kernel, grid(c), c, **args)
-
-    config = pick_config(
-        ("gemm3", accumulate, m_rows, n_vocab, dim, h.dtype), default, candidates, run
+    launch_tuned(
+        _dweight_kernel,
+        ("gemm3", accumulate, m_rows, n_vocab, dim, h.dtype),
+        default,
+        candidates,
+        grid,
+        **args,
     )
-    launch(_dweight_kernel, grid(config), config, candidates, **args)
 
 
 def _tile_v(dtype: torch.dtype) -> int:
