@@ -192,7 +192,12 @@ def collect(arch: int = 90, only: str | None = None, verbose: bool = True) -> li
         assert launches, f"gate case {case} launched no kernel"
         for launch in launches:
             for config in launch.candidates:
-                key = (launch.kernel.fn.__name__, config, _spec_key(launch), shape_class)
+                key = (
+                    launch.kernel.fn.__name__,
+                    _config_key(config),
+                    _spec_key(launch),
+                    shape_class,
+                )
                 if key in seen:
                     continue
                 seen.add(key)
@@ -201,6 +206,11 @@ def collect(arch: int = 90, only: str | None = None, verbose: bool = True) -> li
                 if verbose:
                     print(_format_row(row), flush=True)
     return rows
+
+
+def _config_key(config: common.KernelConfig) -> tuple[Any, ...]:
+    """KernelConfig holds a dict (unhashable): key on its contents."""
+    return (config.name, tuple(sorted(config.blocks.items())), config.num_warps, config.num_stages)
 
 
 def _spec_key(launch: common.Launch) -> tuple[Any, ...]:

@@ -85,26 +85,43 @@ def _load_rows(base, rows, r_ok, cols, c_ok, stride):
 
 
 @triton.jit
-def _error_tile(g, li, lj, i_ok, j_ok, OFFDIAG: tl.constexpr):
-    """E = G - I (or G with a zero diagonal for offdiag) on the valid part of a tile."""
+def _error_tile(g, li, lj, i_ok, j_ok, sqx, OFFDIAG: tl.constexpr):
+    """E = G - I (or G with a zero diagonal for offdiag) on the valid part of a tile.
+    The diagonal uses sqx = ||z_i||^2 of the unrounded row (1 unless the norm was
+    clamped), not the product of the rounded rows: E_ii is then ~0 instead of the
+    rounding error of ||round(z)||^2 (~2^-8 in bf16)."""
     diag = li[:, None] == lj[None, :]
     if OFFDIAG:
         e = tl.where(diag, 0.0, g)
     else:
-        e = tl.where(diag, g - 1.0, g)
+        e = tl.where(diag, sqx[:, None] - 1.0, g)
     return tl.where(i_ok[:, None] & j_ok[None, :], e, 0.0)
 
 
 @triton.jit
-def _operand(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+def _operand(x, dtype: tl.constexpr, BOUNDED: tl.constexpr, INTERPRET: tl.constexpr):
     """fp32 x as the A operand of a product with a `dtype` B: bf16 for bf16 (the
     tensor cores' fastest type; x is a small deviation, so its rounding is relative
-    to it), fp32 (TF32 or IEEE products, see _dot2) otherwise."""
+    to it); fp16 for fp16 when BOUNDED (|x| <= 1: E of normalized rows), else fp32
+    (TF32 products for fp16 B, whose range cannot hold E of unnormalized rows; IEEE
+    for fp32, see _dot2)."""
     if dtype == tl.bfloat16:
         out = cast(x, tl.bfloat16, INTERPRET)
+    elif dtype == tl.float16 and BOUNDED:
+        out = x.to(tl.float16)
     else:
         out = x
     return out
+
+
+@triton.jit
+def _radial(dz_dot_z, inv, sq):
+    """Coefficient of z removed by the normalization's backward, (dz . z) / ||z||^2
+    with z the rounded row the products used: the projection is then exact for that
+    row, so a radial part of dz (the (c - a) z term of the covariance path, the
+    ||z||^2 - 1 rounding of G's diagonal) cancels instead of being amplified. Zero
+    where the norm was clamped at eps (the derivative of h / eps has no projection)."""
+    return tl.where(inv < 1e6, dz_dot_z / tl.maximum(sq, 1e-30), 0.0)
 
 
 @triton.jit
@@ -120,9 +137,9 @@ def _tf32(x, INTERPRET: tl.constexpr):
 
 @triton.jit
 def _dot2(a, b, acc, INTERPRET: tl.constexpr):
-    """acc + a @ b for the gradient products, a from _operand: bf16 x bf16, TF32 for
-    fp16 b (a fp32), IEEE fp32 for fp32 b."""
-    if b.dtype == tl.float16:
+    """acc + a @ b for the gradient products, a from _operand: bf16 x bf16, fp16 x
+    fp16, TF32 for fp32 a with fp16 b, IEEE fp32 for fp32."""
+    if a.dtype == tl.float32 and b.dtype == tl.float16:
         acc = tl.dot(
             _tf32(a, INTERPRET),
             _tf32(b.to(tl.float32), INTERPRET),
@@ -144,6 +161,7 @@ def _pack_kernel(
     z_ptr,
     inv_ptr,
     sq_ptr,
+    sqx_ptr,
     S,
     D,
     DP,
@@ -156,13 +174,15 @@ def _pack_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """z[l, r] = round(h[l, rows[r]] / max(||h||, eps)) into the packed (L, S, DP)
-    buffer (zero padded), inv = 1 / max(||h||, eps) (1 without normalization) and
-    sq = ||z||^2 of the rounded row."""
+    buffer (zero padded), inv = 1 / max(||h||, eps) (1 without normalization),
+    sq = ||z||^2 of the rounded row and sqx = ||z||^2 of the exact one."""
     layer = tl.program_id(1).to(tl.int64)
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = r < S
     src = tl.load(rows_ptr + r, mask=r_ok, other=0).to(tl.int64)
     h_rows = h_ptr + layer * stride_hl + src * stride_hn
+    inv = tl.full([BLOCK_R], 1.0, tl.float32)
+    sqx = tl.zeros([BLOCK_R], tl.float32)
     if NORMALIZE:
         acc = tl.zeros([BLOCK_R], tl.float32)
         for d0 in tl.range(0, D, BLOCK_D):
@@ -174,8 +194,7 @@ def _pack_kernel(
             ).to(tl.float32)
             acc += tl.sum(h * h, 1)
         inv = 1.0 / tl.maximum(tl.sqrt(acc), 1e-6)
-    else:
-        inv = tl.full([BLOCK_R], 1.0, tl.float32)
+        sqx = acc * inv * inv
     z_rows = z_ptr + (layer * S + r) * DP
     sq = tl.zeros([BLOCK_R], tl.float32)
     for d0 in tl.range(0, DP, BLOCK_D):
@@ -191,12 +210,17 @@ def _pack_kernel(
         sq += tl.sum(zf * zf, 1)
     tl.store(inv_ptr + layer * S + r, inv, mask=r_ok)
     tl.store(sq_ptr + layer * S + r, sq, mask=r_ok)
+    if not NORMALIZE:
+        sqx = sq  # z = h exactly
+    tl.store(sqx_ptr + layer * S + r, sqx, mask=r_ok)
 
 
 @triton.jit
 def _gram_fused_kernel(
     z_ptr,
     inv_ptr,
+    sq_ptr,
+    sqx_ptr,
     rows_ptr,
     grad_ptr,
     partial_ptr,
@@ -231,18 +255,20 @@ def _gram_fused_kernel(
         ds = d0 + tl.arange(0, BLOCK_D)
         z = _load_rows(z_base, r, r_ok, ds, ds < DP, DP)
         g = dot(z, tl.trans(z), g, INTERPRET)  # the tile meets itself: loaded once
-    e = _error_tile(g, lr, lr, r_ok, r_ok, OFFDIAG)
+    sqx = tl.load(sqx_ptr + layer * S + r, mask=r_ok, other=0.0)
+    e = _error_tile(g, lr, lr, r_ok, r_ok, sqx, OFFDIAG)
     tl.store(partial_ptr + layer * G + grp, tl.sum(tl.sum(e * e, 1), 0))
     if COMPUTE_GRAD:
         inv = tl.load(inv_ptr + layer * S + r, mask=r_ok, other=0.0)
-        if NORMALIZE:  # dz_i . z_i = sum_j E_ij G_ji; no projection where the norm clamped
-            radial = tl.where(inv < 1e6, tl.sum(e * g, 1), 0.0)
+        if NORMALIZE:  # dz_i . z_i = sum_j E_ij G_ji
+            sq = tl.load(sq_ptr + layer * S + r, mask=r_ok, other=1.0)
+            radial = _radial(tl.sum(e * g, 1), inv, sq)
         else:
             radial = tl.zeros([BLOCK_R], tl.float32)
         k = 4.0 * scale * inv
         src = tl.load(rows_ptr + r, mask=r_ok, other=0).to(tl.int64)
         out = grad_ptr + layer * stride_gl + src * stride_gn
-        e_op = _operand(e, z_ptr.dtype.element_ty, INTERPRET)
+        e_op = _operand(e, z_ptr.dtype.element_ty, NORMALIZE, INTERPRET)
         for d0 in tl.range(0, DP, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
             z = _load_rows(z_base, r, r_ok, ds, ds < DP, DP)
@@ -258,6 +284,7 @@ def _gram_fused_kernel(
 @triton.jit
 def _gram_pair_kernel(
     z_ptr,
+    sqx_ptr,
     dz_ptr,
     radial_ptr,
     partial_ptr,
@@ -270,6 +297,7 @@ def _gram_pair_kernel(
     P,
     SAME: tl.constexpr,
     OFFDIAG: tl.constexpr,
+    NORMALIZE: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     INTERPRET: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -299,7 +327,8 @@ def _gram_pair_kernel(
         else:
             zj = _load_rows(z_base, rj, j_ok, ds, ds < DP, DP)
             g = dot(zi, tl.trans(zj), g, INTERPRET)
-    e = _error_tile(g, li, lj, i_ok, j_ok, OFFDIAG)
+    sqx = tl.load(sqx_ptr + layer * S + ri, mask=i_ok, other=0.0)
+    e = _error_tile(g, li, lj, i_ok, j_ok, sqx, OFFDIAG)
     weight = 1.0 if SAME else 2.0
     tl.store(partial_ptr + layer * P + pair, weight * tl.sum(tl.sum(e * e, 1), 0))
     if COMPUTE_GRAD:
@@ -309,8 +338,8 @@ def _gram_pair_kernel(
         if not SAME:
             tl.atomic_add(radial + rj, tl.sum(eg, 0), mask=j_ok, sem="relaxed")
         dz_base = dz_ptr + layer * S * DP
-        e_op = _operand(e, z_ptr.dtype.element_ty, INTERPRET)
-        e_t_op = _operand(tl.trans(e), z_ptr.dtype.element_ty, INTERPRET)
+        e_op = _operand(e, z_ptr.dtype.element_ty, NORMALIZE, INTERPRET)
+        e_t_op = _operand(tl.trans(e), z_ptr.dtype.element_ty, NORMALIZE, INTERPRET)
         for d0 in tl.range(0, DP, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
             d_ok = ds < DP
@@ -457,6 +486,7 @@ def _cov_grad_kernel(
 def _finish_kernel(
     z_ptr,
     inv_ptr,
+    sq_ptr,
     rows_ptr,
     dz_ptr,
     radial_ptr,
@@ -474,15 +504,16 @@ def _finish_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """grad[rows[r]] = 4 scale (dz - r z) / max(||h||, eps) for packed rows r >= row0
-    (r = 0 without normalization or where the norm was clamped), in grad's dtype."""
+    """grad[rows[r]] = 4 scale (dz - (dz . z / ||z||^2) z) / max(||h||, eps) for packed
+    rows r >= row0 (no projection without normalization or where the norm was
+    clamped), in grad's dtype; dz . z was accumulated by the product kernels."""
     layer = tl.program_id(1).to(tl.int64)
     r = row0 + tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = r < S
     inv = tl.load(inv_ptr + layer * S + r, mask=r_ok, other=0.0)
     if NORMALIZE:
-        radial = tl.load(radial_ptr + layer * S + r, mask=r_ok, other=0.0)
-        radial = tl.where(inv < 1e6, radial, 0.0)
+        sq = tl.load(sq_ptr + layer * S + r, mask=r_ok, other=1.0)
+        radial = _radial(tl.load(radial_ptr + layer * S + r, mask=r_ok, other=0.0), inv, sq)
     else:
         radial = tl.zeros([BLOCK_R], tl.float32)
     k = 4.0 * scale * inv
@@ -515,14 +546,11 @@ GRAM_CONFIGS = (
     _cfg("r64d64w4s4", 4, 4, BLOCK_R=64, BLOCK_D=64),
     _cfg("r128d32w8s4", 8, 4, BLOCK_R=128, BLOCK_D=32),
 )
-GRAM_FP32 = (
-    _cfg("r64d32w4s3", 4, 3, BLOCK_R=64, BLOCK_D=32),
-    _cfg("r32d32w4s3", 4, 3, BLOCK_R=32, BLOCK_D=32),
-)
+GRAM_FP32 = (_cfg("r32d32w4s3", 4, 3, BLOCK_R=32, BLOCK_D=32),)
 # Covariance C = Z^T Z: BLOCK_C x BLOCK_C output tile, BLOCK_K rows per step.
 COV_CONFIGS = (
     _cfg("c128k64w8s3", 8, 3, BLOCK_C=128, BLOCK_K=64),
-    _cfg("c128k32w4s4", 4, 4, BLOCK_C=128, BLOCK_K=32),
+    _cfg("c128k32w8s4", 8, 4, BLOCK_C=128, BLOCK_K=32),
     _cfg("c64k64w4s4", 4, 4, BLOCK_C=64, BLOCK_K=64),
 )
 COV_FP32 = (
@@ -532,8 +560,8 @@ COV_FP32 = (
 # Covariance gradient Z M: BLOCK_M rows x BLOCK_N columns, BLOCK_K features per step.
 COV_GRAD_CONFIGS = (
     _cfg("128x128x64w8s3", 8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
-    _cfg("128x256x64w8s3", 8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64),
     _cfg("64x128x64w4s4", 4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
+    _cfg("128x128x32w8s4", 8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32),
 )
 COV_GRAD_FP32 = (
     _cfg("64x64x32w4s3", 4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
@@ -574,14 +602,18 @@ class _Configs:
         return self.pair[0].blocks["BLOCK_R"]
 
 
-def _configs(dtype: torch.dtype, gram_sizes: list[int], interpret: bool) -> _Configs:
+def _configs(
+    dtype: torch.dtype, gram_sizes: list[int], normalize: bool, interpret: bool
+) -> _Configs:
     """The default rule. bf16/fp16: 128-wide tiles, 8 warps, 3 stages (Triton's
     128x128x64 H100 config) everywhere, except the fused Gram kernel, which uses
     64-row tiles when every single-tile group has <= 64 rows (the last-token mode:
     no work on padding rows); the gradient product of the covariance path uses
     128 x 128 (x 64) output tiles: M = 32 MB at D = 4096 stays in L2 and the 128-row
-    panel of Z is reused across column tiles. fp32: 64-wide tiles, 4 warps (IEEE
-    fp32 products on CUDA cores: register-bound, not tensor cores)."""
+    panel of Z is reused across column tiles. fp16 without normalization: the tile
+    pairs hold E and E^T in fp32 (TF32 products), so 32-wide feature chunks (4
+    stages) keep them in registers. fp32: 32-row Gram tiles and 64-wide covariance
+    tiles, 4 warps (IEEE fp32 products on CUDA cores: register-bound)."""
     if interpret:
         pack = _only(INTERP, "BLOCK_R", "BLOCK_D")
         gram = _only(INTERP, "BLOCK_R", "BLOCK_D")
@@ -590,18 +622,26 @@ def _configs(dtype: torch.dtype, gram_sizes: list[int], interpret: bool) -> _Con
         return _Configs(*((c, (c,)) for c in (pack, gram, gram, cov, cov_grad)))
     low = dtype in (torch.bfloat16, torch.float16)
     gram_set = GRAM_CONFIGS if low else GRAM_FP32
-    big = gram_set[0]
+    big = gram_set[2] if dtype == torch.float16 and not normalize else gram_set[0]
     small = next(c for c in gram_set if c.blocks["BLOCK_R"] == 64) if low else big
-    fused = small if all(s <= 64 for s in gram_sizes if s <= big.blocks["BLOCK_R"]) else big
+    fused = small if all(s <= 64 for s in gram_sizes if s <= big.blocks["BLOCK_R"]) else gram_set[0]
+    wide_ok = normalize or dtype != torch.float16  # 64-wide chunks spill fp32 E and E^T
     cov_set = COV_CONFIGS if low else COV_FP32
     grad_set = COV_GRAD_CONFIGS if low else COV_GRAD_FP32
     return _Configs(
         pack=(ROW_CONFIGS[0], ROW_CONFIGS),
         fused=(fused, tuple(c for c in gram_set if c.blocks["BLOCK_R"] == fused.blocks["BLOCK_R"])),
-        pair=(big, tuple(c for c in gram_set if c.blocks["BLOCK_R"] == big.blocks["BLOCK_R"])),
+        pair=(big, tuple(c for c in gram_set if _same_tiles(c, big, wide_ok))),
         cov=(cov_set[0], cov_set),
         cov_grad=(grad_set[0], grad_set),
     )
+
+
+def _same_tiles(config: KernelConfig, default: KernelConfig, wide_ok: bool) -> bool:
+    """An autotuning candidate for `default`: same row tiles (the launcher's tables
+    depend on them), and feature chunks of at most 32 unless wide_ok."""
+    rows = config.blocks["BLOCK_R"] == default.blocks["BLOCK_R"]
+    return rows and (wide_ok or config.blocks["BLOCK_D"] <= 32)
 
 
 def _launch(
@@ -646,11 +686,13 @@ class _Plan:
         return self.fused + self.pair + self.cov
 
 
-def _plan(sizes: list[int], dim: int, dtype: torch.dtype, offdiag: bool, interpret: bool):
+def _plan(
+    sizes: list[int], dim: int, dtype: torch.dtype, normalize: bool, offdiag: bool, interpret: bool
+) -> tuple[_Plan, list[int]]:
     """(plan, original group index of each packed group); groups without a counted
     pair (empty, or one row with offdiag) are left out: zero loss, zero gradient."""
     live = [(g, s) for g, s in enumerate(sizes) if s > (1 if offdiag else 0)]
-    configs = _configs(dtype, [s for _, s in live if s <= dim], interpret)
+    configs = _configs(dtype, [s for _, s in live if s <= dim], normalize, interpret)
     plan = _Plan(dim, triton.cdiv(dim, PAD) * PAD, configs)
     index: dict[str, list[int]] = {"fused": [], "pair": [], "cov": []}
     for g, s in live:
@@ -700,83 +742,78 @@ def _cov_blocks(plan: _Plan) -> list[tuple[int, int]]:
 
 
 def _kernel_costs(
-    plan: _Plan, layers: int, in_bytes: int, compute_grad: bool, l2_bytes: float = 40e6
+    plan: _Plan, layers: int, dtype: torch.dtype, compute_grad: bool, l2_bytes: float = 40e6
 ) -> dict[str, dict[str, float]]:
-    """FLOPs and bytes of every launch of `plan`, from its tiles.
+    """FLOPs and bytes of every launch of `plan` (and of the gradient's zero fill),
+    from its tiles; all rows of the input selected.
 
-    flops: 2 per multiply-add of every tl.dot as tiled (padding rows and columns of
-    partial tiles included). tile_bytes: every tile load and store a program issues
-    (L2 <-> SM traffic, re-reads per tile included). bytes: the HBM estimate under
-    a stated L2 model: a buffer that fits the L2 budget (40 of the 50 MB) is read
-    from HBM once per launch however many tiles re-read it; the covariance C kernel
-    streams the group's rows once per wave of concurrent programs (132 SMs, one
-    128-wide tile program each); atomics are counted at L2 (atomic_bytes: 4 B
-    each) and in HBM as one write-back of the fp32 buffer."""
+    flops: 2 per multiply-add of every tl.dot as tiled (the padding rows of a
+    partial tile included: the tensor cores compute them) plus the elementwise
+    passes. tile_bytes: every tile load and store the programs issue (L2 <-> SM
+    traffic, re-reads per tile included). bytes: the HBM estimate under a stated L2
+    model: a buffer that fits the L2 budget (40 of the 50 MB) is read from HBM once
+    per launch however many tiles re-read it, otherwise once per re-reading tile;
+    the covariance C kernel streams the group's rows once per wave of concurrent
+    programs (132 SMs, one 128-wide tile program each); atomics are counted at L2
+    (atomic_bytes, 4 B each) and in HBM as the fp32 buffer's zero fill and one
+    write-back."""
     cfg = plan.configs
-    dp = plan.dim_pad
-    d = plan.dim
-    op = in_bytes if in_bytes != 4 else 4  # packed operand bytes = input dtype
-    m_bytes = 2 if in_bytes == 2 and cfg.cov[0].blocks.get("BLOCK_C", 0) and op == 2 else 4
+    dp, d = plan.dim_pad, plan.dim
+    op = torch.finfo(dtype).bits // 8  # packed operand = input dtype
+    m_bytes = 2 if dtype == torch.bfloat16 else 4
+    g_out = torch.finfo(grad_dtype(dtype)).bits // 8 if compute_grad else 0
     s_all = sum(plan.order)
     out: dict[str, dict[str, float]] = {}
 
     def add(name: str, flops: float, tile: float, hbm: float, atomic: float = 0.0) -> None:
-        out[name] = {
-            "flops": layers * flops,
-            "tile_bytes": layers * tile,
-            "bytes": layers * hbm,
-            "atomic_bytes": layers * atomic,
-        }
+        values = {"flops": flops, "tile_bytes": tile, "bytes": hbm, "atomic_bytes": atomic}
+        out[name] = {k: layers * v for k, v in values.items()}
 
-    # pack: read h twice (norm, then scale; the second read of a 16-row block hits L2),
-    # write z, inv, sq.
-    norm_reads = 2 if True else 1
+    # pack: h read twice (norm, then scale: the second read of a 16-row block hits
+    # L2), z written, three fp32 row statistics; the gradient's zero fill.
     add(
         "pack",
-        3.0 * s_all * d,
-        s_all * (norm_reads * d * in_bytes + dp * op + 8),
-        s_all * (d * in_bytes + dp * op + 8),
+        4.0 * s_all * d,
+        s_all * (2 * d * op + dp * op + 16),
+        s_all * (d * op + dp * op + 16),
     )
-    grad_bytes = 4 if in_bytes == 2 and not compute_grad else in_bytes
-    g_out = (4 if in_bytes == 2 and grad_bytes == 4 else in_bytes) if compute_grad else 0
+    if compute_grad:
+        add("grad_zero_fill", 0.0, s_all * d * g_out, s_all * d * g_out)
     if plan.fused:
         br = cfg.fused_rows
-        flops = tile = hbm = 0.0
-        for s in plan.fused:
-            passes = 2 if compute_grad else 1
-            flops += 2.0 * br * br * dp * passes
-            tile += passes * br * dp * op + (s * d * g_out)
-            hbm += s * dp * op * passes + s * d * g_out
-        add("gram_fused", flops, tile, hbm)
+        passes = 2 if compute_grad else 1  # G, then E Z with the dh epilogue
+        flops = sum(2.0 * br * br * dp * passes + 8.0 * s * d for s in plan.fused)
+        io = sum(passes * s * dp * op + s * d * g_out + 16 * s for s in plan.fused)
+        add("gram_fused", flops, io, io)
     if plan.pair:
         br = cfg.pair_rows
         flops = tile = hbm = atomic = 0.0
         for s in plan.pair:
             t = triton.cdiv(s, br)
-            diag, off = t, t * (t - 1) // 2
-            flops += 2.0 * br * br * dp * (diag + off)  # G tiles
-            tile += dp * br * op * (diag + 2 * off)
+            products = t + t * (t - 1)  # tile loads: diagonal pairs 1, others 2
             z_group = s * dp * op
-            hbm += z_group * (1 if z_group * 2 <= l2_bytes else t)
+            reread = 1 if 2 * z_group <= l2_bytes else t
+            flops += 2.0 * br * br * dp * (t + t * (t - 1) // 2)  # G tiles, J >= I
+            tile += dp * br * op * products
+            hbm += z_group * reread
             if compute_grad:
-                flops += 2.0 * br * br * dp * (diag + 2 * off)  # E Z_J, E^T Z_I
-                tile += dp * br * op * (diag + 2 * off)
-                atomic += 4.0 * dp * br * (diag + 2 * off) + 4.0 * br * (diag + 2 * off)
-                hbm += z_group * (1 if z_group * 2 <= l2_bytes else t)
-                hbm += 4.0 * s * dp * 2  # dz buffer: zero fill, write-back
+                flops += 2.0 * br * br * dp * products  # E Z_J and E^T Z_I
+                tile += dp * br * op * products
+                atomic += 4.0 * (dp + 1) * br * products
+                hbm += z_group * reread + 8.0 * s * dp  # dz zero fill and write-back
         add("gram_pair", flops, tile, hbm, atomic)
     if plan.cov:
         bc = cfg.cov[0].blocks["BLOCK_C"]
         t = triton.cdiv(dp, bc)
         tiles = t * (t + 1) // 2
-        waves = math.ceil(tiles / 132)
+        waves = math.ceil(tiles * len(plan.cov) / 132)
         flops = tile = hbm = 0.0
         for s in plan.cov:
             flops += 2.0 * bc * bc * s * tiles
-            tile += s * bc * op * (t + 2 * (tiles - t))
-            hbm += waves * s * dp * op
+            tile += s * bc * op * (2 * tiles - t)  # diagonal tiles load one panel
+            hbm += waves / len(plan.cov) * s * dp * op
             if compute_grad:
-                tile += bc * bc * m_bytes * (2 * tiles - t)
+                tile += bc * bc * m_bytes * (2 * tiles - t)  # M_ab and its mirror
                 hbm += dp * dp * m_bytes
         add("cov", flops, tile, hbm)
         if compute_grad:
@@ -784,17 +821,17 @@ def _kernel_costs(
             bn = cfg.cov_grad[0].blocks["BLOCK_N"]
             cols = triton.cdiv(dp, bn)
             flops = tile = hbm = 0.0
+            m_total = dp * dp * m_bytes
             for s in plan.cov:
                 blocks = triton.cdiv(s, bm)
                 flops += 2.0 * blocks * bm * cols * bn * dp
                 tile += blocks * cols * (bm * dp * op + dp * bn * m_bytes + bm * bn * (op + 4))
-                m_total = dp * dp * m_bytes
                 hbm += s * dp * op + m_total * (1 if m_total <= l2_bytes else blocks)
-                hbm += s * dp * 4  # dz written
+                hbm += s * dp * 4  # dz
             add("cov_grad", flops, tile, hbm)
     if compute_grad and (plan.pair or plan.cov):
         rows = sum(plan.pair) + sum(plan.cov)
-        io = rows * (dp * 4 + dp * op + d * g_out + 12)
+        io = rows * (dp * 4 + dp * op + d * g_out + 16)
         add("finish", 4.0 * rows * d, io, io)
     return out
 
@@ -805,6 +842,7 @@ def decorrelation_cost(
     dtype: torch.dtype = torch.bfloat16,
     *,
     layers: int = 1,
+    normalize: bool = True,
     offdiag: bool = False,
     compute_grad: bool = True,
 ) -> tuple[float, float]:
@@ -813,7 +851,13 @@ def decorrelation_cost(
     `dim` in each of `layers` layers; loss and gradient when compute_grad. See
     decorrelation_cost_detail for the per-kernel split and the L2 model."""
     detail = decorrelation_cost_detail(
-        sizes, dim, dtype, layers=layers, offdiag=offdiag, compute_grad=compute_grad
+        sizes,
+        dim,
+        dtype,
+        layers=layers,
+        normalize=normalize,
+        offdiag=offdiag,
+        compute_grad=compute_grad,
     )
     total = detail["total"]
     return total["flops"], total["bytes"]
@@ -825,14 +869,15 @@ def decorrelation_cost_detail(
     dtype: torch.dtype = torch.bfloat16,
     *,
     layers: int = 1,
+    normalize: bool = True,
     offdiag: bool = False,
     compute_grad: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Per kernel and "total": flops, bytes (HBM estimate), tile_bytes, atomic_bytes."""
     if isinstance(sizes, tuple):
         sizes = [sizes[1]] * sizes[0]
-    plan, _ = _plan(list(sizes), dim, dtype, offdiag, interpret=False)
-    per = _kernel_costs(plan, layers, torch.finfo(dtype).bits // 8, compute_grad)
+    plan, _ = _plan(list(sizes), dim, dtype, normalize, offdiag, interpret=False)
+    per = _kernel_costs(plan, layers, dtype, compute_grad)
     keys = ("flops", "bytes", "tile_bytes", "atomic_bytes")
     per["total"] = {k: sum(v[k] for v in per.values()) for k in keys}
     return per
@@ -886,7 +931,7 @@ def decorrelation_penalty(
         return torch.zeros((), dtype=torch.float32, device=device), grad
     scale = 1.0 / n_layers / (pairs if reduction == "mean" else 1)
     interpret = interpreting()
-    plan, order = _plan(sizes, dim, hidden.dtype, offdiag, interpret)
+    plan, order = _plan(sizes, dim, hidden.dtype, normalize, offdiag, interpret)
     cfg = plan.configs
     # Packed order: fused groups, large Gram groups, covariance groups.
     parts = torch.split(rows, sizes)
@@ -897,17 +942,19 @@ def decorrelation_penalty(
     z = torch.empty((L, n_sel, dp), dtype=hidden.dtype, device=device)
     inv = torch.empty((L, n_sel), dtype=torch.float32, device=device)
     sq = torch.empty_like(inv)
+    sqx = torch.empty_like(inv)
     _launch(
         _pack_kernel,
         lambda c: (triton.cdiv(n_sel, c.blocks["BLOCK_R"]), L),
         ("pack", *dkey),
         cfg.pack,
-        ("z", "inv", "sq"),
+        ("z", "inv", "sq", "sqx"),
         h_ptr=hidden,
         rows_ptr=rows,
         z_ptr=z,
         inv_ptr=inv,
         sq_ptr=sq,
+        sqx_ptr=sqx,
         S=n_sel,
         D=dim,
         DP=dp,
@@ -925,7 +972,9 @@ def decorrelation_penalty(
     }
     n_fused, n_pair = sum(plan.fused), sum(plan.pair)
     needs_dz = compute_grad and (plan.pair or plan.cov)
-    dz = torch.zeros((L, n_sel, dp), dtype=torch.float32, device=device) if needs_dz else inv
+    # dz: accumulated by atomics for large Gram groups, written whole by the covariance path.
+    dz_alloc = torch.zeros if plan.pair else torch.empty
+    dz = dz_alloc((L, n_sel, dp), dtype=torch.float32, device=device) if needs_dz else inv
     radial = torch.zeros((L, n_sel), dtype=torch.float32, device=device) if needs_dz else inv
 
     if plan.fused:
@@ -941,6 +990,8 @@ def decorrelation_penalty(
             ("partial", "grad"),
             z_ptr=z,
             inv_ptr=inv,
+            sq_ptr=sq,
+            sqx_ptr=sqx,
             rows_ptr=rows,
             grad_ptr=grad if compute_grad else inv,
             partial_ptr=partial,
@@ -972,6 +1023,7 @@ def decorrelation_penalty(
             cfg.pair,
             ("partial", "dz", "radial"),
             z_ptr=z,
+            sqx_ptr=sqx,
             dz_ptr=dz,
             radial_ptr=radial,
             partial_ptr=partial,
@@ -984,6 +1036,7 @@ def decorrelation_penalty(
             P=npairs,
             SAME=same,
             OFFDIAG=offdiag,
+            NORMALIZE=normalize,
             COMPUTE_GRAD=compute_grad,
             INTERPRET=interpret,
         )
@@ -1079,6 +1132,7 @@ def decorrelation_penalty(
             ("grad",),
             z_ptr=z,
             inv_ptr=inv,
+            sq_ptr=sq,
             rows_ptr=rows,
             dz_ptr=dz,
             radial_ptr=radial,
@@ -1095,3 +1149,55 @@ def decorrelation_penalty(
     loss = (p_sum.sum() * scale).float()
     loss = torch.where(torch.isfinite(loss), loss, torch.full_like(loss, float("nan")))
     return loss, grad
+
+
+# ------------------------------------------------------------------ compile gate
+
+
+def _gate_thunk(
+    shape: tuple[int, int, int],
+    dtype: torch.dtype,
+    group: int | None = None,
+    normalize: bool = True,
+    offdiag: bool = False,
+    compute_grad: bool = True,
+) -> Callable[[], None]:
+    def thunk() -> None:
+        hidden = torch.randn(shape).to(dtype)
+        n = shape[1]
+        seg = None if group is None else torch.arange(n) // group
+        decorrelation_penalty(hidden, None, seg, normalize, offdiag, "mean", compute_grad)
+
+    return thunk
+
+
+def gate_cases() -> list[tuple[str, str, Callable[[], None]]]:
+    """(case, shape class, thunk) for bench.kernel_stats: each thunk runs the launcher
+    on CPU tensors of a representative shape (under common.recording() the launches
+    are recorded, not run). Shape classes: gram-small (groups of <= 64 rows, one
+    tile: last-token mode), gram-tile (<= 128 rows, one tile), gram-large (tile
+    pairs, atomics), covariance (n > D)."""
+    cases = []
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    for dtype, dt in names.items():
+        flags = {"bf16": [(True, False), (True, True), (False, False)],
+                 "fp16": [(True, False), (False, False)], "fp32": [(True, False)]}[dt]  # fmt: skip
+        for normalize, offdiag in flags:
+            tag = f"{dt}{'' if normalize else ' raw'}{' offdiag' if offdiag else ''}"
+            cases += [
+                (f"decorrelation last-token 8x64 D=14336 {tag}", "gram-small",
+                 _gate_thunk((8, 64, 14336), dtype, None, normalize, offdiag)),
+                (f"decorrelation 4x100 D=4096 {tag}", "gram-tile",
+                 _gate_thunk((1, 400, 4096), dtype, 100, normalize, offdiag)),
+                (f"decorrelation 4x1024 D=4096 {tag}", "gram-large",
+                 _gate_thunk((1, 4096, 4096), dtype, 1024, normalize, offdiag)),
+                (f"decorrelation 1x4096 D=1024 {tag}", "covariance",
+                 _gate_thunk((1, 4096, 1024), dtype, None, normalize, offdiag)),
+            ]  # fmt: skip
+        cases += [
+            (f"decorrelation no-grad 4x1024 D=4096 {dt}", "gram-large",
+             _gate_thunk((1, 4096, 4096), dtype, 1024, compute_grad=False)),
+            (f"decorrelation no-grad 1x4096 D=1024 {dt}", "covariance",
+             _gate_thunk((1, 4096, 1024), dtype, None, compute_grad=False)),
+        ]  # fmt: skip
+    return cases

@@ -25,18 +25,20 @@ from decpo.triton_backend import logprobs as lp  # noqa: E402
 INT32_PTRS = {"rows_ptr", "pair_start_ptr", "pair_n_ptr", "pair_i_ptr", "pair_j_ptr",
               "pair_group_ptr", "pair_a_ptr", "pair_b_ptr", "group_start_ptr", "group_n_ptr",
               "block_group_ptr", "block_row_ptr"}  # fmt: skip
-DATA_PTRS = {"h_ptr", "w_ptr", "b_ptr", "x_ptr", "dx_ptr"}
+DATA_PTRS = {"h_ptr", "w_ptr", "b_ptr", "x_ptr", "dx_ptr", "z_ptr"}
 
 
 def signature(kernel, dtype: str, grad_dtype: str) -> dict[str, str]:
     sig = {}
     for name in inspect.signature(kernel.fn).parameters:
-        if (name.isupper() and len(name) > 1) or name.startswith("BLOCK"):  # not M, V, D
+        if (name.isupper() and len(name) > 2) or name.startswith("BLOCK"):  # not M, V, D, DP
             sig[name] = "constexpr"
         elif name in DATA_PTRS:
             sig[name] = f"*{dtype}"
         elif name == "grad_ptr":
             sig[name] = f"*{grad_dtype}"
+        elif name == "m_ptr":  # the covariance path's C - cI: bf16 for bf16, else fp32
+            sig[name] = "*bf16" if dtype == "bf16" else "*fp32"
         elif name == "t_ptr":
             sig[name] = "*i64"
         elif name in INT32_PTRS:
@@ -54,7 +56,8 @@ def signature(kernel, dtype: str, grad_dtype: str) -> dict[str, str]:
 
 def compile_all(arch: int) -> int:
     target = GPUTarget("cuda", arch, 32)
-    blocks = {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64, "BLOCK_R": 64, "BLOCK_C": 64}
+    blocks = {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64, "BLOCK_R": 64, "BLOCK_C": 64,
+              "BLOCK_M": 64, "BLOCK_K": 64}  # fmt: skip
     logit_blocks = {"BLOCK_N": 1, "BLOCK_V": 4096}
     jobs = []
     for dtype in ("bf16", "fp16", "fp32"):
@@ -83,23 +86,23 @@ def compile_all(arch: int) -> int:
         jobs.append((lp._logits_fwd_kernel, dtype, dtype, {}, logit_blocks))
         jobs.append((lp._logits_bwd_kernel, dtype, dtype, {}, {"BLOCK_N": 1, "BLOCK_V": 1024}))
         grad = "fp32" if dtype == "fp16" else dtype
+        # Decorrelation (the launched variants are compiled by bench.kernel_stats; this
+        # list only checks that every flag combination compiles).
+        for normalize in (False, True):
+            jobs.append((dec._pack_kernel, dtype, grad, {"NORMALIZE": normalize}, blocks))
+            jobs.append((dec._finish_kernel, dtype, grad, {"NORMALIZE": normalize}, blocks))
         for normalize, offdiag, compute_grad in itertools.product([False, True], repeat=3):
-            jobs.append(
-                (
-                    dec._gram_kernel,
-                    dtype,
-                    grad,
-                    {"OFFDIAG": offdiag, "COMPUTE_GRAD": compute_grad},
-                    blocks,
-                )
-            )
-            jobs.append(
-                (dec._normalize_backward_kernel, dtype, grad, {"NORMALIZE": normalize}, blocks)
-            )
-        for flag in (False, True):
-            jobs.append((dec._row_stats_kernel, dtype, grad, {"NORMALIZE": flag}, blocks))
-            jobs.append((dec._cov_grad_kernel, dtype, grad, {"OFFDIAG": flag}, blocks))
-        jobs.append((dec._cov_kernel, dtype, grad, {}, blocks))
+            flags = {"NORMALIZE": normalize, "OFFDIAG": offdiag, "COMPUTE_GRAD": compute_grad}
+            jobs.append((dec._gram_fused_kernel, dtype, grad, flags, blocks))
+        for same, offdiag in itertools.product([False, True], repeat=2):
+            flags = {"SAME": same, "OFFDIAG": offdiag, "NORMALIZE": True, "COMPUTE_GRAD": True}
+            jobs.append((dec._gram_pair_kernel, dtype, grad, flags, blocks))
+            cov = dec._cov_kernel if offdiag else dec._cov_grad_kernel
+            flags = {"SAME": same, "COMPUTE_GRAD": True, "OFFDIAG": offdiag}
+            jobs.append((cov, dtype, grad, flags, blocks))
+        jobs.append((dec._gram_pair_kernel, dtype, grad,
+                     {"SAME": False, "OFFDIAG": False, "NORMALIZE": False, "COMPUTE_GRAD": False},
+                     blocks))  # fmt: skip
     failures = 0
     for kernel, dtype, grad_dtype, flags, blk in jobs:
         sig = signature(kernel, dtype, grad_dtype)
