@@ -8,7 +8,8 @@ accumulation; fp32 input keeps IEEE fp32 products):
 1. Pack (memory-bound, once): rows are bucketed by group (one host sync, to size
    the grids), and each selected row is read once, normalized in fp32 and rounded
    once to the operand dtype into a contiguous (L, S, Dp) buffer (Dp = D rounded up
-   to 16, zero padded), with 1/||h|| and ||z||^2 of the rounded row. Every GEMM then
+   to 16, zero padded), with 1/||h||, ||z||^2 of the rounded row and of the exact
+   one (1 unless the norm was clamped at eps). Every GEMM then
    loads dense, 16-byte aligned tiles (cp.async pipelined, wgmma operands) instead
    of gathering rows, and the rounding happens after the scaling, as eager PyTorch
    would do it, but once.
@@ -16,16 +17,22 @@ accumulation; fp32 input keeps IEEE fp32 products):
    - a group that fits one BLOCK_R tile (the last-token mode: 64 rows a layer) is one
      program: the tile is loaded once per feature chunk and meets itself
      (dot(z, z^T)), E = G - I (diagonal zeroed for offdiag) and sum E^2 stay in
-     registers, the radial term r_i = dz_i . z_i = sum_j E_ij G_ij comes from the
-     tile itself, and a second pass over the features writes
-     dh = 4 scale (E Z - r z) / ||h|| in the gradient dtype. No atomics, no fp32
-     dZ buffer, no second kernel.
+     registers, the radial term dz_i . z_i = sum_j E_ij G_ij comes from the tile
+     itself, and a second pass over the features writes
+     dh = 4 scale (E Z - r z) / ||h||, r = (dz . z) / ||z||^2, in the gradient
+     dtype. No atomics, no fp32 dZ buffer, no second kernel.
    - larger groups: one program per tile pair (I, J >= I) of T = n / BLOCK_R tiles;
-     diagonal pairs are a separate launch that loads its tile once. dZ_I += E Z_J
-     and dZ_J += E^T Z_I (and r) go to an fp32 (S, Dp) buffer with relaxed atomics
-     (only their sum matters; no ordering is needed), then one elementwise pass
-     writes dh. Atomic traffic is n Dp T fp32 adds per group (at L2), which is why
-     the single-tile case avoids it.
+     diagonal pairs are a separate, earlier launch that loads its tile once and
+     stores dZ_I = E_II Z_I (and dz . z) into an fp32 (S, Dp) buffer (no zero
+     fill); the off-diagonal pairs add E Z_J to dZ_I and E^T Z_I to dZ_J with
+     relaxed atomics (only the sums matter; no ordering is needed), then one
+     elementwise pass writes dh. Atomic traffic is ~n Dp T fp32 adds per group
+     (at L2), which is why the single-tile case avoids it.
+   Accuracy: G's diagonal is taken from the exact ||z||^2, not from the rounded
+   rows (E_ii = 0 up to fp32 instead of ~2^-8), and the projection uses the
+   rounded row the products used, r = (dz . z) / ||z||^2: a radial part of dz then
+   cancels exactly instead of leaking its rounding error into dh. Gradients come
+   out about 2x closer to float64 than eager PyTorch at the same dtype.
 3. Covariance path, n > D (3 n D^2 FLOPs, ~ (1 + 1/T) n D^2 + 2 n D^2):
    - C = Z^T Z over BLOCK_C x BLOCK_C tiles (b >= a only; diagonal tiles load their
      panel once), K = the group's rows. The epilogue subtracts cI (c = s / D,
@@ -37,7 +44,8 @@ accumulation; fp32 input keeps IEEE fp32 products):
    - dZ/4 = Z M + (c - a_i) z_i (a = 1, or ||z_i||^2 for offdiag), since
      Z C - a z = Z (C - cI) + (c - a) z: the GEMM multiplies the small deviation M,
      never C itself, so nothing cancels after rounding, and the (c - a) z term is
-     added in fp32. Row blocks x column tiles, column tiles fastest so the row
+     added in fp32 (it is radial: the projection removes it again for normalized
+     rows). Row blocks x column tiles, column tiles fastest so the row
      panel is reused from L2 while M (32 MB at D = 4096, bf16) stays in L2. dZ goes
      to an fp32 buffer (the projection needs dz . z over the whole row), r by
      relaxed atomics over column tiles, then the elementwise pass writes dh.
@@ -46,11 +54,22 @@ accumulation; fp32 input keeps IEEE fp32 products):
    the atomic gradient sums of the large-group Gram and covariance paths are not.
 (L, N, D) input runs every layer in the same launches (a grid axis).
 
-Costs (decorrelation_cost, from this tiling): the headline cases are
-compute-bound on an H100: 16 groups x 1024 rows at D = 4096 bf16 is ~0.22 TFLOP
-and ~0.9 GB of HBM traffic; one group of 16384 rows at D = 4096 (covariance path)
-~0.85 TFLOP and ~1.2 GB. Every bf16/fp16 GEMM is a wgmma with cp.async pipelined
-operands as compiled for sm_90a (python -m bench.kernel_stats --only decorrelation).
+Costs (decorrelation_cost / decorrelation_cost_detail, counted from this tiling;
+HBM bytes under the L2 model stated in _kernel_costs), bf16, loss + gradient:
+- 16 groups x 1024 rows, D = 4096 (tile pairs): 215 GFLOP (206 useful, 3 n^2 D),
+  1.61 GB HBM, plus 2.15 GB of fp32 atomic adds at L2: ~0.22 ms of tensor-core
+  time but ~0.48 ms of HBM time on an H100, so memory-bound. The fp32 dZ buffer
+  (stored, atomically updated, written back, read by the elementwise pass: ~0.8 GB)
+  is the price of the atomics; storing E = G - I in bf16 (n^2 per group, 2 MB
+  here) and a second GEMM dh = E Z with the projection in its epilogue would
+  remove it (~0.7 GB in all, compute-bound) and is the next step.
+- 1 group x 16384 rows, D = 4096 (covariance): 834 GFLOP (825 useful, 3 n D^2),
+  1.81 GB HBM: compute-bound (0.84 ms vs 0.54 ms on an H100).
+- last token, 8 layers x 64 rows, D = 14336 (fused single tile): 2.0 GFLOP (the
+  whole 64 x 64 G tile is multiplied: 4 n^2 D, not 3), 73 MB: memory- and
+  latency-bound (8 programs; a split over D would use more SMs).
+Every bf16/fp16 GEMM is a wgmma with cp.async pipelined operands, no spills, as
+compiled for sm_90a (python -m bench.kernel_stats --only decorrelation).
 
 Block configs come from a small named set per kernel (Triton's H100 matmul
 configs); one default per dtype and shape class (rules in _configs), the others are
@@ -304,8 +323,10 @@ def _gram_pair_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """Tile pair (I, J) of a group larger than one tile (J > I, or I = J when SAME):
-    loss partial, dZ_I += E Z_J, dZ_J += E^T Z_I and r += rowsums of E o G with
-    relaxed atomics (their order is irrelevant; only the sum is read, by a later
+    loss partial, dZ_I += E Z_J, dZ_J += E^T Z_I and r += rowsums of E o G. The
+    diagonal pairs run first, one per row tile, and store dZ_I = E_II Z_I and r
+    (so the fp32 buffer needs no zero fill); the off-diagonal launch adds with
+    relaxed atomics (their order is irrelevant: only the sums are read, by a later
     kernel)."""
     pair = tl.program_id(0)
     layer = tl.program_id(1).to(tl.int64)
@@ -334,8 +355,10 @@ def _gram_pair_kernel(
     if COMPUTE_GRAD:
         eg = e * g
         radial = radial_ptr + layer * S
-        tl.atomic_add(radial + ri, tl.sum(eg, 1), mask=i_ok, sem="relaxed")
-        if not SAME:
+        if SAME:  # the first writer of these rows: plain stores, no zero fill needed
+            tl.store(radial + ri, tl.sum(eg, 1), mask=i_ok)
+        else:
+            tl.atomic_add(radial + ri, tl.sum(eg, 1), mask=i_ok, sem="relaxed")
             tl.atomic_add(radial + rj, tl.sum(eg, 0), mask=j_ok, sem="relaxed")
         dz_base = dz_ptr + layer * S * DP
         e_op = _operand(e, z_ptr.dtype.element_ty, NORMALIZE, INTERPRET)
@@ -346,7 +369,10 @@ def _gram_pair_kernel(
             zj = _load_rows(z_base, rj, j_ok, ds, d_ok, DP)
             acc = _dot2(e_op, zj, tl.zeros([BLOCK_R, BLOCK_D], tl.float32), INTERPRET)
             ptrs = dz_base + ri[:, None].to(tl.int64) * DP + ds[None, :]
-            tl.atomic_add(ptrs, acc, mask=i_ok[:, None] & d_ok[None, :], sem="relaxed")
+            if SAME:
+                tl.store(ptrs, acc, mask=i_ok[:, None] & d_ok[None, :])
+            else:
+                tl.atomic_add(ptrs, acc, mask=i_ok[:, None] & d_ok[None, :], sem="relaxed")
             if not SAME:
                 zi = _load_rows(z_base, ri, i_ok, ds, d_ok, DP)
                 acc = _dot2(e_t_op, zi, tl.zeros([BLOCK_R, BLOCK_D], tl.float32), INTERPRET)
@@ -659,7 +685,11 @@ def _launch(
     default, candidates = picked
 
     def trial(config: KernelConfig) -> None:
-        trial_args = {k: (torch.zeros_like(v) if k in scratch else v) for k, v in args.items()}
+        # Scratch outputs are named without the _ptr suffix.
+        trial_args = {
+            k: (torch.zeros_like(v) if k.removesuffix("_ptr") in scratch and v is not None else v)
+            for k, v in args.items()
+        }
         kernel[grid(config)](**trial_args, **config.kwargs())  # type: ignore[index]
 
     config = common.pick_config(key, default, candidates, trial)
@@ -755,7 +785,7 @@ def _kernel_costs(
     per launch however many tiles re-read it, otherwise once per re-reading tile;
     the covariance C kernel streams the group's rows once per wave of concurrent
     programs (132 SMs, one 128-wide tile program each); atomics are counted at L2
-    (atomic_bytes, 4 B each) and in HBM as the fp32 buffer's zero fill and one
+    (atomic_bytes, 4 B each) and in HBM as the fp32 buffer's first store and one
     write-back."""
     cfg = plan.configs
     dp, d = plan.dim_pad, plan.dim
@@ -777,8 +807,6 @@ def _kernel_costs(
         s_all * (2 * d * op + dp * op + 16),
         s_all * (d * op + dp * op + 16),
     )
-    if compute_grad:
-        add("grad_zero_fill", 0.0, s_all * d * g_out, s_all * d * g_out)
     if plan.fused:
         br = cfg.fused_rows
         passes = 2 if compute_grad else 1  # G, then E Z with the dh epilogue
@@ -800,7 +828,7 @@ def _kernel_costs(
                 flops += 2.0 * br * br * dp * products  # E Z_J and E^T Z_I
                 tile += dp * br * op * products
                 atomic += 4.0 * (dp + 1) * br * products
-                hbm += z_group * reread + 8.0 * s * dp  # dz zero fill and write-back
+                hbm += z_group * reread + 8.0 * s * dp  # dz: stored, then written back
         add("gram_pair", flops, tile, hbm, atomic)
     if plan.cov:
         bc = cfg.cov[0].blocks["BLOCK_C"]
@@ -884,16 +912,13 @@ def decorrelation_cost_detail(
 
 
 def headline_costs() -> list[dict[str, float | str]]:
-    """FLOPs and HBM bytes of the headline cases (loss + gradient, bf16)."""
+    """FLOPs and HBM bytes of the headline cases (loss + gradient, bf16; groups x rows
+    per group): 16 sequences of 1024 tokens, one group each (all tokens); one group
+    of 16384 rows (covariance path); last-token mode, 8 layers of 64 rows."""
     cases = [
-        ("decorrelation 16 groups x 1024 rows D=4096 bf16 fwd+grad (gram)", (16, 1024), 4096, 1),
-        (
-            "decorrelation 1 group x 16384 rows D=4096 bf16 fwd+grad (covariance)",
-            (1, 16384),
-            4096,
-            1,
-        ),
-        ("decorrelation last token 8 layers x 64 rows D=14336 bf16 fwd+grad", (1, 64), 14336, 8),
+        ("decorrelation 16x1024 D=4096 bf16 (gram pairs)", (16, 1024), 4096, 1),
+        ("decorrelation 1x16384 D=4096 bf16 (covariance)", (1, 16384), 4096, 1),
+        ("decorrelation last-token 8x64 D=14336 bf16", (1, 64), 14336, 8),
     ]
     out = []
     for name, sizes, dim, layers in cases:
@@ -922,17 +947,20 @@ def decorrelation_penalty(
     device = hidden.device
     rows, sizes = bucket_rows(n, mask, segment_ids, device)
     pairs = sum(s * (s - 1) if offdiag else s * s for s in sizes)
-    grad = (
-        torch.zeros(hidden.shape, dtype=grad_dtype(hidden.dtype), device=device)
-        if compute_grad
-        else hidden.new_empty(0)
-    )
+    shape, gdtype = hidden.shape, grad_dtype(hidden.dtype)
     if pairs == 0 or n_layers == 0:
-        return torch.zeros((), dtype=torch.float32, device=device), grad
+        zero = (
+            torch.zeros(shape, dtype=gdtype, device=device) if compute_grad else hidden.new_empty(0)
+        )
+        return torch.zeros((), dtype=torch.float32, device=device), zero
     scale = 1.0 / n_layers / (pairs if reduction == "mean" else 1)
     interpret = interpreting()
     plan, order = _plan(sizes, dim, hidden.dtype, normalize, offdiag, interpret)
     cfg = plan.configs
+    # The kernels write every selected row of a counted group: no zero fill when that
+    # is every row.
+    alloc = torch.empty if sum(plan.order) == n else torch.zeros
+    grad = alloc(shape, dtype=gdtype, device=device) if compute_grad else hidden.new_empty(0)
     # Packed order: fused groups, large Gram groups, covariance groups.
     parts = torch.split(rows, sizes)
     rows = torch.cat([parts[g] for g in order]).to(torch.int32).contiguous()
@@ -972,10 +1000,11 @@ def decorrelation_penalty(
     }
     n_fused, n_pair = sum(plan.fused), sum(plan.pair)
     needs_dz = compute_grad and (plan.pair or plan.cov)
-    # dz: accumulated by atomics for large Gram groups, written whole by the covariance path.
-    dz_alloc = torch.zeros if plan.pair else torch.empty
-    dz = dz_alloc((L, n_sel, dp), dtype=torch.float32, device=device) if needs_dz else inv
-    radial = torch.zeros((L, n_sel), dtype=torch.float32, device=device) if needs_dz else inv
+    # dz: stored by the diagonal tile pairs, then atomically added to by the others
+    # (large Gram groups); written whole by the covariance path.
+    # Unused outputs are None: the kernels' COMPUTE_GRAD constexpr drops their code.
+    dz = torch.empty((L, n_sel, dp), dtype=torch.float32, device=device) if needs_dz else None
+    radial = torch.zeros((L, n_sel), dtype=torch.float32, device=device) if needs_dz else None
 
     if plan.fused:
         g = len(plan.fused)
@@ -993,7 +1022,7 @@ def decorrelation_penalty(
             sq_ptr=sq,
             sqx_ptr=sqx,
             rows_ptr=rows,
-            grad_ptr=grad if compute_grad else inv,
+            grad_ptr=grad if compute_grad else None,
             partial_ptr=partial,
             group_start_ptr=starts,
             group_n_ptr=counts,
@@ -1057,7 +1086,7 @@ def decorrelation_penalty(
         q_tot = torch.zeros_like(s_tot).index_add_(1, seg, sq_cov.square())
         c = (s_tot / dim).T.contiguous().float()  # (k, L)
         m_dtype = torch.bfloat16 if hidden.dtype == torch.bfloat16 else torch.float32
-        m = torch.empty((k, L, dp, dp), dtype=m_dtype, device=device) if compute_grad else c
+        m = torch.empty((k, L, dp, dp), dtype=m_dtype, device=device) if compute_grad else None
         for same in (True, False):
             table = _cov_tiles(plan, same)
             if not table:
@@ -1175,29 +1204,29 @@ def gate_cases() -> list[tuple[str, str, Callable[[], None]]]:
     """(case, shape class, thunk) for bench.kernel_stats: each thunk runs the launcher
     on CPU tensors of a representative shape (under common.recording() the launches
     are recorded, not run). Shape classes: gram-small (groups of <= 64 rows, one
-    tile: last-token mode), gram-tile (<= 128 rows, one tile), gram-large (tile
-    pairs, atomics), covariance (n > D)."""
+    tile: last-token mode, 8 layers), gram-tile (<= 128 rows, one tile), gram-large
+    (tile pairs, atomics), covariance (n > D); every dtype, with normalize off and
+    offdiag on where they change the compiled code, and the no-gradient forward."""
+    shapes = [
+        ("last-token 8x64 D=14336", "gram-small", (8, 64, 14336), None),
+        ("4x100 D=4096", "gram-tile", (1, 400, 4096), 100),
+        ("4x1024 D=4096", "gram-large", (1, 4096, 4096), 1024),
+        ("1x4096 D=1024", "covariance", (1, 4096, 1024), None),
+    ]
+    flags = {
+        torch.bfloat16: [(True, False), (True, True), (False, False)],
+        torch.float16: [(True, False), (False, False)],
+        torch.float32: [(True, False)],
+    }
     cases = []
-    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-    for dtype, dt in names.items():
-        flags = {"bf16": [(True, False), (True, True), (False, False)],
-                 "fp16": [(True, False), (False, False)], "fp32": [(True, False)]}[dt]  # fmt: skip
-        for normalize, offdiag in flags:
+    for dtype, variants in flags.items():
+        dt = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+        for normalize, offdiag in variants:
             tag = f"{dt}{'' if normalize else ' raw'}{' offdiag' if offdiag else ''}"
-            cases += [
-                (f"decorrelation last-token 8x64 D=14336 {tag}", "gram-small",
-                 _gate_thunk((8, 64, 14336), dtype, None, normalize, offdiag)),
-                (f"decorrelation 4x100 D=4096 {tag}", "gram-tile",
-                 _gate_thunk((1, 400, 4096), dtype, 100, normalize, offdiag)),
-                (f"decorrelation 4x1024 D=4096 {tag}", "gram-large",
-                 _gate_thunk((1, 4096, 4096), dtype, 1024, normalize, offdiag)),
-                (f"decorrelation 1x4096 D=1024 {tag}", "covariance",
-                 _gate_thunk((1, 4096, 1024), dtype, None, normalize, offdiag)),
-            ]  # fmt: skip
-        cases += [
-            (f"decorrelation no-grad 4x1024 D=4096 {dt}", "gram-large",
-             _gate_thunk((1, 4096, 4096), dtype, 1024, compute_grad=False)),
-            (f"decorrelation no-grad 1x4096 D=1024 {dt}", "covariance",
-             _gate_thunk((1, 4096, 1024), dtype, None, compute_grad=False)),
-        ]  # fmt: skip
+            for name, cls, shape, group in shapes:
+                thunk = _gate_thunk(shape, dtype, group, normalize, offdiag)
+                cases.append((f"decorrelation {name} {tag}", cls, thunk))
+        for name, cls, shape, group in shapes[2:]:
+            thunk = _gate_thunk(shape, dtype, group, compute_grad=False)
+            cases.append((f"decorrelation no-grad {name} {dt}", cls, thunk))
     return cases
