@@ -574,25 +574,21 @@ GRAM_CONFIGS = (
 )
 GRAM_FP32 = (_cfg("r32d32w4s3", 4, 3, BLOCK_R=32, BLOCK_D=32),)
 # Covariance C = Z^T Z: BLOCK_C x BLOCK_C output tile, BLOCK_K rows per step.
+# Autotuning candidates keep the default's BLOCK_C (the launcher's tile table).
 COV_CONFIGS = (
     _cfg("c128k64w8s3", 8, 3, BLOCK_C=128, BLOCK_K=64),
     _cfg("c128k32w8s4", 8, 4, BLOCK_C=128, BLOCK_K=32),
-    _cfg("c64k64w4s4", 4, 4, BLOCK_C=64, BLOCK_K=64),
 )
-COV_FP32 = (
-    _cfg("c64k32w4s3", 4, 3, BLOCK_C=64, BLOCK_K=32),
-    _cfg("c32k32w4s3", 4, 3, BLOCK_C=32, BLOCK_K=32),
-)
-# Covariance gradient Z M: BLOCK_M rows x BLOCK_N columns, BLOCK_K features per step.
+COV_FP32 = (_cfg("c64k32w4s3", 4, 3, BLOCK_C=64, BLOCK_K=32),)
+# Covariance gradient Z M: BLOCK_M rows x BLOCK_N columns, BLOCK_K features per step;
+# candidates keep the default's BLOCK_M (the launcher's row-block table). 128 x 256
+# and 128 x 64 with 4 warps spill (fp16's fp32 M operand), so they are not in the set.
 COV_GRAD_CONFIGS = (
     _cfg("128x128x64w8s3", 8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
-    _cfg("64x128x64w4s4", 4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
     _cfg("128x128x32w8s4", 8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32),
+    _cfg("128x64x64w8s4", 8, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64),
 )
-COV_GRAD_FP32 = (
-    _cfg("64x64x32w4s3", 4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
-    _cfg("32x64x32w4s3", 4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32),
-)
+COV_GRAD_FP32 = (_cfg("64x64x32w4s3", 4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),)
 # Elementwise passes (pack, finish): rows x feature chunk.
 ROW_CONFIGS = (
     _cfg("r16d256w4", 4, 2, BLOCK_R=16, BLOCK_D=256),
@@ -658,9 +654,14 @@ def _configs(
         pack=(ROW_CONFIGS[0], ROW_CONFIGS),
         fused=(fused, tuple(c for c in gram_set if c.blocks["BLOCK_R"] == fused.blocks["BLOCK_R"])),
         pair=(big, tuple(c for c in gram_set if _same_tiles(c, big, wide_ok))),
-        cov=(cov_set[0], cov_set),
-        cov_grad=(grad_set[0], grad_set),
+        cov=(cov_set[0], _sharing(cov_set, "BLOCK_C")),
+        cov_grad=(grad_set[0], _sharing(grad_set, "BLOCK_M")),
     )
+
+
+def _sharing(configs: tuple[KernelConfig, ...], block: str) -> tuple[KernelConfig, ...]:
+    """The configs with the first one's `block` size (tile tables depend on it)."""
+    return tuple(c for c in configs if c.blocks[block] == configs[0].blocks[block])
 
 
 def _same_tiles(config: KernelConfig, default: KernelConfig, wide_ok: bool) -> bool:
