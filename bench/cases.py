@@ -73,6 +73,8 @@ GPU_CASES = [
     Case("logprobs_from_logits", "Llama-3-8B N=8192", {"N": 8192, "V": 128256}, _LOGITS_GPU),
     Case("decorrelation_penalty", "16 groups x 1024 D=4096", {"G": 16, "n": 1024, "D": 4096},
          _DEC, ">= 10x eager fp32, >= 2x torch.compile, >= 60% of peak (3 n D min(n, D))"),
+    Case("decorrelation_penalty", "1 group x 16384 D=4096", {"G": 1, "n": 16384, "D": 4096},
+         _DEC, "covariance path: every FLOP on wgmma"),
     Case("decorrelation_penalty", "last token 8 layers x 64 D=14336",
          {"G": 8, "n": 64, "D": 14336}, _DEC, extra={"layers": True}),
 ]  # fmt: skip
@@ -155,7 +157,9 @@ def tiled_cost(case: Case, mode: str, dtype: torch.dtype = torch.bfloat16) -> tu
     if case.op == "decorrelation_penalty":
         from decpo.triton_backend.decorrelation import decorrelation_cost
 
-        return decorrelation_cost(case, mode, dtype)
+        layers = d["G"] if case.extra.get("layers") else 1
+        sizes = (1, d["n"]) if case.extra.get("layers") else (d["G"], d["n"])
+        return decorrelation_cost(sizes, d["D"], dtype, layers=layers, compute_grad=mode != "fwd")
     return work(case, mode, torch.finfo(dtype).bits // 8)  # one read (and write): the floor
 
 

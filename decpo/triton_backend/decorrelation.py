@@ -1,363 +1,936 @@
 """Triton kernels for the decorrelation penalty: loss and gradient in one forward.
 
-Rows are bucketed once on the device: the selected rows sorted by segment id, with
-each group's offset and size (one host sync, to size the grids; none per group).
-Per group of n rows, with z_i = h_i / max(||h_i||, eps):
+Per group of n selected rows with z_i = h_i / max(||h_i||, eps) (z = h without
+normalization), P_sum = sum over counted pairs of (G_ij - delta_ij)^2, G = Z Z^T.
+Both exact algebraic paths run as tensor-core GEMMs (bf16 / fp16 operands, fp32
+accumulation; fp32 input keeps IEEE fp32 products):
 
-- Gram path, n <= D (3 n^2 D FLOPs): one program per pair of BLOCK_R-row tiles
-  (I, J) with J >= I, both from the same group. It computes H_I H_J^T over D in
-  BLOCK_D chunks on the raw rows (bf16 operands on the GPU) and scales the tile by
-  1/||h_i|| 1/||h_j|| (the normalization is fused into the epilogue), forms E = G - I
-  (or zeroes the diagonal for offdiag), adds sum E^2 (twice for I != J) to a
-  per-program partial, and accumulates dZ_I += E Z_J and dZ_J += E^T Z_I (rows
-  normalized before the product) into an fp32 (rows, D) buffer with atomic adds. G never reaches
-  global memory. Loss partials are summed in a fixed order (the loss is bit-identical
-  run to run); the atomic gradient sums are not (their order varies).
-- Covariance path, n > D (3 n D^2 FLOPs): one program per pair of BLOCK_C-column
-  tiles (a, b), b >= a, computes C_ab = sum over the group's rows of z_a^T z_b (one
-  fp32 D x D buffer per group, mirrored); the loss is
-  ||C - cI||^2 + (s - D)^2 / D + (n - D) (full) or ||C - cI||^2 + s^2/D - sum||z||^4
-  (offdiag), with s = sum ||z||^2, c = s / D, a sum of non-negative terms in the full
-  case; then dZ = Z C - a z (a = 1, or ||z||^2 for offdiag) tile by tile.
-- Epilogue (both paths): dh = scale (4 dZ - 4 (dZ . z) z) / ||h|| per row (dZ / eps
-  where the norm was clamped), cast to the input dtype and written at the row's
-  original position: the normalization's backward, fused with the reduction scale.
-(L, N, D) input runs every layer in the same launches (the grid's second axis).
+1. Pack (memory-bound, once): rows are bucketed by group (one host sync, to size
+   the grids), and each selected row is read once, normalized in fp32 and rounded
+   once to the operand dtype into a contiguous (L, S, Dp) buffer (Dp = D rounded up
+   to 16, zero padded), with 1/||h||, ||z||^2 of the rounded row and of the exact
+   one (1 unless the norm was clamped at eps). Every GEMM then
+   loads dense, 16-byte aligned tiles (cp.async pipelined, wgmma operands) instead
+   of gathering rows, and the rounding happens after the scaling, as eager PyTorch
+   would do it, but once.
+2. Gram path, n <= D (3 n^2 D FLOPs, ~ (2 + 2/T) n^2 D with symmetry):
+   - a group that fits one BLOCK_R tile (the last-token mode: 64 rows a layer) is one
+     program: the tile is loaded once per feature chunk and meets itself
+     (dot(z, z^T)), E = G - I (diagonal zeroed for offdiag) and sum E^2 stay in
+     registers, the radial term dz_i . z_i = sum_j E_ij G_ij comes from the tile
+     itself, and a second pass over the features writes
+     dh = 4 scale (E Z - r z) / ||h||, r = (dz . z) / ||z||^2, in the gradient
+     dtype. No atomics, no fp32 dZ buffer, no second kernel.
+   - larger groups: one program per tile pair (I, J >= I) of T = n / BLOCK_R tiles;
+     diagonal pairs are a separate, earlier launch that loads its tile once and
+     stores dZ_I = E_II Z_I (and dz . z) into an fp32 (S, Dp) buffer (no zero
+     fill); the off-diagonal pairs add E Z_J to dZ_I and E^T Z_I to dZ_J with
+     relaxed atomics (only the sums matter; no ordering is needed), then one
+     elementwise pass writes dh. Atomic traffic is ~n Dp T fp32 adds per group
+     (at L2), which is why the single-tile case avoids it.
+   Accuracy: G's diagonal is taken from the exact ||z||^2, not from the rounded
+   rows (E_ii = 0 up to fp32 instead of ~2^-8), and the projection uses the
+   rounded row the products used, r = (dz . z) / ||z||^2: a radial part of dz then
+   cancels exactly instead of leaking its rounding error into dh. Gradients come
+   out about 2x closer to float64 than eager PyTorch at the same dtype.
+3. Covariance path, n > D (3 n D^2 FLOPs, ~ (1 + 1/T) n D^2 + 2 n D^2):
+   - C = Z^T Z over BLOCK_C x BLOCK_C tiles (b >= a only; diagonal tiles load their
+     panel once), K = the group's rows. The epilogue subtracts cI (c = s / D,
+     s = sum ||z||^2 = tr C) in fp32, adds ||C - cI||^2 to a per-tile partial, and
+     stores M = C - cI mirrored, rounded to bf16 only now (fp32 for fp16 input,
+     whose range cannot hold C of unnormalized rows). The loss is
+     ||C - cI||^2 + (s - D)^2 / D + (n - D) (full; non-negative terms, nothing
+     cancels near n = D) or ||C - cI||^2 + s^2 / D - sum ||z||^4 (offdiag).
+   - dZ/4 = Z M + (c - a_i) z_i (a = 1, or ||z_i||^2 for offdiag), since
+     Z C - a z = Z (C - cI) + (c - a) z: the GEMM multiplies the small deviation M,
+     never C itself, so nothing cancels after rounding, and the (c - a) z term is
+     added in fp32 (it is radial: the projection removes it again for normalized
+     rows). Row blocks x column tiles, column tiles fastest so the row
+     panel is reused from L2 while M (32 MB at D = 4096, bf16) stays in L2. dZ goes
+     to an fp32 buffer (the projection needs dz . z over the whole row), r by
+     relaxed atomics over column tiles, then the elementwise pass writes dh.
+   fp16 input multiplies M (fp32) in TF32 (10-bit mantissa like fp16, fp32 range).
+4. Loss: per-program partials summed in a fixed order (bit-identical run to run);
+   the atomic gradient sums of the large-group Gram and covariance paths are not.
+(L, N, D) input runs every layer in the same launches (a grid axis).
+
+Costs (decorrelation_cost / decorrelation_cost_detail, counted from this tiling;
+HBM bytes under the L2 model stated in _kernel_costs), bf16, loss + gradient:
+- 16 groups x 1024 rows, D = 4096 (tile pairs): 215 GFLOP (206 useful, 3 n^2 D),
+  1.61 GB HBM, plus 2.15 GB of fp32 atomic adds at L2: ~0.22 ms of tensor-core
+  time but ~0.48 ms of HBM time on an H100, so memory-bound. The fp32 dZ buffer
+  (stored, atomically updated, written back, read by the elementwise pass: ~0.8 GB)
+  is the price of the atomics; storing E = G - I in bf16 (n^2 per group, 2 MB
+  here) and a second GEMM dh = E Z with the projection in its epilogue would
+  remove it (~0.7 GB in all, compute-bound) and is the next step.
+- 1 group x 16384 rows, D = 4096 (covariance): 834 GFLOP (825 useful, 3 n D^2),
+  1.81 GB HBM: compute-bound (0.84 ms vs 0.54 ms on an H100).
+- last token, 8 layers x 64 rows, D = 14336 (fused single tile): 2.0 GFLOP (the
+  whole 64 x 64 G tile is multiplied: 4 n^2 D, not 3), 73 MB: memory- and
+  latency-bound (8 programs; a split over D would use more SMs).
+Every bf16/fp16 GEMM is a wgmma with cp.async pipelined operands, no spills, as
+compiled for sm_90a (python -m bench.kernel_stats --only decorrelation).
+
+Block configs come from a small named set per kernel (Triton's H100 matmul
+configs); one default per dtype and shape class (rules in _configs), the others are
+autotuning candidates used only with DECPO_TRITON_AUTOTUNE=1 on a GPU.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import triton
 import triton.language as tl
 
 from decpo.torch_backend.decorrelation import bucket_rows, grad_dtype
-from decpo.triton_backend.common import cast, dot, interpreting
+from decpo.triton_backend import common
+from decpo.triton_backend.common import KernelConfig, cast, dot, interpreting
 
 EPS = 1e-6
+PAD = 16  # feature padding of the packed rows: 16-byte aligned rows for cp.async
+
+# ------------------------------------------------------------------ jit helpers
+
+
+@triton.jit
+def _load_rows(base, rows, r_ok, cols, c_ok, stride):
+    """Tile base[rows, cols] of a row-major buffer, zero outside the masks."""
+    ptrs = base + rows[:, None].to(tl.int64) * stride + cols[None, :]
+    return tl.load(ptrs, mask=r_ok[:, None] & c_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _error_tile(g, li, lj, i_ok, j_ok, sqx, OFFDIAG: tl.constexpr):
+    """E = G - I (or G with a zero diagonal for offdiag) on the valid part of a tile.
+    The diagonal uses sqx = ||z_i||^2 of the unrounded row (1 unless the norm was
+    clamped), not the product of the rounded rows: E_ii is then ~0 instead of the
+    rounding error of ||round(z)||^2 (~2^-8 in bf16)."""
+    diag = li[:, None] == lj[None, :]
+    if OFFDIAG:
+        e = tl.where(diag, 0.0, g)
+    else:
+        e = tl.where(diag, sqx[:, None] - 1.0, g)
+    return tl.where(i_ok[:, None] & j_ok[None, :], e, 0.0)
+
+
+@triton.jit
+def _operand(x, dtype: tl.constexpr, BOUNDED: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 x as the A operand of a product with a `dtype` B: bf16 for bf16 (the
+    tensor cores' fastest type; x is a small deviation, so its rounding is relative
+    to it); fp16 for fp16 when BOUNDED (|x| <= 1: E of normalized rows), else fp32
+    (TF32 products for fp16 B, whose range cannot hold E of unnormalized rows; IEEE
+    for fp32, see _dot2)."""
+    if dtype == tl.bfloat16:
+        out = cast(x, tl.bfloat16, INTERPRET)
+    elif dtype == tl.float16 and BOUNDED:
+        out = x.to(tl.float16)
+    else:
+        out = x
+    return out
+
+
+@triton.jit
+def _radial(dz_dot_z, inv, sq):
+    """Coefficient of z removed by the normalization's backward, (dz . z) / ||z||^2
+    with z the rounded row the products used: the projection is then exact for that
+    row, so a radial part of dz (the (c - a) z term of the covariance path, the
+    ||z||^2 - 1 rounding of G's diagonal) cancels instead of being amplified. Zero
+    where the norm was clamped at eps (the derivative of h / eps has no projection)."""
+    return tl.where(inv < 1e6, dz_dot_z / tl.maximum(sq, 1e-30), 0.0)
+
+
+@triton.jit
+def _tf32(x, INTERPRET: tl.constexpr):
+    """Under the interpreter, round fp32 to TF32 (10-bit mantissa, nearest) as the
+    tensor cores do, so the tests see the GPU's error; identity on the GPU."""
+    if INTERPRET:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0xFFF + ((bits >> 13) & 1)) & 0xFFFFE000
+        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    return x
+
+
+@triton.jit
+def _dot2(a, b, acc, INTERPRET: tl.constexpr):
+    """acc + a @ b for the gradient products, a from _operand: bf16 x bf16, fp16 x
+    fp16, TF32 for fp32 a with fp16 b, IEEE fp32 for fp32."""
+    if a.dtype == tl.float32 and b.dtype == tl.float16:
+        acc = tl.dot(
+            _tf32(a, INTERPRET),
+            _tf32(b.to(tl.float32), INTERPRET),
+            acc,
+            input_precision="ieee" if INTERPRET else "tf32",
+        )
+    else:
+        acc = dot(a, b, acc, INTERPRET)
+    return acc
+
 
 # ------------------------------------------------------------------ kernels
 
 
 @triton.jit
-def _row_stats_kernel(
-    h_ptr, rows_ptr, inv_ptr, sq_ptr,
-    S, D, stride_hl, stride_hn, stride_hd,
-    NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    """Per selected row r (bucketed order) of layer l: inv = 1 / max(||h||, eps) (1
-    without normalization) and sq = ||z||^2."""
-    layer = tl.program_id(1)
+def _pack_kernel(
+    h_ptr,
+    rows_ptr,
+    z_ptr,
+    inv_ptr,
+    sq_ptr,
+    sqx_ptr,
+    S,
+    D,
+    DP,
+    stride_hl,
+    stride_hn,
+    stride_hd,
+    NORMALIZE: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """z[l, r] = round(h[l, rows[r]] / max(||h||, eps)) into the packed (L, S, DP)
+    buffer (zero padded), inv = 1 / max(||h||, eps) (1 without normalization),
+    sq = ||z||^2 of the rounded row and sqx = ||z||^2 of the exact one."""
+    layer = tl.program_id(1).to(tl.int64)
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = r < S
     src = tl.load(rows_ptr + r, mask=r_ok, other=0).to(tl.int64)
-    base = h_ptr + layer.to(tl.int64) * stride_hl + src * stride_hn
-    acc = tl.zeros([BLOCK_R], tl.float32)
-    for d0 in range(0, D, BLOCK_D):
+    h_rows = h_ptr + layer * stride_hl + src * stride_hn
+    inv = tl.full([BLOCK_R], 1.0, tl.float32)
+    sqx = tl.zeros([BLOCK_R], tl.float32)
+    if NORMALIZE:
+        acc = tl.zeros([BLOCK_R], tl.float32)
+        for d0 in tl.range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            h = tl.load(
+                h_rows[:, None] + ds[None, :] * stride_hd,
+                mask=r_ok[:, None] & (ds < D)[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            acc += tl.sum(h * h, 1)
+        inv = 1.0 / tl.maximum(tl.sqrt(acc), 1e-6)
+        sqx = acc * inv * inv
+    z_rows = z_ptr + (layer * S + r) * DP
+    sq = tl.zeros([BLOCK_R], tl.float32)
+    for d0 in tl.range(0, DP, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         h = tl.load(
-            base[:, None] + ds[None, :] * stride_hd,
+            h_rows[:, None] + ds[None, :] * stride_hd,
             mask=r_ok[:, None] & (ds < D)[None, :],
             other=0.0,
         ).to(tl.float32)
-        acc += tl.sum(h * h, 1)
-    if NORMALIZE:
-        inv = 1.0 / tl.maximum(tl.sqrt(acc), 1e-6)
-    else:
-        inv = tl.full([BLOCK_R], 1.0, tl.float32)
-    out = layer.to(tl.int64) * S + r
-    tl.store(inv_ptr + out, inv, mask=r_ok)
-    tl.store(sq_ptr + out, acc * inv * inv, mask=r_ok)
+        z = cast(h * inv[:, None], z_ptr.dtype.element_ty, INTERPRET)
+        tl.store(z_rows[:, None] + ds[None, :], z, mask=r_ok[:, None] & (ds < DP)[None, :])
+        zf = z.to(tl.float32)
+        sq += tl.sum(zf * zf, 1)
+    tl.store(inv_ptr + layer * S + r, inv, mask=r_ok)
+    tl.store(sq_ptr + layer * S + r, sq, mask=r_ok)
+    if not NORMALIZE:
+        sqx = sq  # z = h exactly
+    tl.store(sqx_ptr + layer * S + r, sqx, mask=r_ok)
 
 
 @triton.jit
-def _load_z(h_ptr, rows_ptr, inv_ptr, layer, S, r, r_ok, ds, d_ok,
-            stride_hl, stride_hn, stride_hd):  # fmt: skip
-    """z rows r (bucketed positions) at features ds, fp32: (len(r), len(ds))."""
-    src = tl.load(rows_ptr + r, mask=r_ok, other=0).to(tl.int64)
-    h = tl.load(
-        h_ptr + layer.to(tl.int64) * stride_hl + src[:, None] * stride_hn + ds[None, :] * stride_hd,
-        mask=r_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
-    inv = tl.load(inv_ptr + layer.to(tl.int64) * S + r, mask=r_ok, other=0.0)
-    return h.to(tl.float32) * inv[:, None]
+def _gram_fused_kernel(
+    z_ptr,
+    inv_ptr,
+    sq_ptr,
+    sqx_ptr,
+    rows_ptr,
+    grad_ptr,
+    partial_ptr,
+    group_start_ptr,
+    group_n_ptr,
+    S,
+    D,
+    DP,
+    G,
+    stride_gl,
+    stride_gn,
+    stride_gd,
+    scale,
+    OFFDIAG: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """One group of n <= BLOCK_R rows of one layer: loss partial and dh, no atomics."""
+    grp = tl.program_id(0)
+    layer = tl.program_id(1).to(tl.int64)
+    start = tl.load(group_start_ptr + grp)
+    n = tl.load(group_n_ptr + grp)
+    lr = tl.arange(0, BLOCK_R)
+    r_ok = lr < n
+    r = start + lr
+    z_base = z_ptr + layer * S * DP
+    g = tl.zeros([BLOCK_R, BLOCK_R], tl.float32)
+    for d0 in tl.range(0, DP, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        z = _load_rows(z_base, r, r_ok, ds, ds < DP, DP)
+        g = dot(z, tl.trans(z), g, INTERPRET)  # the tile meets itself: loaded once
+    sqx = tl.load(sqx_ptr + layer * S + r, mask=r_ok, other=0.0)
+    e = _error_tile(g, lr, lr, r_ok, r_ok, sqx, OFFDIAG)
+    tl.store(partial_ptr + layer * G + grp, tl.sum(tl.sum(e * e, 1), 0))
+    if COMPUTE_GRAD:
+        inv = tl.load(inv_ptr + layer * S + r, mask=r_ok, other=0.0)
+        if NORMALIZE:  # dz_i . z_i = sum_j E_ij G_ji
+            sq = tl.load(sq_ptr + layer * S + r, mask=r_ok, other=1.0)
+            radial = _radial(tl.sum(e * g, 1), inv, sq)
+        else:
+            radial = tl.zeros([BLOCK_R], tl.float32)
+        k = 4.0 * scale * inv
+        src = tl.load(rows_ptr + r, mask=r_ok, other=0).to(tl.int64)
+        out = grad_ptr + layer * stride_gl + src * stride_gn
+        e_op = _operand(e, z_ptr.dtype.element_ty, NORMALIZE, INTERPRET)
+        for d0 in tl.range(0, DP, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            z = _load_rows(z_base, r, r_ok, ds, ds < DP, DP)
+            dz = _dot2(e_op, z, tl.zeros([BLOCK_R, BLOCK_D], tl.float32), INTERPRET)
+            dh = (dz - radial[:, None] * z.to(tl.float32)) * k[:, None]
+            tl.store(
+                out[:, None] + ds[None, :] * stride_gd,
+                cast(dh, grad_ptr.dtype.element_ty, INTERPRET),
+                mask=r_ok[:, None] & (ds < D)[None, :],
+            )
 
 
 @triton.jit
-def _load_h(h_ptr, rows_ptr, layer, r, r_ok, ds, d_ok, stride_hl, stride_hn, stride_hd):
-    """Raw rows r (bucketed positions) at features ds, in the input dtype."""
-    src = tl.load(rows_ptr + r, mask=r_ok, other=0).to(tl.int64)
-    return tl.load(
-        h_ptr + layer.to(tl.int64) * stride_hl + src[:, None] * stride_hn + ds[None, :] * stride_hd,
-        mask=r_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
-
-
-@triton.jit
-def _gram_kernel(
-    h_ptr, rows_ptr, inv_ptr, dz_ptr, partial_ptr,
-    pair_start_ptr, pair_n_ptr, pair_i_ptr, pair_j_ptr,
-    S, D, P, stride_hl, stride_hn, stride_hd,
-    OFFDIAG: tl.constexpr, COMPUTE_GRAD: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+def _gram_pair_kernel(
+    z_ptr,
+    sqx_ptr,
+    dz_ptr,
+    radial_ptr,
+    partial_ptr,
+    pair_start_ptr,
+    pair_n_ptr,
+    pair_i_ptr,
+    pair_j_ptr,
+    S,
+    DP,
+    P,
+    SAME: tl.constexpr,
+    OFFDIAG: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Tile pair (I, J) of a group larger than one tile (J > I, or I = J when SAME):
+    loss partial, dZ_I += E Z_J, dZ_J += E^T Z_I and r += rowsums of E o G. The
+    diagonal pairs run first, one per row tile, and store dZ_I = E_II Z_I and r
+    (so the fp32 buffer needs no zero fill); the off-diagonal launch adds with
+    relaxed atomics (their order is irrelevant: only the sums are read, by a later
+    kernel)."""
     pair = tl.program_id(0)
-    layer = tl.program_id(1)
+    layer = tl.program_id(1).to(tl.int64)
     start = tl.load(pair_start_ptr + pair)
     n = tl.load(pair_n_ptr + pair)
-    ti = tl.load(pair_i_ptr + pair)
-    tj = tl.load(pair_j_ptr + pair)
-    li = ti * BLOCK_R + tl.arange(0, BLOCK_R)  # rows within the group
-    lj = tj * BLOCK_R + tl.arange(0, BLOCK_R)
+    li = tl.load(pair_i_ptr + pair) * BLOCK_R + tl.arange(0, BLOCK_R)
+    lj = tl.load(pair_j_ptr + pair) * BLOCK_R + tl.arange(0, BLOCK_R)
     i_ok = li < n
     j_ok = lj < n
-    ri = start + li  # bucketed positions
+    ri = start + li
     rj = start + lj
-    inv_i = tl.load(inv_ptr + layer.to(tl.int64) * S + ri, mask=i_ok, other=0.0)
-    inv_j = tl.load(inv_ptr + layer.to(tl.int64) * S + rj, mask=j_ok, other=0.0)
-    # H_I H_J^T on the raw rows (bf16 operands on the GPU, fp32 accumulation); the
-    # normalization is applied to the tile afterwards: G = diag(inv_I) H_I H_J^T diag(inv_J).
+    z_base = z_ptr + layer * S * DP
     g = tl.zeros([BLOCK_R, BLOCK_R], tl.float32)
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in tl.range(0, DP, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
-        d_ok = ds < D
-        hi = _load_h(h_ptr, rows_ptr, layer, ri, i_ok, ds, d_ok, stride_hl, stride_hn, stride_hd)
-        hj = _load_h(h_ptr, rows_ptr, layer, rj, j_ok, ds, d_ok, stride_hl, stride_hn, stride_hd)
-        g = dot(hi, tl.trans(hj), g, INTERPRET)
-    g = g * inv_i[:, None] * inv_j[None, :]
-    diag = li[:, None] == lj[None, :]
-    if OFFDIAG:
-        e = tl.where(diag, 0.0, g)
-    else:
-        e = tl.where(diag, g - 1.0, g)
-    e = tl.where(i_ok[:, None] & j_ok[None, :], e, 0.0)
-    weight = tl.where(ti == tj, 1.0, 2.0)
-    tl.store(partial_ptr + layer.to(tl.int64) * P + pair, weight * tl.sum(tl.sum(e * e, 1), 0))
-    if COMPUTE_GRAD:
-        # dZ_I += E Z_J and dZ_J += E^T Z_I with the rows normalized first (|z| <= 1, so
-        # nothing overflows); bf16 operands for bf16 input, fp32 otherwise (fp16's range
-        # cannot hold E for unnormalized rows).
-        if h_ptr.dtype.element_ty == tl.bfloat16:
-            low = tl.bfloat16
+        zi = _load_rows(z_base, ri, i_ok, ds, ds < DP, DP)
+        if SAME:
+            g = dot(zi, tl.trans(zi), g, INTERPRET)
         else:
-            low = tl.float32
-        e_low = cast(e, low, INTERPRET)
-        e_t_low = cast(tl.trans(e), low, INTERPRET)
-        for d0 in range(0, D, BLOCK_D):
+            zj = _load_rows(z_base, rj, j_ok, ds, ds < DP, DP)
+            g = dot(zi, tl.trans(zj), g, INTERPRET)
+    sqx = tl.load(sqx_ptr + layer * S + ri, mask=i_ok, other=0.0)
+    e = _error_tile(g, li, lj, i_ok, j_ok, sqx, OFFDIAG)
+    weight = 1.0 if SAME else 2.0
+    tl.store(partial_ptr + layer * P + pair, weight * tl.sum(tl.sum(e * e, 1), 0))
+    if COMPUTE_GRAD:
+        eg = e * g
+        radial = radial_ptr + layer * S
+        if SAME:  # the first writer of these rows: plain stores, no zero fill needed
+            tl.store(radial + ri, tl.sum(eg, 1), mask=i_ok)
+        else:
+            tl.atomic_add(radial + ri, tl.sum(eg, 1), mask=i_ok, sem="relaxed")
+            tl.atomic_add(radial + rj, tl.sum(eg, 0), mask=j_ok, sem="relaxed")
+        dz_base = dz_ptr + layer * S * DP
+        e_op = _operand(e, z_ptr.dtype.element_ty, NORMALIZE, INTERPRET)
+        e_t_op = _operand(tl.trans(e), z_ptr.dtype.element_ty, NORMALIZE, INTERPRET)
+        for d0 in tl.range(0, DP, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
-            d_ok = ds < D
-            zj = (
-                _load_h(
-                    h_ptr, rows_ptr, layer, rj, j_ok, ds, d_ok, stride_hl, stride_hn, stride_hd
-                ).to(tl.float32)
-                * inv_j[:, None]
-            )
-            out_i = dz_ptr + (layer.to(tl.int64) * S + ri)[:, None] * D + ds[None, :]
-            tl.atomic_add(
-                out_i,
-                dot(
-                    e_low,
-                    cast(zj, low, INTERPRET),
-                    tl.zeros([BLOCK_R, BLOCK_D], tl.float32),
-                    INTERPRET,
-                ),
-                mask=i_ok[:, None] & d_ok[None, :],
-            )
-            if ti != tj:
-                zi = (
-                    _load_h(
-                        h_ptr, rows_ptr, layer, ri, i_ok, ds, d_ok, stride_hl, stride_hn, stride_hd
-                    ).to(tl.float32)
-                    * inv_i[:, None]
-                )
-                out_j = dz_ptr + (layer.to(tl.int64) * S + rj)[:, None] * D + ds[None, :]
-                tl.atomic_add(
-                    out_j,
-                    dot(
-                        e_t_low,
-                        cast(zi, low, INTERPRET),
-                        tl.zeros([BLOCK_R, BLOCK_D], tl.float32),
-                        INTERPRET,
-                    ),
-                    mask=j_ok[:, None] & d_ok[None, :],
-                )
+            d_ok = ds < DP
+            zj = _load_rows(z_base, rj, j_ok, ds, d_ok, DP)
+            acc = _dot2(e_op, zj, tl.zeros([BLOCK_R, BLOCK_D], tl.float32), INTERPRET)
+            ptrs = dz_base + ri[:, None].to(tl.int64) * DP + ds[None, :]
+            if SAME:
+                tl.store(ptrs, acc, mask=i_ok[:, None] & d_ok[None, :])
+            else:
+                tl.atomic_add(ptrs, acc, mask=i_ok[:, None] & d_ok[None, :], sem="relaxed")
+            if not SAME:
+                zi = _load_rows(z_base, ri, i_ok, ds, d_ok, DP)
+                acc = _dot2(e_t_op, zi, tl.zeros([BLOCK_R, BLOCK_D], tl.float32), INTERPRET)
+                ptrs = dz_base + rj[:, None].to(tl.int64) * DP + ds[None, :]
+                tl.atomic_add(ptrs, acc, mask=j_ok[:, None] & d_ok[None, :], sem="relaxed")
 
 
 @triton.jit
 def _cov_kernel(
-    h_ptr, rows_ptr, inv_ptr, cov_ptr,
-    pair_group_ptr, pair_a_ptr, pair_b_ptr, group_start_ptr, group_n_ptr,
-    S, D, stride_hl, stride_hn, stride_hd,
-    INTERPRET: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    """C[g][a-tile, b-tile] = sum over group g's rows of z_a^T z_b, mirrored."""
+    z_ptr,
+    m_ptr,
+    c_ptr,
+    partial_ptr,
+    pair_group_ptr,
+    pair_a_ptr,
+    pair_b_ptr,
+    group_start_ptr,
+    group_n_ptr,
+    S,
+    D,
+    DP,
+    P,
+    L,
+    SAME: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Column-tile pair (a, b), b > a (b = a when SAME) of a covariance group:
+    C_ab = Z_a^T Z_b over the group's rows, M = C - cI in fp32, partial ||M_ab||^2
+    (twice off the diagonal) and, for the gradient, M_ab and M_ba = M_ab^T stored
+    in M's dtype."""
     pair = tl.program_id(0)
-    layer = tl.program_id(1)
+    layer = tl.program_id(1).to(tl.int64)
     grp = tl.load(pair_group_ptr + pair)
-    ta = tl.load(pair_a_ptr + pair)
-    tb = tl.load(pair_b_ptr + pair)
+    ca = tl.load(pair_a_ptr + pair) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cb = tl.load(pair_b_ptr + pair) * BLOCK_C + tl.arange(0, BLOCK_C)
+    a_ok = ca < DP
+    b_ok = cb < DP
     start = tl.load(group_start_ptr + grp)
     n = tl.load(group_n_ptr + grp)
-    ca = ta * BLOCK_C + tl.arange(0, BLOCK_C)
-    cb = tb * BLOCK_C + tl.arange(0, BLOCK_C)
-    a_ok = ca < D
-    b_ok = cb < D
+    z_base = z_ptr + layer * S * DP
     acc = tl.zeros([BLOCK_C, BLOCK_C], tl.float32)
-    for r0 in range(0, n, BLOCK_R):
-        lr = r0 + tl.arange(0, BLOCK_R)
+    for r0 in tl.range(0, n, BLOCK_K):
+        lr = r0 + tl.arange(0, BLOCK_K)
         r_ok = lr < n
-        za = _load_z(
-            h_ptr,
-            rows_ptr,
-            inv_ptr,
-            layer,
-            S,
-            start + lr,
-            r_ok,
-            ca,
-            a_ok,
-            stride_hl,
-            stride_hn,
-            stride_hd,
-        )
-        zb = _load_z(
-            h_ptr,
-            rows_ptr,
-            inv_ptr,
-            layer,
-            S,
-            start + lr,
-            r_ok,
-            cb,
-            b_ok,
-            stride_hl,
-            stride_hn,
-            stride_hd,
-        )
-        acc = dot(tl.trans(za), zb, acc, INTERPRET)
-    out = cov_ptr + (grp.to(tl.int64) * tl.num_programs(1) + layer) * D * D  # C[g][layer]
-    mask = a_ok[:, None] & b_ok[None, :]
-    tl.store(out + ca[:, None].to(tl.int64) * D + cb[None, :], acc, mask=mask)
-    if ta != tb:  # the mirrored tile C_ba = C_ab^T
-        tl.store(out + cb[None, :].to(tl.int64) * D + ca[:, None], acc, mask=mask)
+        za = _load_rows(z_base, start + lr, r_ok, ca, a_ok, DP)
+        if SAME:
+            acc = dot(tl.trans(za), za, acc, INTERPRET)
+        else:
+            zb = _load_rows(z_base, start + lr, r_ok, cb, b_ok, DP)
+            acc = dot(tl.trans(za), zb, acc, INTERPRET)
+    c = tl.load(c_ptr + grp * L + layer)
+    diag = (ca[:, None] == cb[None, :]) & (ca < D)[:, None]
+    m = tl.where(diag, acc - c, acc)  # the identity goes before any rounding
+    m = tl.where(a_ok[:, None] & b_ok[None, :], m, 0.0)
+    weight = 1.0 if SAME else 2.0
+    tl.store(partial_ptr + layer * P + pair, weight * tl.sum(tl.sum(m * m, 1), 0))
+    if COMPUTE_GRAD:
+        out = m_ptr + (grp * L + layer) * DP * DP
+        mask = a_ok[:, None] & b_ok[None, :]
+        m_low = cast(m, m_ptr.dtype.element_ty, INTERPRET)
+        tl.store(out + ca[:, None].to(tl.int64) * DP + cb[None, :], m_low, mask=mask)
+        if not SAME:
+            tl.store(out + cb[None, :].to(tl.int64) * DP + ca[:, None], m_low, mask=mask)
 
 
 @triton.jit
 def _cov_grad_kernel(
-    h_ptr, rows_ptr, inv_ptr, sq_ptr, cov_ptr, dz_ptr,
-    block_group_ptr, block_row_ptr, group_start_ptr, group_n_ptr,
-    S, D, stride_hl, stride_hn, stride_hd,
-    OFFDIAG: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    """dZ/4 = Z C - a z for BLOCK_R rows of a covariance group, BLOCK_C output columns."""
-    blk = tl.program_id(0)
-    layer = tl.program_id(1)
-    col_tile = tl.program_id(2)
+    z_ptr,
+    m_ptr,
+    c_ptr,
+    sq_ptr,
+    dz_ptr,
+    radial_ptr,
+    block_group_ptr,
+    block_row_ptr,
+    group_start_ptr,
+    group_n_ptr,
+    S,
+    DP,
+    L,
+    OFFDIAG: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """dZ/4 = Z M + (c - a) z for BLOCK_M rows x BLOCK_N columns of a covariance
+    group (a = 1, or ||z||^2 for offdiag); r += dz . z over the columns."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    blk = tl.program_id(1)
+    layer = tl.program_id(2).to(tl.int64)
     grp = tl.load(block_group_ptr + blk)
-    r0 = tl.load(block_row_ptr + blk)
     start = tl.load(group_start_ptr + grp)
     n = tl.load(group_n_ptr + grp)
-    lr = r0 + tl.arange(0, BLOCK_R)
+    lr = tl.load(block_row_ptr + blk) + tl.arange(0, BLOCK_M)
     r_ok = lr < n
     r = start + lr
-    cols = col_tile * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = cols < D
-    cov = cov_ptr + (grp.to(tl.int64) * tl.num_programs(1) + layer) * D * D
-    acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
-    for k0 in range(0, D, BLOCK_C):
-        ks = k0 + tl.arange(0, BLOCK_C)
-        k_ok = ks < D
-        z = _load_z(
-            h_ptr, rows_ptr, inv_ptr, layer, S, r, r_ok, ks, k_ok, stride_hl, stride_hn, stride_hd
-        )
-        c = tl.load(
-            cov + ks[:, None].to(tl.int64) * D + cols[None, :],
-            mask=k_ok[:, None] & c_ok[None, :],
-            other=0.0,
-        )
-        acc = dot(z, c, acc, INTERPRET)
-    z_out = _load_z(
-        h_ptr, rows_ptr, inv_ptr, layer, S, r, r_ok, cols, c_ok, stride_hl, stride_hn, stride_hd
-    )
+    c_ok = cols < DP
+    z_base = z_ptr + layer * S * DP
+    m_base = m_ptr + (grp * L + layer) * DP * DP
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in tl.range(0, DP, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < DP
+        z = _load_rows(z_base, r, r_ok, ks, k_ok, DP)
+        m = _load_rows(m_base, ks, k_ok, cols, c_ok, DP)
+        if m.dtype == tl.bfloat16:
+            acc = dot(z, m, acc, INTERPRET)
+        elif z.dtype == tl.float16:
+            acc = tl.dot(
+                _tf32(z.to(tl.float32), INTERPRET),
+                _tf32(m, INTERPRET),
+                acc,
+                input_precision="ieee" if INTERPRET else "tf32",
+            )
+        else:
+            acc = dot(z, m, acc, INTERPRET)
+    c = tl.load(c_ptr + grp * L + layer)
     if OFFDIAG:
-        a = tl.load(sq_ptr + layer.to(tl.int64) * S + r, mask=r_ok, other=0.0)
-        acc -= a[:, None] * z_out
+        a = tl.load(sq_ptr + layer * S + r, mask=r_ok, other=0.0)
     else:
-        acc -= z_out
+        a = tl.full([BLOCK_M], 1.0, tl.float32)
+    z = _load_rows(z_base, r, r_ok, cols, c_ok, DP).to(tl.float32)
+    dz = acc + (c - a)[:, None] * z
+    tl.atomic_add(radial_ptr + layer * S + r, tl.sum(dz * z, 1), mask=r_ok, sem="relaxed")
     tl.store(
-        dz_ptr + (layer.to(tl.int64) * S + r)[:, None] * D + cols[None, :],
-        acc,
+        dz_ptr + (layer * S + r)[:, None] * DP + cols[None, :],
+        dz,
         mask=r_ok[:, None] & c_ok[None, :],
     )
 
 
 @triton.jit
-def _normalize_backward_kernel(
-    h_ptr, rows_ptr, inv_ptr, dz_ptr, grad_ptr,
-    S, D, stride_hl, stride_hn, stride_hd, stride_gl, stride_gn, stride_gd,
+def _finish_kernel(
+    z_ptr,
+    inv_ptr,
+    sq_ptr,
+    rows_ptr,
+    dz_ptr,
+    radial_ptr,
+    grad_ptr,
+    S,
+    D,
+    DP,
+    row0,
+    stride_gl,
+    stride_gn,
+    stride_gd,
     scale,
-    NORMALIZE: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    """grad[row] = scale * 4 (dz - [||h|| > eps] (dz . z) z) / max(||h||, eps), in the
-    input dtype, at each selected row's original position (dz holds dP/dz / 4)."""
-    layer = tl.program_id(1)
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    NORMALIZE: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """grad[rows[r]] = 4 scale (dz - (dz . z / ||z||^2) z) / max(||h||, eps) for packed
+    rows r >= row0 (no projection without normalization or where the norm was
+    clamped), in grad's dtype; dz . z was accumulated by the product kernels."""
+    layer = tl.program_id(1).to(tl.int64)
+    r = row0 + tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = r < S
-    src = tl.load(rows_ptr + r, mask=r_ok, other=0).to(tl.int64)
-    inv = tl.load(inv_ptr + layer.to(tl.int64) * S + r, mask=r_ok, other=0.0)
-    dz_rows = dz_ptr + (layer.to(tl.int64) * S + r)[:, None] * D
-    radial = tl.zeros([BLOCK_R], tl.float32)
+    inv = tl.load(inv_ptr + layer * S + r, mask=r_ok, other=0.0)
     if NORMALIZE:
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            mask = r_ok[:, None] & (ds < D)[None, :]
-            dz = tl.load(dz_rows + ds[None, :], mask=mask, other=0.0)
-            z = _load_z(
-                h_ptr,
-                rows_ptr,
-                inv_ptr,
-                layer,
-                S,
-                r,
-                r_ok,
-                ds,
-                ds < D,
-                stride_hl,
-                stride_hn,
-                stride_hd,
-            )
-            radial += tl.sum(dz * z, 1)
-        radial = tl.where(inv < 1e6, radial, 0.0)  # norm clamped at eps: no projection
-    out = grad_ptr + layer.to(tl.int64) * stride_gl + src * stride_gn
-    for d0 in range(0, D, BLOCK_D):
+        sq = tl.load(sq_ptr + layer * S + r, mask=r_ok, other=1.0)
+        radial = _radial(tl.load(radial_ptr + layer * S + r, mask=r_ok, other=0.0), inv, sq)
+    else:
+        radial = tl.zeros([BLOCK_R], tl.float32)
+    k = 4.0 * scale * inv
+    src = tl.load(rows_ptr + r, mask=r_ok, other=0).to(tl.int64)
+    out = grad_ptr + layer * stride_gl + src * stride_gn
+    for d0 in tl.range(0, DP, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
-        mask = r_ok[:, None] & (ds < D)[None, :]
-        dz = tl.load(dz_rows + ds[None, :], mask=mask, other=0.0)
-        z = _load_z(
-            h_ptr, rows_ptr, inv_ptr, layer, S, r, r_ok, ds, ds < D, stride_hl, stride_hn, stride_hd
-        )
-        dh = (dz - radial[:, None] * z) * (4.0 * scale * inv)[:, None]
+        d_ok = ds < DP
+        dz = _load_rows(dz_ptr + layer * S * DP, r, r_ok, ds, d_ok, DP)
+        z = _load_rows(z_ptr + layer * S * DP, r, r_ok, ds, d_ok, DP).to(tl.float32)
+        dh = (dz - radial[:, None] * z) * k[:, None]
         tl.store(
             out[:, None] + ds[None, :] * stride_gd,
             cast(dh, grad_ptr.dtype.element_ty, INTERPRET),
-            mask=mask,
+            mask=r_ok[:, None] & (ds < D)[None, :],
         )
 
 
-# ------------------------------------------------------------------ launchers
+# ------------------------------------------------------------------ block configs
 
 
-def _blocks() -> tuple[int, int, int]:
-    """(rows per tile, feature chunk, warps). tl.dot needs >= 16 per dimension; on the
-    GPU 64 x 64 fp32 Gram tiles with 64-wide feature chunks keep the operands of both
-    products in shared memory."""
-    if interpreting():
-        return 16, 16, 1
-    return 64, 64, 4
+def _cfg(name: str, warps: int, stages: int, **blocks: int) -> KernelConfig:
+    return KernelConfig(name, blocks, num_warps=warps, num_stages=stages)
+
+
+# Triton's H100 matmul configs (tutorial 03 / 09), adapted to each kernel's tiles.
+# Gram: BLOCK_R rows per tile (the square G tile), BLOCK_D feature chunk.
+GRAM_CONFIGS = (
+    _cfg("r128d64w8s3", 8, 3, BLOCK_R=128, BLOCK_D=64),
+    _cfg("r64d64w4s4", 4, 4, BLOCK_R=64, BLOCK_D=64),
+    _cfg("r128d32w8s4", 8, 4, BLOCK_R=128, BLOCK_D=32),
+)
+GRAM_FP32 = (_cfg("r32d32w4s3", 4, 3, BLOCK_R=32, BLOCK_D=32),)
+# Covariance C = Z^T Z: BLOCK_C x BLOCK_C output tile, BLOCK_K rows per step.
+# Autotuning candidates keep the default's BLOCK_C (the launcher's tile table).
+COV_CONFIGS = (
+    _cfg("c128k64w8s3", 8, 3, BLOCK_C=128, BLOCK_K=64),
+    _cfg("c128k32w8s4", 8, 4, BLOCK_C=128, BLOCK_K=32),
+)
+COV_FP32 = (_cfg("c64k32w4s3", 4, 3, BLOCK_C=64, BLOCK_K=32),)
+# Covariance gradient Z M: BLOCK_M rows x BLOCK_N columns, BLOCK_K features per step;
+# candidates keep the default's BLOCK_M (the launcher's row-block table). 128 x 256
+# and 128 x 64 with 4 warps spill (fp16's fp32 M operand), so they are not in the set.
+COV_GRAD_CONFIGS = (
+    _cfg("128x128x64w8s3", 8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
+    _cfg("128x128x32w8s4", 8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32),
+    _cfg("128x64x64w8s4", 8, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64),
+)
+COV_GRAD_FP32 = (_cfg("64x64x32w4s3", 4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),)
+# Elementwise passes (pack, finish): rows x feature chunk.
+ROW_CONFIGS = (
+    _cfg("r16d256w4", 4, 2, BLOCK_R=16, BLOCK_D=256),
+    _cfg("r32d128w4", 4, 2, BLOCK_R=32, BLOCK_D=128),
+)
+# The interpreter: tl.dot needs >= 16 per dimension; small tiles keep it fast.
+INTERP = _cfg(
+    "interp16", 1, 1, BLOCK_R=16, BLOCK_D=16, BLOCK_C=16, BLOCK_K=16, BLOCK_M=16, BLOCK_N=16
+)
+
+
+def _only(config: KernelConfig, *names: str) -> KernelConfig:
+    return KernelConfig(config.name, {k: config.blocks[k] for k in names}, 1, 1)
+
+
+@dataclass(frozen=True)
+class _Configs:
+    """(default, candidates) per kernel for one dtype, group sizes and dimension."""
+
+    pack: tuple[KernelConfig, tuple[KernelConfig, ...]]
+    fused: tuple[KernelConfig, tuple[KernelConfig, ...]]
+    pair: tuple[KernelConfig, tuple[KernelConfig, ...]]
+    cov: tuple[KernelConfig, tuple[KernelConfig, ...]]
+    cov_grad: tuple[KernelConfig, tuple[KernelConfig, ...]]
+
+    @property
+    def fused_rows(self) -> int:
+        """Largest group that the fused single-tile Gram kernel takes."""
+        return self.fused[0].blocks["BLOCK_R"]
+
+    @property
+    def pair_rows(self) -> int:
+        return self.pair[0].blocks["BLOCK_R"]
+
+
+def _configs(
+    dtype: torch.dtype, gram_sizes: list[int], normalize: bool, interpret: bool
+) -> _Configs:
+    """The default rule. bf16/fp16: 128-wide tiles, 8 warps, 3 stages (Triton's
+    128x128x64 H100 config) everywhere, except the fused Gram kernel, which uses
+    64-row tiles when every single-tile group has <= 64 rows (the last-token mode:
+    no work on padding rows); the gradient product of the covariance path uses
+    128 x 128 (x 64) output tiles: M = 32 MB at D = 4096 stays in L2 and the 128-row
+    panel of Z is reused across column tiles. fp16 without normalization: the tile
+    pairs hold E and E^T in fp32 (TF32 products), so 32-wide feature chunks (4
+    stages) keep them in registers. fp32: 32-row Gram tiles and 64-wide covariance
+    tiles, 4 warps (IEEE fp32 products on CUDA cores: register-bound)."""
+    if interpret:
+        pack = _only(INTERP, "BLOCK_R", "BLOCK_D")
+        gram = _only(INTERP, "BLOCK_R", "BLOCK_D")
+        cov = _only(INTERP, "BLOCK_C", "BLOCK_K")
+        cov_grad = _only(INTERP, "BLOCK_M", "BLOCK_N", "BLOCK_K")
+        return _Configs(*((c, (c,)) for c in (pack, gram, gram, cov, cov_grad)))
+    low = dtype in (torch.bfloat16, torch.float16)
+    gram_set = GRAM_CONFIGS if low else GRAM_FP32
+    big = gram_set[2] if dtype == torch.float16 and not normalize else gram_set[0]
+    small = next(c for c in gram_set if c.blocks["BLOCK_R"] == 64) if low else big
+    fused = small if all(s <= 64 for s in gram_sizes if s <= big.blocks["BLOCK_R"]) else gram_set[0]
+    wide_ok = normalize or dtype != torch.float16  # 64-wide chunks spill fp32 E and E^T
+    cov_set = COV_CONFIGS if low else COV_FP32
+    grad_set = COV_GRAD_CONFIGS if low else COV_GRAD_FP32
+    return _Configs(
+        pack=(ROW_CONFIGS[0], ROW_CONFIGS),
+        fused=(fused, tuple(c for c in gram_set if c.blocks["BLOCK_R"] == fused.blocks["BLOCK_R"])),
+        pair=(big, tuple(c for c in gram_set if _same_tiles(c, big, wide_ok))),
+        cov=(cov_set[0], _sharing(cov_set, "BLOCK_C")),
+        cov_grad=(grad_set[0], _sharing(grad_set, "BLOCK_M")),
+    )
+
+
+def _sharing(configs: tuple[KernelConfig, ...], block: str) -> tuple[KernelConfig, ...]:
+    """The configs with the first one's `block` size (tile tables depend on it)."""
+    return tuple(c for c in configs if c.blocks[block] == configs[0].blocks[block])
+
+
+def _same_tiles(config: KernelConfig, default: KernelConfig, wide_ok: bool) -> bool:
+    """An autotuning candidate for `default`: same row tiles (the launcher's tables
+    depend on them), and feature chunks of at most 32 unless wide_ok."""
+    rows = config.blocks["BLOCK_R"] == default.blocks["BLOCK_R"]
+    return rows and (wide_ok or config.blocks["BLOCK_D"] <= 32)
+
+
+def _launch(
+    kernel: object,
+    grid: Callable[[KernelConfig], tuple[int, ...]],
+    key: tuple[object, ...],
+    picked: tuple[KernelConfig, tuple[KernelConfig, ...]],
+    scratch: tuple[str, ...] = (),
+    **args: object,
+) -> None:
+    """common.launch with the default config, or the tuned one (DECPO_TRITON_AUTOTUNE=1
+    on a GPU: the trial runs write into fresh copies of the `scratch` outputs).
+    Candidates must not change the grid's meaning: configs that share the
+    launcher's tile tables (same tile sizes) only, see _configs."""
+    default, candidates = picked
+
+    def trial(config: KernelConfig) -> None:
+        # Scratch outputs are named without the _ptr suffix.
+        trial_args = {
+            k: (torch.zeros_like(v) if k.removesuffix("_ptr") in scratch and v is not None else v)
+            for k, v in args.items()
+        }
+        kernel[grid(config)](**trial_args, **config.kwargs())  # type: ignore[index]
+
+    config = common.pick_config(key, default, candidates, trial)
+    common.launch(kernel, grid(config), config, candidates, **args)
+
+
+# ------------------------------------------------------------------ plan and costs
+
+
+@dataclass
+class _Plan:
+    """Which group runs where, in packed (bucketed, reordered) row order: groups of the
+    fused Gram kernel first, then large Gram groups, then covariance groups."""
+
+    dim: int
+    dim_pad: int
+    configs: _Configs
+    fused: list[int] = field(default_factory=list)  # group sizes, in packed order
+    pair: list[int] = field(default_factory=list)
+    cov: list[int] = field(default_factory=list)
+
+    @property
+    def order(self) -> list[int]:
+        return self.fused + self.pair + self.cov
+
+
+def _plan(
+    sizes: list[int], dim: int, dtype: torch.dtype, normalize: bool, offdiag: bool, interpret: bool
+) -> tuple[_Plan, list[int]]:
+    """(plan, original group index of each packed group); groups without a counted
+    pair (empty, or one row with offdiag) are left out: zero loss, zero gradient."""
+    live = [(g, s) for g, s in enumerate(sizes) if s > (1 if offdiag else 0)]
+    configs = _configs(dtype, [s for _, s in live if s <= dim], normalize, interpret)
+    plan = _Plan(dim, triton.cdiv(dim, PAD) * PAD, configs)
+    index: dict[str, list[int]] = {"fused": [], "pair": [], "cov": []}
+    for g, s in live:
+        kind = "cov" if s > dim else ("fused" if s <= configs.fused_rows else "pair")
+        getattr(plan, kind).append(s)
+        index[kind].append(g)
+    return plan, index["fused"] + index["pair"] + index["cov"]
+
+
+def _starts(sizes: list[int], first: int = 0) -> list[int]:
+    out = [first]
+    for s in sizes:
+        out.append(out[-1] + s)
+    return out[:-1]
+
+
+def _diag_pairs(plan: _Plan) -> list[tuple[int, int, int, int]]:
+    block = plan.configs.pair_rows
+    starts = _starts(plan.pair, sum(plan.fused))
+    return [
+        (start, s, i, i)
+        for start, s in zip(starts, plan.pair, strict=True)
+        for i in range(triton.cdiv(s, block))
+    ]
+
+
+def _off_pairs(plan: _Plan) -> list[tuple[int, int, int, int]]:
+    block = plan.configs.pair_rows
+    starts = _starts(plan.pair, sum(plan.fused))
+    out = []
+    for start, s in zip(starts, plan.pair, strict=True):
+        t = triton.cdiv(s, block)
+        out += [(start, s, i, j) for i in range(t) for j in range(i + 1, t)]
+    return out
+
+
+def _cov_tiles(plan: _Plan, same: bool) -> list[tuple[int, int, int]]:
+    t = triton.cdiv(plan.dim_pad, plan.configs.cov[0].blocks["BLOCK_C"])
+    if same:
+        return [(k, a, a) for k in range(len(plan.cov)) for a in range(t)]
+    return [(k, a, b) for k in range(len(plan.cov)) for a in range(t) for b in range(a + 1, t)]
+
+
+def _cov_blocks(plan: _Plan) -> list[tuple[int, int]]:
+    block = plan.configs.cov_grad[0].blocks["BLOCK_M"]
+    return [(k, r0) for k, s in enumerate(plan.cov) for r0 in range(0, s, block)]
+
+
+def _kernel_costs(
+    plan: _Plan, layers: int, dtype: torch.dtype, compute_grad: bool, l2_bytes: float = 40e6
+) -> dict[str, dict[str, float]]:
+    """FLOPs and bytes of every launch of `plan` (and of the gradient's zero fill),
+    from its tiles; all rows of the input selected.
+
+    flops: 2 per multiply-add of every tl.dot as tiled (the padding rows of a
+    partial tile included: the tensor cores compute them) plus the elementwise
+    passes. tile_bytes: every tile load and store the programs issue (L2 <-> SM
+    traffic, re-reads per tile included). bytes: the HBM estimate under a stated L2
+    model: a buffer that fits the L2 budget (40 of the 50 MB) is read from HBM once
+    per launch however many tiles re-read it, otherwise once per re-reading tile;
+    the covariance C kernel streams the group's rows once per wave of concurrent
+    programs (132 SMs, one 128-wide tile program each); atomics are counted at L2
+    (atomic_bytes, 4 B each) and in HBM as the fp32 buffer's first store and one
+    write-back."""
+    cfg = plan.configs
+    dp, d = plan.dim_pad, plan.dim
+    op = torch.finfo(dtype).bits // 8  # packed operand = input dtype
+    m_bytes = 2 if dtype == torch.bfloat16 else 4
+    g_out = torch.finfo(grad_dtype(dtype)).bits // 8 if compute_grad else 0
+    s_all = sum(plan.order)
+    out: dict[str, dict[str, float]] = {}
+
+    def add(name: str, flops: float, tile: float, hbm: float, atomic: float = 0.0) -> None:
+        values = {"flops": flops, "tile_bytes": tile, "bytes": hbm, "atomic_bytes": atomic}
+        out[name] = {k: layers * v for k, v in values.items()}
+
+    # pack: h read twice (norm, then scale: the second read of a 16-row block hits
+    # L2), z written, three fp32 row statistics; the gradient's zero fill.
+    add(
+        "pack",
+        4.0 * s_all * d,
+        s_all * (2 * d * op + dp * op + 16),
+        s_all * (d * op + dp * op + 16),
+    )
+    if plan.fused:
+        br = cfg.fused_rows
+        passes = 2 if compute_grad else 1  # G, then E Z with the dh epilogue
+        flops = sum(2.0 * br * br * dp * passes + 8.0 * s * d for s in plan.fused)
+        io = sum(passes * s * dp * op + s * d * g_out + 16 * s for s in plan.fused)
+        add("gram_fused", flops, io, io)
+    if plan.pair:
+        br = cfg.pair_rows
+        flops = tile = hbm = atomic = 0.0
+        for s in plan.pair:
+            t = triton.cdiv(s, br)
+            products = t + t * (t - 1)  # tile loads: diagonal pairs 1, others 2
+            z_group = s * dp * op
+            reread = 1 if 2 * z_group <= l2_bytes else t
+            flops += 2.0 * br * br * dp * (t + t * (t - 1) // 2)  # G tiles, J >= I
+            tile += dp * br * op * products
+            hbm += z_group * reread
+            if compute_grad:
+                flops += 2.0 * br * br * dp * products  # E Z_J and E^T Z_I
+                tile += dp * br * op * products
+                atomic += 4.0 * (dp + 1) * br * products
+                hbm += z_group * reread + 8.0 * s * dp  # dz: stored, then written back
+        add("gram_pair", flops, tile, hbm, atomic)
+    if plan.cov:
+        bc = cfg.cov[0].blocks["BLOCK_C"]
+        t = triton.cdiv(dp, bc)
+        tiles = t * (t + 1) // 2
+        waves = math.ceil(tiles * len(plan.cov) / 132)
+        flops = tile = hbm = 0.0
+        for s in plan.cov:
+            flops += 2.0 * bc * bc * s * tiles
+            tile += s * bc * op * (2 * tiles - t)  # diagonal tiles load one panel
+            hbm += waves / len(plan.cov) * s * dp * op
+            if compute_grad:
+                tile += bc * bc * m_bytes * (2 * tiles - t)  # M_ab and its mirror
+                hbm += dp * dp * m_bytes
+        add("cov", flops, tile, hbm)
+        if compute_grad:
+            bm = cfg.cov_grad[0].blocks["BLOCK_M"]
+            bn = cfg.cov_grad[0].blocks["BLOCK_N"]
+            cols = triton.cdiv(dp, bn)
+            flops = tile = hbm = 0.0
+            m_total = dp * dp * m_bytes
+            for s in plan.cov:
+                blocks = triton.cdiv(s, bm)
+                flops += 2.0 * blocks * bm * cols * bn * dp
+                tile += blocks * cols * (bm * dp * op + dp * bn * m_bytes + bm * bn * (op + 4))
+                hbm += s * dp * op + m_total * (1 if m_total <= l2_bytes else blocks)
+                hbm += s * dp * 4  # dz
+            add("cov_grad", flops, tile, hbm)
+    if compute_grad and (plan.pair or plan.cov):
+        rows = sum(plan.pair) + sum(plan.cov)
+        io = rows * (dp * 4 + dp * op + d * g_out + 16)
+        add("finish", 4.0 * rows * d, io, io)
+    return out
+
+
+def decorrelation_cost(
+    sizes: list[int] | tuple[int, int],
+    dim: int,
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    layers: int = 1,
+    normalize: bool = True,
+    offdiag: bool = False,
+    compute_grad: bool = True,
+) -> tuple[float, float]:
+    """(FLOPs, HBM bytes) of decorrelation_penalty as this module tiles it on the GPU,
+    for groups of `sizes` rows (a list, or (groups, rows per group)) of dimension
+    `dim` in each of `layers` layers; loss and gradient when compute_grad. See
+    decorrelation_cost_detail for the per-kernel split and the L2 model."""
+    detail = decorrelation_cost_detail(
+        sizes,
+        dim,
+        dtype,
+        layers=layers,
+        normalize=normalize,
+        offdiag=offdiag,
+        compute_grad=compute_grad,
+    )
+    total = detail["total"]
+    return total["flops"], total["bytes"]
+
+
+def decorrelation_cost_detail(
+    sizes: list[int] | tuple[int, int],
+    dim: int,
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    layers: int = 1,
+    normalize: bool = True,
+    offdiag: bool = False,
+    compute_grad: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Per kernel and "total": flops, bytes (HBM estimate), tile_bytes, atomic_bytes."""
+    if isinstance(sizes, tuple):
+        sizes = [sizes[1]] * sizes[0]
+    plan, _ = _plan(list(sizes), dim, dtype, normalize, offdiag, interpret=False)
+    per = _kernel_costs(plan, layers, dtype, compute_grad)
+    keys = ("flops", "bytes", "tile_bytes", "atomic_bytes")
+    per["total"] = {k: sum(v[k] for v in per.values()) for k in keys}
+    return per
+
+
+def headline_costs() -> list[dict[str, float | str]]:
+    """FLOPs and HBM bytes of the headline cases (loss + gradient, bf16; groups x rows
+    per group): 16 sequences of 1024 tokens, one group each (all tokens); one group
+    of 16384 rows (covariance path); last-token mode, 8 layers of 64 rows."""
+    cases = [
+        ("decorrelation 16x1024 D=4096 bf16 (gram pairs)", (16, 1024), 4096, 1),
+        ("decorrelation 1x16384 D=4096 bf16 (covariance)", (1, 16384), 4096, 1),
+        ("decorrelation last-token 8x64 D=14336 bf16", (1, 64), 14336, 8),
+    ]
+    out = []
+    for name, sizes, dim, layers in cases:
+        detail = decorrelation_cost_detail(sizes, dim, torch.bfloat16, layers=layers)
+        groups, n = sizes
+        useful = 3.0 * groups * n * dim * min(n, dim) * layers  # DESIGN's 3 n D min(n, D)
+        out.append({"case": name, **detail["total"], "useful_flops": useful})
+    return out
+
+
+# ------------------------------------------------------------------ launcher
 
 
 def decorrelation_penalty(
@@ -370,113 +943,291 @@ def decorrelation_penalty(
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Penalty and (if compute_grad) its gradient for hidden (L, N, D); see the torch
-    backend for the contract."""
+    backend for the contract. FLOPs and HBM bytes: decorrelation_cost(sizes, D)."""
     n_layers, n, dim = hidden.shape
     device = hidden.device
     rows, sizes = bucket_rows(n, mask, segment_ids, device)
-    rows = rows.to(torch.int32).contiguous()
-    n_sel = rows.numel()
     pairs = sum(s * (s - 1) if offdiag else s * s for s in sizes)
-    grad = (
-        torch.zeros(hidden.shape, dtype=grad_dtype(hidden.dtype), device=device)
-        if compute_grad
-        else hidden.new_empty(0)
-    )
+    shape, gdtype = hidden.shape, grad_dtype(hidden.dtype)
     if pairs == 0 or n_layers == 0:
-        return torch.zeros((), dtype=torch.float32, device=device), grad
-    grad_scale = 1.0 / n_layers / (pairs if reduction == "mean" else 1)
-    block_r, block_d, warps = _blocks()
+        zero = (
+            torch.zeros(shape, dtype=gdtype, device=device) if compute_grad else hidden.new_empty(0)
+        )
+        return torch.zeros((), dtype=torch.float32, device=device), zero
+    scale = 1.0 / n_layers / (pairs if reduction == "mean" else 1)
     interpret = interpreting()
-    strides = (hidden.stride(0), hidden.stride(1), hidden.stride(2))
+    plan, order = _plan(sizes, dim, hidden.dtype, normalize, offdiag, interpret)
+    cfg = plan.configs
+    # The kernels write every selected row of a counted group: no zero fill when that
+    # is every row.
+    alloc = torch.empty if sum(plan.order) == n else torch.zeros
+    grad = alloc(shape, dtype=gdtype, device=device) if compute_grad else hidden.new_empty(0)
+    # Packed order: fused groups, large Gram groups, covariance groups.
+    parts = torch.split(rows, sizes)
+    rows = torch.cat([parts[g] for g in order]).to(torch.int32).contiguous()
+    n_sel, dp, L = rows.numel(), plan.dim_pad, n_layers
+    dkey = (str(hidden.dtype), dim, normalize, offdiag, compute_grad)
 
-    inv = torch.empty((n_layers, n_sel), dtype=torch.float32, device=device)
+    z = torch.empty((L, n_sel, dp), dtype=hidden.dtype, device=device)
+    inv = torch.empty((L, n_sel), dtype=torch.float32, device=device)
     sq = torch.empty_like(inv)
-    _row_stats_kernel[(triton.cdiv(n_sel, block_r), n_layers)](
-        hidden, rows, inv, sq, n_sel, dim, *strides,
-        NORMALIZE=normalize, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
-    )  # fmt: skip
-    dz = (
-        torch.zeros((n_layers, n_sel, dim), dtype=torch.float32, device=device)
-        if compute_grad
-        else inv
+    sqx = torch.empty_like(inv)
+    _launch(
+        _pack_kernel,
+        lambda c: (triton.cdiv(n_sel, c.blocks["BLOCK_R"]), L),
+        ("pack", *dkey),
+        cfg.pack,
+        ("z", "inv", "sq", "sqx"),
+        h_ptr=hidden,
+        rows_ptr=rows,
+        z_ptr=z,
+        inv_ptr=inv,
+        sq_ptr=sq,
+        sqx_ptr=sqx,
+        S=n_sel,
+        D=dim,
+        DP=dp,
+        stride_hl=hidden.stride(0),
+        stride_hn=hidden.stride(1),
+        stride_hd=hidden.stride(2),
+        NORMALIZE=normalize,
+        INTERPRET=interpret,
     )
-    starts = [0]
-    for s in sizes:
-        starts.append(starts[-1] + s)
-    gram = [(g, s) for g, s in enumerate(sizes) if 1 <= s <= dim]
-    cov = [(g, s) for g, s in enumerate(sizes) if s > dim]
-    p_sum = torch.zeros(n_layers, dtype=torch.float32, device=device)
+    p_sum = torch.zeros(L, dtype=torch.float64, device=device)
+    gstrides = {
+        "stride_gl": grad.stride(0) if compute_grad else 0,
+        "stride_gn": grad.stride(1) if compute_grad else 0,
+        "stride_gd": grad.stride(2) if compute_grad else 0,
+    }
+    n_fused, n_pair = sum(plan.fused), sum(plan.pair)
+    needs_dz = compute_grad and (plan.pair or plan.cov)
+    # dz: stored by the diagonal tile pairs, then atomically added to by the others
+    # (large Gram groups); written whole by the covariance path.
+    # Unused outputs are None: the kernels' COMPUTE_GRAD constexpr drops their code.
+    dz = torch.empty((L, n_sel, dp), dtype=torch.float32, device=device) if needs_dz else None
+    radial = torch.zeros((L, n_sel), dtype=torch.float32, device=device) if needs_dz else None
 
-    if gram:
-        # Tile pairs (I, J), J >= I, of every Gram group: G's symmetry halves the work.
-        entries = []
-        for g, s in gram:
-            t = triton.cdiv(s, block_r)
-            entries += [(starts[g], s, i, j) for i in range(t) for j in range(i, t)]
-        table = torch.tensor(entries, dtype=torch.int32).T.contiguous().to(device)
-        n_pairs = table.shape[1]
-        partial = torch.empty((n_layers, n_pairs), dtype=torch.float32, device=device)
-        _gram_kernel[(n_pairs, n_layers)](
-            hidden, rows, inv, dz, partial, table[0], table[1], table[2], table[3],
-            n_sel, dim, n_pairs, *strides,
-            OFFDIAG=offdiag, COMPUTE_GRAD=compute_grad, INTERPRET=interpret,
-            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
-        )  # fmt: skip
-        p_sum += partial.sum(1)
+    if plan.fused:
+        g = len(plan.fused)
+        starts = torch.tensor(_starts(plan.fused), dtype=torch.int32, device=device)
+        counts = torch.tensor(plan.fused, dtype=torch.int32, device=device)
+        partial = torch.empty((L, g), dtype=torch.float32, device=device)
+        _launch(
+            _gram_fused_kernel,
+            lambda c: (g, L),
+            ("fused", max(plan.fused), *dkey),
+            cfg.fused,
+            ("partial", "grad"),
+            z_ptr=z,
+            inv_ptr=inv,
+            sq_ptr=sq,
+            sqx_ptr=sqx,
+            rows_ptr=rows,
+            grad_ptr=grad if compute_grad else None,
+            partial_ptr=partial,
+            group_start_ptr=starts,
+            group_n_ptr=counts,
+            S=n_sel,
+            D=dim,
+            DP=dp,
+            G=g,
+            **gstrides,
+            scale=scale,
+            OFFDIAG=offdiag,
+            NORMALIZE=normalize,
+            COMPUTE_GRAD=compute_grad,
+            INTERPRET=interpret,
+        )
+        p_sum += partial.double().sum(1)
 
-    if cov:
-        group_start = torch.tensor([starts[g] for g, _ in cov], dtype=torch.int32, device=device)
-        group_n = torch.tensor([s for _, s in cov], dtype=torch.int32, device=device)
-        tiles = triton.cdiv(dim, block_d)
-        entries = [
-            (k, a, b) for k in range(len(cov)) for a in range(tiles) for b in range(a, tiles)
-        ]
-        table = torch.tensor(entries, dtype=torch.int32).T.contiguous().to(device)
-        cov_buf = torch.empty((len(cov), n_layers, dim, dim), dtype=torch.float32, device=device)
-        _cov_kernel[(table.shape[1], n_layers)](
-            hidden, rows, inv, cov_buf, table[0], table[1], table[2], group_start, group_n,
-            n_sel, dim, *strides,
-            INTERPRET=interpret, BLOCK_R=block_r, BLOCK_C=block_d, num_warps=warps,
-        )  # fmt: skip
-        # Loss from C: ||C - cI||^2 + (s - D)^2 / D + (n - D), or ||C - cI||^2 + s^2/D - q.
+    for same, table in ((True, _diag_pairs(plan)), (False, _off_pairs(plan))):
+        if not table:
+            continue
+        t = torch.tensor(table, dtype=torch.int32).T.contiguous().to(device)
+        npairs = t.shape[1]
+        partial = torch.empty((L, npairs), dtype=torch.float32, device=device)
+        _launch(
+            _gram_pair_kernel,
+            lambda c, p=npairs: (p, L),
+            ("pair", same, max(plan.pair), *dkey),
+            cfg.pair,
+            ("partial", "dz", "radial"),
+            z_ptr=z,
+            sqx_ptr=sqx,
+            dz_ptr=dz,
+            radial_ptr=radial,
+            partial_ptr=partial,
+            pair_start_ptr=t[0],
+            pair_n_ptr=t[1],
+            pair_i_ptr=t[2],
+            pair_j_ptr=t[3],
+            S=n_sel,
+            DP=dp,
+            P=npairs,
+            SAME=same,
+            OFFDIAG=offdiag,
+            NORMALIZE=normalize,
+            COMPUTE_GRAD=compute_grad,
+            INTERPRET=interpret,
+        )
+        p_sum += partial.double().sum(1)
+
+    if plan.cov:
+        k = len(plan.cov)
+        first = n_fused + n_pair
+        starts_l = _starts(plan.cov, first)
+        group_start = torch.tensor(starts_l, dtype=torch.int32, device=device)
+        group_n = torch.tensor(plan.cov, dtype=torch.int32, device=device)
+        # s = sum ||z||^2 and q = sum ||z||^4 per (group, layer), in float64.
         seg = torch.repeat_interleave(
-            torch.arange(len(cov), device=device),
-            torch.tensor([s for _, s in cov], device=device),
+            torch.arange(k, device=device), torch.tensor(plan.cov, device=device)
         )
-        cov_rows = torch.cat(
-            [torch.arange(starts[g], starts[g] + s, device=device) for g, s in cov]
-        )
-        sq_cov = sq[:, cov_rows].double()  # (L, n_cov)
-        s_tot = torch.zeros((n_layers, len(cov)), dtype=torch.float64, device=device)
-        s_tot.index_add_(1, seg, sq_cov)
+        sq_cov = sq[:, first:].double()  # (L, n_cov)
+        s_tot = torch.zeros((L, k), dtype=torch.float64, device=device).index_add_(1, seg, sq_cov)
         q_tot = torch.zeros_like(s_tot).index_add_(1, seg, sq_cov.square())
-        c = (s_tot / dim).T.float()  # (G, L)
-        eye = torch.eye(dim, dtype=torch.float32, device=device)
-        centered = cov_buf - c[:, :, None, None] * eye
-        total = centered.square().sum((2, 3)).double().T  # (L, G)
-        n_g = torch.tensor([s for _, s in cov], dtype=torch.float64, device=device)
+        c = (s_tot / dim).T.contiguous().float()  # (k, L)
+        m_dtype = torch.bfloat16 if hidden.dtype == torch.bfloat16 else torch.float32
+        m = torch.empty((k, L, dp, dp), dtype=m_dtype, device=device) if compute_grad else None
+        for same in (True, False):
+            table = _cov_tiles(plan, same)
+            if not table:
+                continue
+            t = torch.tensor(table, dtype=torch.int32).T.contiguous().to(device)
+            npairs = t.shape[1]
+            partial = torch.empty((L, npairs), dtype=torch.float32, device=device)
+            _launch(
+                _cov_kernel,
+                lambda c_, p=npairs: (p, L),
+                ("cov", same, max(plan.cov), *dkey),
+                cfg.cov,
+                ("partial", "m"),
+                z_ptr=z,
+                m_ptr=m,
+                c_ptr=c,
+                partial_ptr=partial,
+                pair_group_ptr=t[0],
+                pair_a_ptr=t[1],
+                pair_b_ptr=t[2],
+                group_start_ptr=group_start,
+                group_n_ptr=group_n,
+                S=n_sel,
+                D=dim,
+                DP=dp,
+                P=npairs,
+                L=L,
+                SAME=same,
+                COMPUTE_GRAD=compute_grad,
+                INTERPRET=interpret,
+            )
+            p_sum += partial.double().sum(1)
+        n_g = torch.tensor(plan.cov, dtype=torch.float64, device=device)
         if offdiag:
-            total = total + s_tot.square() / dim - q_tot
+            extra = s_tot.square() / dim - q_tot
         else:
-            total = total + (s_tot - dim).square() / dim + (n_g - dim)
-        p_sum += total.sum(1).float()
+            extra = (s_tot - dim).square() / dim + (n_g - dim)
+        p_sum += extra.sum(1)
         if compute_grad:
-            blocks = [(k, r0) for k, (_, s) in enumerate(cov) for r0 in range(0, s, block_r)]
-            btable = torch.tensor(blocks, dtype=torch.int32).T.contiguous().to(device)
-            _cov_grad_kernel[(btable.shape[1], n_layers, tiles)](
-                hidden, rows, inv, sq, cov_buf, dz, btable[0], btable[1], group_start, group_n,
-                n_sel, dim, *strides,
-                OFFDIAG=offdiag, INTERPRET=interpret, BLOCK_R=block_r, BLOCK_C=block_d,
-                num_warps=warps,
-            )  # fmt: skip
+            blocks = _cov_blocks(plan)
+            bt = torch.tensor(blocks, dtype=torch.int32).T.contiguous().to(device)
+            _launch(
+                _cov_grad_kernel,
+                lambda c_: (triton.cdiv(dp, c_.blocks["BLOCK_N"]), len(blocks), L),
+                ("cov_grad", max(plan.cov), *dkey),
+                cfg.cov_grad,
+                ("dz", "radial"),
+                z_ptr=z,
+                m_ptr=m,
+                c_ptr=c,
+                sq_ptr=sq,
+                dz_ptr=dz,
+                radial_ptr=radial,
+                block_group_ptr=bt[0],
+                block_row_ptr=bt[1],
+                group_start_ptr=group_start,
+                group_n_ptr=group_n,
+                S=n_sel,
+                DP=dp,
+                L=L,
+                OFFDIAG=offdiag,
+                INTERPRET=interpret,
+            )
 
-    if compute_grad:
-        _normalize_backward_kernel[(triton.cdiv(n_sel, block_r), n_layers)](
-            hidden, rows, inv, dz, grad, n_sel, dim, *strides,
-            grad.stride(0), grad.stride(1), grad.stride(2), grad_scale,
-            NORMALIZE=normalize, INTERPRET=interpret, BLOCK_R=block_r, BLOCK_D=block_d,
-            num_warps=warps,
-        )  # fmt: skip
-    loss = p_sum.sum() * grad_scale
+    if needs_dz:
+        rest = n_sel - n_fused
+        _launch(
+            _finish_kernel,
+            lambda c_: (triton.cdiv(rest, c_.blocks["BLOCK_R"]), L),
+            ("finish", *dkey),
+            cfg.pack,
+            ("grad",),
+            z_ptr=z,
+            inv_ptr=inv,
+            sq_ptr=sq,
+            rows_ptr=rows,
+            dz_ptr=dz,
+            radial_ptr=radial,
+            grad_ptr=grad,
+            S=n_sel,
+            D=dim,
+            DP=dp,
+            row0=n_fused,
+            **gstrides,
+            scale=scale,
+            NORMALIZE=normalize,
+            INTERPRET=interpret,
+        )
+    loss = (p_sum.sum() * scale).float()
     loss = torch.where(torch.isfinite(loss), loss, torch.full_like(loss, float("nan")))
     return loss, grad
+
+
+# ------------------------------------------------------------------ compile gate
+
+
+def _gate_thunk(
+    shape: tuple[int, int, int],
+    dtype: torch.dtype,
+    group: int | None = None,
+    normalize: bool = True,
+    offdiag: bool = False,
+    compute_grad: bool = True,
+) -> Callable[[], None]:
+    def thunk() -> None:
+        hidden = torch.randn(shape).to(dtype)
+        n = shape[1]
+        seg = None if group is None else torch.arange(n) // group
+        decorrelation_penalty(hidden, None, seg, normalize, offdiag, "mean", compute_grad)
+
+    return thunk
+
+
+def gate_cases() -> list[tuple[str, str, Callable[[], None]]]:
+    """(case, shape class, thunk) for bench.kernel_stats: each thunk runs the launcher
+    on CPU tensors of a representative shape (under common.recording() the launches
+    are recorded, not run). Shape classes: gram-small (groups of <= 64 rows, one
+    tile: last-token mode, 8 layers), gram-tile (<= 128 rows, one tile), gram-large
+    (tile pairs, atomics), covariance (n > D); every dtype, with normalize off and
+    offdiag on where they change the compiled code, and the no-gradient forward."""
+    shapes = [
+        ("last-token 8x64 D=14336", "gram-small", (8, 64, 14336), None),
+        ("4x100 D=4096", "gram-tile", (1, 400, 4096), 100),
+        ("4x1024 D=4096", "gram-large", (1, 4096, 4096), 1024),
+        ("1x4096 D=1024", "covariance", (1, 4096, 1024), None),
+    ]
+    flags = {
+        torch.bfloat16: [(True, False), (True, True), (False, False)],
+        torch.float16: [(True, False), (False, False)],
+        torch.float32: [(True, False)],
+    }
+    cases = []
+    for dtype, variants in flags.items():
+        dt = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+        for normalize, offdiag in variants:
+            tag = f"{dt}{'' if normalize else ' raw'}{' offdiag' if offdiag else ''}"
+            for name, cls, shape, group in shapes:
+                thunk = _gate_thunk(shape, dtype, group, normalize, offdiag)
+                cases.append((f"decorrelation {name} {tag}", cls, thunk))
+        for name, cls, shape, group in shapes[2:]:
+            thunk = _gate_thunk(shape, dtype, group, compute_grad=False)
+            cases.append((f"decorrelation no-grad {name} {dt}", cls, thunk))
+    return cases
