@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from decpo.triton_backend import common  # noqa: E402
+from decpo.triton_backend import common
 
 
 def test_recording_captures_launches_instead_of_running():
