@@ -138,7 +138,9 @@ def test_no_grad_pass_and_zero_rows():
 
 def test_gate_cases_record_every_kernel():
     kernels = set()
-    for _case, _cls, thunk in dec.gate_cases():
+    cases = dec.gate_cases()
+    assert {cls for _, cls, _ in cases} == {"gram-small", "gram-tile", "gram-large", "covariance"}
+    for _case, _cls, thunk in cases[:4]:  # bf16, one per shape class (big CPU tensors)
         with common.recording() as launches:
             thunk()
         for launch in launches:
