@@ -287,6 +287,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         cfg = dataclasses.replace(saved, max_steps=max_steps, device=cfg.device, resume=str(run),
                                   output_dir=str(run), overwrite=False)  # fmt: skip
     validate(cfg)
+    if cfg.model != "tiny":  # saved absolute, so the run's model is found from anywhere
+        cfg.model = str(Path(cfg.model).resolve())
     return cfg
 
 
@@ -919,7 +921,12 @@ def find_checkpoint(
         (p for p in root.glob("step-*") if STEP_DIR.fullmatch(p.name) and p.is_dir()),
         key=lambda p: p.name, reverse=True,
     )  # fmt: skip
-    order = list(steps)
+    # A re-save of a step moves the old directory aside as .step-N.old before the new
+    # one is renamed into place: a crash between the two leaves it there, intact.
+    aside = [p for p in root.glob(".step-*.old") if STEP_DIR.fullmatch(p.name[1:-4])]
+    order = sorted(
+        [*steps, *aside], key=lambda p: (p.name.strip(".")[:12], p in steps), reverse=True
+    )
     pointer = root / "latest"
     if pointer.is_file() or pointer.is_symlink():
         try:
