@@ -173,15 +173,19 @@ def held_out_prompts(run_dir: Path, tokenizer: Any, n: int) -> list[list[int]]:
     return prompt_tokens(eval_set, n)
 
 
+def run_setting(run: Path | None, name: str, default: Any) -> Any:
+    """One setting of a decpo.train run's config.json (default without a run)."""
+    config = run / "config.json" if run is not None else None
+    if config is None or not config.is_file():
+        return default
+    return json.loads(config.read_text()).get(name, default)
+
+
 def run_model_dir(run: Path) -> str:
     """The base model of a decpo.train run: its --model directory, or RUN/base_model
     where the run built the tiny demo model."""
-    config = run / "config.json"
-    if config.is_file():
-        model = json.loads(config.read_text()).get("model", "tiny")
-        if model != "tiny":
-            return str(model)
-    return str(run / "base_model")
+    model = run_setting(run, "model", "tiny")
+    return str(run / "base_model") if model == "tiny" else str(model)
 
 
 def file_prompts(path: str, tokenizer: Any, n: int, max_length: int) -> list[list[int]]:
@@ -239,7 +243,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--max-prompts", type=int, default=256, help="prompts to probe (at least 2)"
     )
-    parser.add_argument("--module", default="mlp.up_proj")
+    parser.add_argument(
+        "--module", help="module per decoder layer (default: the run's --dec-module, else "
+        "mlp.up_proj)",
+    )  # fmt: skip
     parser.add_argument("--layers", default="all", help='"all" or indices like "0,2"')
     parser.add_argument("--output", help="output directory (default: RUN/probe)")
     args = parser.parse_args(argv)
@@ -250,6 +257,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--max-prompts {args.max_prompts}: decorrelation compares prompts, "
                      "at least 2 are needed")  # fmt: skip
     model_dir = args.model or run_model_dir(run)
+    if args.module is None:
+        args.module = run_setting(run, "dec_module", "mlp.up_proj")
     adapter = args.adapter or (
         str(run) if run and (run / "adapter_config.json").is_file() else None
     )
