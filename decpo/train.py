@@ -1064,6 +1064,8 @@ def _train(cfg: Config) -> dict[str, Any]:
     # Everything is checked before anything is written: the directory, the flags
     # that need the model, the data.
     mode = claim_output_dir(cfg)
+    if dd.world > 1:  # every rank has looked at the directory before rank 0 writes to it
+        dist.barrier()
     seed_everything(cfg.seed)
     model, tokenizer = build_model(cfg, out, dd.device, reuse_base=mode == "continue")
     layers = hooked_layers(cfg, model)
