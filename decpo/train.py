@@ -1248,7 +1248,10 @@ def _train_locked(
                     raise StopRequested
         except StopRequested:
             if last_good is None or last_good.name != f"step-{step:07d}":
-                save(step)
+                try:
+                    save(step)
+                except OSError as exc:
+                    raise TrainError(f"{exc}; {last_good_text()}", status=1) from None
             if dd.main:
                 print(f"\nstopped by signal {stop['signal']} after step {step}; "
                       f"resume with: python -m decpo.train --resume {out} "
@@ -1256,7 +1259,8 @@ def _train_locked(
             summary = {"stopped_at": step}
         except NonFiniteError as exc:
             raise TrainError(
-                f"{exc}; stopping without saving it. {last_good_text().capitalize()}; lower "
+                f"{exc}; stopping without saving it. {last_good_text()[0].upper()}"
+                f"{last_good_text()[1:]}; lower "
                 "--lr or check the data", status=1,
             ) from None  # fmt: skip
         except OSError as exc:  # a full disk, say
