@@ -849,6 +849,9 @@ def read_checkpoint(
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    links = [f.name for f in (path / STATE_FILE, path / TENSORS_FILE) if f.is_symlink()]
+    if links:
+        raise CheckpointError(f"{', '.join(links)} is a symbolic link (never followed)")
     try:
         meta = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -917,13 +920,15 @@ def find_checkpoint(
     was skipped, with why."""
     root = out / "checkpoints"
     skipped: list[str] = []
-    steps = sorted(
-        (p for p in root.glob("step-*") if STEP_DIR.fullmatch(p.name) and p.is_dir()),
+    steps = sorted(  # real directories only: a symlink could lead out of the run
+        (p for p in root.glob("step-*")
+         if STEP_DIR.fullmatch(p.name) and p.is_dir() and not p.is_symlink()),
         key=lambda p: p.name, reverse=True,
     )  # fmt: skip
     # A re-save of a step moves the old directory aside as .step-N.old before the new
     # one is renamed into place: a crash between the two leaves it there, intact.
-    aside = [p for p in root.glob(".step-*.old") if STEP_DIR.fullmatch(p.name[1:-4])]
+    aside = [p for p in root.glob(".step-*.old")
+             if STEP_DIR.fullmatch(p.name[1:-4]) and not p.is_symlink()]  # fmt: skip
     order = sorted(
         [*steps, *aside], key=lambda p: (p.name.strip(".")[:12], p in steps), reverse=True
     )

@@ -123,6 +123,23 @@ def test_latest_never_leaves_the_run(tmp_path, capsys):
     assert "latest" in capsys.readouterr().err
 
 
+def test_symbolic_links_out_of_the_run_are_never_followed(tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    _save_steps(elsewhere, [5, 9])
+    run = tmp_path / "run"
+    _save_steps(run, [1, 2])
+    root, other = run / "checkpoints", elsewhere / "checkpoints"
+    (root / "step-0000009").symlink_to(other / "step-0000009")
+    (root / "latest").write_text("step-0000009")
+    for name in ("state.json", "tensors.safetensors"):
+        (root / "step-0000002" / name).unlink()
+        (root / "step-0000002" / name).symlink_to(other / "step-0000005" / name)
+    step, model = _resume_step(run)
+    assert step == 1 and float(model.weight[0, 0].detach()) == 1.0
+    err = capsys.readouterr().err
+    assert "latest" in err and "symbolic link" in err
+
+
 @pytest.mark.parametrize("damage", ["dangling", "garbage", "truncated", "no-state"])
 def test_a_damaged_latest_falls_back_to_the_newest_intact_step(tmp_path, capsys, damage):
     _save_steps(tmp_path, [1, 2])
