@@ -181,3 +181,15 @@ def test_double_backward_of_frozen_head_token_logprobs_raises_a_clear_error():
         torch.autograd.grad(decpo.token_logprobs(h, w, t).sum(), h, create_graph=True)
     (g,) = torch.autograd.grad(decpo.token_logprobs(h, w, t).sum(), h)
     assert torch.isfinite(g).all()
+
+
+def test_double_backward_through_the_other_backward_ops_is_an_error_not_a_number():
+    """logprobs_from_logits and trainable-head token_logprobs: their backward ops have
+    no autograd formula, so a second derivative raises instead of being wrong."""
+    x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 7, (4,))
+    w = torch.randn(7, 7, dtype=torch.float64, requires_grad=True)
+    for f in (lambda a: decpo.logprobs_from_logits(a, t), lambda a: decpo.token_logprobs(a, w, t)):
+        (g,) = torch.autograd.grad(f(x).sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="autograd"):
+            g.sum().backward()
