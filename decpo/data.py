@@ -61,9 +61,12 @@ def _open_lines(path: Path) -> Iterator[tuple[int, str]]:
                     ) from None
                 if line.strip():
                     yield number, line
-    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
-        kind = "compressed stream" if path.suffix == ".gz" else "file"
-        raise DataFormatError(f"{path}:{number + 1}: corrupt or truncated {kind} ({exc})") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise DataFormatError(
+            f"{path}:{number + 1}: corrupt or truncated compressed stream ({exc})"
+        ) from None
+    except OSError as exc:  # unreadable: permissions, an I/O error
+        raise DataFormatError(f"{path}:{number + 1}: cannot be read ({exc})") from None
 
 
 def _check_text(pair: PreferencePair) -> PreferencePair:
