@@ -1129,9 +1129,16 @@ def _train_locked(
             if skipped_ckpts and dd.main:
                 warn(f"{out}: skipped {'; '.join(skipped_ckpts)}; resuming from "
                      f"{ckpt.path.name}")  # fmt: skip
+        elif any((out / "checkpoints").glob("step-*")):
+            # Checkpoints exist but none is usable (damaged, an older format, another
+            # run's): restarting would discard the run's progress, so stop instead.
+            raise TrainError(
+                f"{out}: no usable checkpoint (skipped {'; '.join(skipped_ckpts)}); nothing "
+                "was changed. Start over with --overwrite or choose another --output-dir"
+            )
         elif dd.main:
             why = f" (skipped {'; '.join(skipped_ckpts)})" if skipped_ckpts else ""
-            warn(f"{out}: no intact checkpoint{why}; starting the run from step 0")
+            warn(f"{out}: no checkpoint saved yet{why}; starting the run from step 0")
         if dd.main and cfg.resume is None:
             print(f"decpo.train: {out} holds this run (same configuration); continuing from "
                   f"step {step} (--overwrite starts over)")  # fmt: skip

@@ -407,3 +407,15 @@ def test_resume_survives_a_damaged_latest_and_a_truncated_metrics_line(
     assert "latest" in err and "resuming from step-0000003" in err
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_a_run_whose_checkpoints_are_all_unusable_is_left_untouched(tmp_path, finished_run):
+    """Restarting from step 0 would discard the run's metrics: refused, nothing changed."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    for step in (run / "checkpoints").glob("step-*"):
+        (step / "tensors.safetensors").write_bytes(b"damaged")
+    before = _snapshot(run)
+    with pytest.raises(train.TrainError, match=r"no usable checkpoint.*step-0000003"):
+        train.main(["--resume", str(run)])
+    assert _snapshot(run) == before
