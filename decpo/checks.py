@@ -62,9 +62,15 @@ def positive_float(name: str, value: object) -> float:
     return float(value)
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 def integer_scalar(name: str, value: object) -> int:
+    """A Python int that fits int64 (the targets' dtype and the custom ops' schema)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(f"{name} must fit in int64 [{INT64_MIN}, {INT64_MAX}], got {value}")
     return value
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import warnings
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,15 +39,44 @@ class DataFormatError(ValueError):
     """A malformed preference file: names the file and the line."""
 
 
+class DataWarning(UserWarning):
+    """Pairs of a preference file that were skipped (named by file and lines)."""
+
+
 # ------------------------------------------------------------------ file formats
 
 
 def _open_lines(path: Path) -> Iterator[tuple[int, str]]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                yield number, line
+    """(line number, text) of the non-blank lines. Invalid UTF-8 and a corrupt or
+    truncated gzip stream raise DataFormatError naming the file and the line."""
+    number = 0
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataFormatError(
+                        f"{path}:{number}: not valid UTF-8 (byte {exc.start}: {exc.reason})"
+                    ) from None
+                if line.strip():
+                    yield number, line
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise DataFormatError(
+            f"{path}:{number + 1}: corrupt or truncated compressed stream ({exc})"
+        ) from None
+    except OSError as exc:  # unreadable: permissions, an I/O error
+        raise DataFormatError(f"{path}:{number + 1}: cannot be read ({exc})") from None
+
+
+def _check_text(pair: PreferencePair) -> PreferencePair:
+    """ValueError for text that cannot be tokenized (a lone surrogate from a \\ud800 escape)."""
+    for name in ("prompt", "chosen", "rejected"):
+        try:
+            getattr(pair, name).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"{name} holds a lone surrogate ({exc.reason})") from None
+    return pair
 
 
 def detect_format(record: dict[str, Any]) -> str:
@@ -132,12 +163,16 @@ def _split_chat(record: dict[str, Any], tokenizer: Any | None) -> PreferencePair
 
 
 def read_pairs(path: str | Path, tokenizer: Any | None = None) -> list[PreferencePair]:
-    """All pairs of a JSONL(.gz) file. Any malformed line raises DataFormatError naming
-    the file and the line number, before anything is trained."""
+    """All pairs of a JSONL(.gz) file. Any malformed line (bad JSON or format, invalid
+    UTF-8, lone surrogates, a corrupt gzip stream) raises DataFormatError naming the
+    file and the line number, before anything is trained. Pairs whose chosen and
+    rejected responses are identical carry no preference: they are skipped with a
+    DataWarning naming their lines."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"preference data file not found: {path}")
     pairs: list[PreferencePair] = []
+    identical: list[int] = []
     fmt: str | None = None
     for number, line in _open_lines(path):
         try:
@@ -148,13 +183,28 @@ def read_pairs(path: str | Path, tokenizer: Any | None = None) -> list[Preferenc
             elif kind != fmt:
                 raise ValueError(f"record is in {kind!r} format, the file's first is {fmt!r}")
             if kind == "pairs":
-                pairs.append(PreferencePair(record["prompt"], record["chosen"], record["rejected"]))
+                pair = PreferencePair(record["prompt"], record["chosen"], record["rejected"])
             elif kind == "hh":
-                pairs.append(_split_hh(record["chosen"], record["rejected"]))
+                pair = _split_hh(record["chosen"], record["rejected"])
             else:
-                pairs.append(_split_chat(record, tokenizer))
+                pair = _split_chat(record, tokenizer)
+            _check_text(pair)
+        except RecursionError:
+            raise DataFormatError(f"{path}:{number}: JSON nested too deeply") from None
         except (ValueError, KeyError, TypeError) as exc:
             raise DataFormatError(f"{path}:{number}: {exc}") from None
+        if pair.chosen == pair.rejected:  # no preference to learn: skipped, reported below
+            identical.append(number)
+            continue
+        pairs.append(pair)
+    if identical:
+        shown = ", ".join(map(str, identical[:10])) + (", ..." if len(identical) > 10 else "")
+        warnings.warn(
+            f"{path}: skipped {len(identical)} pair(s) whose chosen and rejected responses "
+            f"are identical (line(s) {shown})",
+            DataWarning,
+            stacklevel=2,
+        )
     if not pairs:
         raise DataFormatError(f"{path}: no preference pairs")
     return pairs

@@ -158,9 +158,9 @@ def prompt_tokens(pairs: list[data_lib.TokenizedPair], n: int) -> list[list[int]
     """Up to n distinct tokenized prompts of these pairs, as training saw them."""
     seen: dict[tuple[int, ...], None] = {}
     for pair in pairs:
-        seen.setdefault(tuple(pair.chosen_ids[: pair.prompt_len]))
         if len(seen) >= n:
             break
+        seen.setdefault(tuple(pair.chosen_ids[: pair.prompt_len]))
     return [list(p) for p in seen]
 
 
@@ -168,9 +168,24 @@ def held_out_prompts(run_dir: Path, tokenizer: Any, n: int) -> list[list[int]]:
     """The held-out prompts of a decpo.train run: its own data and split (its config)."""
     from decpo import train
 
-    cfg = train.Config(**json.loads((run_dir / "config.json").read_text()))
+    cfg = train.config_from_json(json.loads((run_dir / "config.json").read_text()))
     _, eval_set, _ = train.load_data(cfg, tokenizer)
     return prompt_tokens(eval_set, n)
+
+
+def run_setting(run: Path | None, name: str, default: Any) -> Any:
+    """One setting of a decpo.train run's config.json (default without a run)."""
+    config = run / "config.json" if run is not None else None
+    if config is None or not config.is_file():
+        return default
+    return json.loads(config.read_text()).get(name, default)
+
+
+def run_model_dir(run: Path) -> str:
+    """The base model of a decpo.train run: its --model directory, or RUN/base_model
+    where the run built the tiny demo model."""
+    model = run_setting(run, "model", "tiny")
+    return str(run / "base_model") if model == "tiny" else str(model)
 
 
 def file_prompts(path: str, tokenizer: Any, n: int, max_length: int) -> list[list[int]]:
@@ -210,7 +225,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("run", nargs="?", help="a decpo.train output directory")
     parser.add_argument(
-        "--model", help="local Hugging Face model directory (default: RUN/base_model)"
+        "--model",
+        help="local Hugging Face model directory (default: the run's --model, or "
+        "RUN/base_model for the tiny demo model)",
     )
     parser.add_argument("--adapter", help="LoRA adapter directory (default: RUN)")
     parser.add_argument(
@@ -223,15 +240,25 @@ def main(argv: list[str] | None = None) -> dict:
         default=256,
         help="tokens per prompt, cut from the left as in training",
     )
-    parser.add_argument("--max-prompts", type=int, default=256)
-    parser.add_argument("--module", default="mlp.up_proj")
+    parser.add_argument(
+        "--max-prompts", type=int, default=256, help="prompts to probe (at least 2)"
+    )
+    parser.add_argument(
+        "--module", help="module per decoder layer (default: the run's --dec-module, else "
+        "mlp.up_proj)",
+    )  # fmt: skip
     parser.add_argument("--layers", default="all", help='"all" or indices like "0,2"')
     parser.add_argument("--output", help="output directory (default: RUN/probe)")
     args = parser.parse_args(argv)
     run = Path(args.run) if args.run else None
     if run is None and args.model is None:
         parser.error("give a run directory or --model")
-    model_dir = args.model or str(run / "base_model")
+    if args.max_prompts < 2:
+        parser.error(f"--max-prompts {args.max_prompts}: decorrelation compares prompts, "
+                     "at least 2 are needed")  # fmt: skip
+    model_dir = args.model or run_model_dir(run)
+    if args.module is None:
+        args.module = run_setting(run, "dec_module", "mlp.up_proj")
     adapter = args.adapter or (
         str(run) if run and (run / "adapter_config.json").is_file() else None
     )
@@ -243,6 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         parser.error("--model without a run directory needs --prompts")
     layers = None if args.layers == "all" else [int(x) for x in args.layers.split(",")]
+    if len(prompts) < 2:
+        parser.error(f"found {len(prompts)} distinct prompt(s); decorrelation needs at least 2")
     result = probe(model, prompts, tokenizer.pad_token_id, args.module, layers)
     out = Path(args.output) if args.output else (run / "probe" if run else Path("probe"))
     out.mkdir(parents=True, exist_ok=True)

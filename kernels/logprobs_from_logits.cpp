@@ -24,9 +24,21 @@ using decpo::to_float;
 constexpr int64_t BLOCK = 1024;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+// |lse| above which exp(x / T - lse) loses accuracy in fp32 (spacing 1.2e-4 at 1024):
+// the backward then recomputes the row in the frame of its max.
+constexpr float kLseExactLimit = 1024.0f;
+
+// Logsumexp of one row in the frame of its max m (raw, unscaled; 0 for all -inf
+// rows): lse = m inv_t + log_s. The max is subtracted before scaling by inv_t, so
+// logits far from 0 (an offset of 1e6) keep their differences exact.
+struct ShiftedLse {
+  float m;
+  float log_s;
+};
+
 // Online logsumexp of one row of n elements, each scaled by inv_t.
 template <typename T>
-DECPO_MULTIVERSION float row_logsumexp(const T* row, int64_t n, float inv_t) {
+DECPO_MULTIVERSION ShiftedLse row_logsumexp(const T* row, int64_t n, float inv_t) {
   float m = kNegInf;
   float s = 0.0f;
   float block[BLOCK];
@@ -35,7 +47,7 @@ DECPO_MULTIVERSION float row_logsumexp(const T* row, int64_t n, float inv_t) {
     float m_b = kNegInf;
 #pragma omp simd reduction(max : m_b)
     for (int64_t j = 0; j < len; ++j) {
-      block[j] = to_float(row[start + j]) * inv_t;
+      block[j] = to_float(row[start + j]);
       m_b = block[j] > m_b ? block[j] : m_b;  // NaN never wins here; the sum catches it
     }
     const float m_new = m > m_b ? m : m_b;
@@ -43,22 +55,30 @@ DECPO_MULTIVERSION float row_logsumexp(const T* row, int64_t n, float inv_t) {
     const float m_safe = (m_new == kNegInf) ? 0.0f : m_new;
     float s_b = 0.0f;
 #pragma omp simd reduction(+ : s_b)
-    for (int64_t j = 0; j < len; ++j) s_b += exp_approx(block[j] - m_safe);
-    s = s * exp_approx(m - m_safe) + s_b;
+    for (int64_t j = 0; j < len; ++j) s_b += exp_approx((block[j] - m_safe) * inv_t);
+    s = s * exp_approx((m - m_safe) * inv_t) + s_b;
     m = m_new;
   }
-  return (m == kNegInf ? 0.0f : m) + std::log(s);
+  return {m == kNegInf ? 0.0f : m, std::log(s)};
 }
 
 template <typename T>
 DECPO_MULTIVERSION void row_backward(const T* row, T* out, int64_t n, int64_t y, float g,
                                      float inv_t, float lse) {
-  // d logit_v = g (1[v = y] - p_v) / T with p_v = exp(logit_v / T - lse); g carries 1/T.
+  // d logit_v = g (1[v = y] - p_v) / T with p_v = exp((logit_v - m) / T - log_s); g
+  // carries 1/T. m = 0 and log_s = lse unless lse is too large for that to be exact.
+  float m = 0.0f;
+  float log_s = lse;
+  if (std::fabs(lse) > kLseExactLimit) {
+    const ShiftedLse shifted = row_logsumexp(row, n, inv_t);
+    m = shifted.m;
+    log_s = shifted.log_s;
+  }
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    decpo::store(out, j, -g * exp_approx(to_float(row[j]) * inv_t - lse));
+    decpo::store(out, j, -g * exp_approx((to_float(row[j]) - m) * inv_t - log_s));
   }
-  const float p_y = exp_approx(to_float(row[y]) * inv_t - lse);
+  const float p_y = exp_approx((to_float(row[y]) - m) * inv_t - log_s);
   decpo::store(out, y, g - g * p_y);
 }
 
@@ -74,9 +94,9 @@ void forward(const T* logits, int64_t n_rows, int64_t n_vocab, int64_t row_strid
       continue;
     }
     const T* row = logits + i * row_stride;
-    const float row_lse = row_logsumexp(row, n_vocab, inv_t);
-    lse[i] = row_lse;
-    logp[i] = to_float(row[y]) * inv_t - row_lse;
+    const ShiftedLse shifted = row_logsumexp(row, n_vocab, inv_t);
+    lse[i] = shifted.m * inv_t + shifted.log_s;
+    logp[i] = (to_float(row[y]) - shifted.m) * inv_t - shifted.log_s;
   }
 }
 

@@ -109,6 +109,57 @@ def test_empty_and_missing_files(tmp_path):
         data.read_pairs(tmp_path / "nope.jsonl")
 
 
+def _good_lines(n: int) -> bytes:
+    return "".join(json.dumps(PAIRS) + "\n" for _ in range(n)).encode()
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(_good_lines(2) + b'{"prompt": "\xff", "chosen": "c", "rejected": "r"}\n')
+    with pytest.raises(data.DataFormatError, match=r"bad.jsonl:3: not valid UTF-8"):
+        data.read_pairs(path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt", "not-gzip"])
+def test_a_damaged_gzip_names_file_and_line(tmp_path, damage):
+    blob = gzip.compress(_good_lines(200))
+    if damage == "truncated":
+        blob = blob[: len(blob) // 2]
+    elif damage == "corrupt":
+        blob = blob[:40] + bytes(b ^ 0x5A for b in blob[40:80]) + blob[80:]
+    else:
+        blob = _good_lines(3)
+    path = tmp_path / "bad.jsonl.gz"
+    path.write_bytes(blob)
+    with pytest.raises(data.DataFormatError, match=r"bad.jsonl.gz:\d+: corrupt or truncated"):
+        data.read_pairs(path)
+
+
+def test_deeply_nested_json_names_file_and_line(tmp_path):
+    path = tmp_path / "deep.jsonl"
+    path.write_bytes(_good_lines(1) + b"[" * 100_000 + b"]" * 100_000 + b"\n")
+    with pytest.raises(data.DataFormatError, match=r"deep.jsonl:2: JSON nested too deeply"):
+        data.read_pairs(path)
+
+
+def test_a_lone_surrogate_names_file_and_line(tmp_path):
+    path = tmp_path / "sur.jsonl"
+    path.write_bytes(_good_lines(1) + b'{"prompt": "p", "chosen": "\\ud800", "rejected": "r"}\n')
+    with pytest.raises(data.DataFormatError, match=r"sur.jsonl:2: chosen holds a lone surrogate"):
+        data.read_pairs(path)
+
+
+def test_identical_chosen_and_rejected_are_skipped_with_a_warning(tmp_path):
+    same = {"prompt": "p", "chosen": "x", "rejected": "x"}
+    path = _write(tmp_path / "pairs.jsonl", [PAIRS, same, PAIRS, same])
+    with pytest.warns(data.DataWarning, match=r"skipped 2 pair.*identical.*line\(s\) 2, 4"):
+        pairs = data.read_pairs(path)
+    assert pairs == [data.PreferencePair("p", "c", "r")] * 2
+    only_same = _write(tmp_path / "same.jsonl", [same])
+    with pytest.warns(data.DataWarning), pytest.raises(data.DataFormatError, match="no preference"):
+        data.read_pairs(only_same)
+
+
 class _CharTokenizer:
     """One token per character; bos 1, eos 2, pad 0."""
 

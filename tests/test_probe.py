@@ -55,3 +55,39 @@ def test_probe_cli_on_a_finished_demo_run(tmp_path):
     assert all(0.0 <= d <= 2.0 for d in saved["decorrelation"])
     assert saved["weight_proxy"] is None and "undefined" in saved["weight_proxy_note"]
     assert (run / "probe" / "probe.png").is_file()
+
+
+def _tiny_gpt2(where):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from decpo import data, models
+
+    tokenizer = models.build_tokenizer(data.demo_corpus()[:300], vocab_size=300)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=len(tokenizer),
+                                       n_positions=128))  # fmt: skip
+    model.save_pretrained(where)
+    tokenizer.save_pretrained(where)
+
+
+def test_a_run_trained_with_model_dir_finds_that_model(tmp_path):
+    """A run of --model DIR keeps DIR in its config.json; the probe loads it from
+    there (not RUN/base_model, which only the tiny demo model has)."""
+    model_dir = tmp_path / "gpt2"
+    _tiny_gpt2(model_dir)
+    run = tmp_path / "run"
+    run.mkdir()
+    config = train.Config(model=str(model_dir), output_dir=str(run), dec_module="mlp.c_fc")
+    (run / "config.json").write_text(json.dumps(config.__dict__))
+    prompts = tmp_path / "pairs.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"note {i}", "chosen": "a", "rejected": "b"})
+                               + "\n" for i in range(6)))  # fmt: skip
+    record = probe.main([str(run), "--prompts", str(prompts), "--max-prompts", "4"])
+    assert record["model"] == str(model_dir) and record["prompts"] == 4
+    assert record["layers"] == [0, 1]
+
+
+@pytest.mark.parametrize("n", ["0", "1", "-3"])
+def test_fewer_than_two_prompts_are_refused(tmp_path, n, capsys):
+    with pytest.raises(SystemExit):
+        probe.main([str(tmp_path), "--max-prompts", n])
+    assert "--max-prompts" in capsys.readouterr().err

@@ -144,12 +144,15 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", crash)
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         train.save_checkpoint(out, 4, model, opt, sched)
     assert (root / "latest").read_text() == "step-0000003"
-    assert (root / "step-0000003" / "state.pt").is_file()
+    assert (root / "step-0000003" / "tensors.safetensors").is_file()
     assert not (root / "step-0000004").exists()
+    assert not list(root.glob(".step-*"))
 
 
 def test_non_finite_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
@@ -168,7 +171,8 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="non-finite loss"):
         train.main([*FAST, "--save-every", "1", "--eval-every", "1000", "--output-dir", str(out)])
     latest = (out / "checkpoints" / "latest").read_text()
-    assert latest.startswith("step-") and (out / "checkpoints" / latest / "state.pt").is_file()
+    assert latest.startswith("step-")
+    assert (out / "checkpoints" / latest / "tensors.safetensors").is_file()
 
 
 def test_bad_flags_are_rejected():

@@ -68,6 +68,11 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tens
 
 
 def _backward(ctx: Any, grad_loss: Tensor, _grad_of_grad: Tensor) -> tuple[Tensor | None, ...]:
+    if torch.is_grad_enabled():  # create_graph=True: the stored gradient is a constant
+        raise RuntimeError(
+            "decpo.decorrelation_penalty does not support double backward (create_graph=True): "
+            "its gradient is computed in the forward pass"
+        )
     (grad,) = ctx.saved_tensors
     # The gradient was computed in the forward; scale it by the upstream gradient in
     # fp32 or better.

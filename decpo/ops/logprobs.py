@@ -184,6 +184,13 @@ def _token_backward(
 ) -> tuple[Tensor | None, ...]:
     if ctx.frozen_grad:
         # One-pass frozen head: d hidden = g * d logp / d hidden, computed in the forward.
+        # That stored gradient is a constant to autograd, so a second derivative through
+        # it would be silently wrong: refuse it.
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "decpo.token_logprobs with a frozen head does not support double backward "
+                "(create_graph=True): its gradient is computed in the forward pass"
+            )
         (grad,) = ctx.saved_tensors
         d_hidden = (grad.to(grad_logp.dtype) * grad_logp[:, None]).to(grad.dtype)
         return (d_hidden,) + (None,) * (_N_TOKEN_INPUTS - 1)
@@ -248,6 +255,8 @@ def token_logprobs(
         )
     if weight.shape[0] == 0:
         raise ValueError("weight must have at least one vocabulary row, got V = 0")
+    if hidden.shape[-1] == 0:
+        raise ValueError(f"hidden must have D >= 1 features, got shape {tuple(hidden.shape)}")
     if targets.shape != hidden.shape[:-1]:
         raise ValueError(
             f"targets must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "

@@ -35,6 +35,9 @@ TileEpilogue = Callable[..., torch.Tensor]
 # Elements per fp32 logit tile: 2^22 * 4 bytes = 16 MiB (64 MiB on GPUs).
 TILE_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 24}
 VOCAB_CHUNK = 8192
+# |lse| above which exp(x - lse) loses accuracy (fp32 spacing at 1024 is 1.2e-4): the
+# logits backward then recomputes those rows in the frame of their max.
+LSE_EXACT_LIMIT = 1024.0
 
 
 def _tile(n_rows: int, n_vocab: int, device: torch.device) -> tuple[int, int]:
@@ -218,7 +221,9 @@ def token_logprobs(
     # over the head (aminmax propagates NaN), no host sync.
     head_finite = _all_finite(weight)
     if bias is not None:
-        head_finite &= _all_finite(bias)
+        # A -inf bias entry masks its vocabulary entry (p = 0, as a -inf logit does in
+        # logprobs_from_logits); NaN or +inf still poison every row (amax keeps NaN).
+        head_finite &= bias.amax() < float("inf")
     out_logp = [torch.where(head_finite, x, float("nan")) for x in out_logp]
     if rows is None:
         logp, lse = torch.cat(out_logp), torch.cat(out_lse)
@@ -319,14 +324,19 @@ def logprobs_from_logits(
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
     for r0 in range(0, n, row_chunk):
         r1 = min(r0 + row_chunk, n)
+        # In the frame of the row's max, subtracted before scaling by 1/T: logits far
+        # from 0 (an offset of 1e6, say) keep their differences exact, and logp never
+        # subtracts two large nearly equal numbers.
         x = logits[r0:r1].to(cdt)  # (R, V)
+        m = _safe_max(x.amax(1))
+        x = x - m[:, None]
         if inv_t != 1.0:
             x = x * inv_t
-        m = _safe_max(x.amax(1))
-        row_lse = m + torch.log(torch.exp(x - m[:, None]).sum(1))
+        log_s = torch.log(torch.exp(x).sum(1))
+        row_lse = m * inv_t + log_s
         target_logit = x.gather(1, safe_targets[r0:r1, None]).squeeze(1)
         ok = valid[r0:r1]
-        logp[r0:r1] = torch.where(ok, target_logit - row_lse, torch.zeros_like(row_lse))
+        logp[r0:r1] = torch.where(ok, target_logit - log_s, torch.zeros_like(row_lse))
         lse[r0:r1] = torch.where(ok, row_lse, torch.zeros_like(row_lse))
     return logp, lse
 
@@ -348,9 +358,21 @@ def logprobs_from_logits_backward(
         r1 = min(r0 + row_chunk, n)
         g = g_all[r0:r1, None] * inv_t  # (R, 1)
         x = logits[r0:r1].to(cdt)
-        if inv_t != 1.0:
-            x = x * inv_t
-        p = torch.exp(x - lse[r0:r1, None])
+        row_lse = lse[r0:r1]
+        far = row_lse.abs() > LSE_EXACT_LIMIT
+        if bool(far.any()):
+            # lse is too large to subtract in this precision: rows far from 0 work in
+            # the frame of their max, as the forward does.
+            m = torch.where(far, _safe_max(x.amax(1)), 0.0)
+            x = x - m[:, None]
+            if inv_t != 1.0:
+                x = x * inv_t
+            log_s = torch.where(far, torch.log(torch.exp(x).sum(1)), row_lse)
+            p = torch.exp(x - log_s[:, None])
+        else:
+            if inv_t != 1.0:
+                x = x * inv_t
+            p = torch.exp(x - row_lse[:, None])
         d = -p * g
         d.scatter_add_(1, safe_targets[r0:r1, None], g)
         # Ignored rows: exact zeros even where their logits are NaN or Inf.
