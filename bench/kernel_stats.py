@@ -34,6 +34,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -369,10 +370,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.only:
         out = Path(args.out) if args.out else RESULTS / f"kernel-stats-sm{args.arch}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+        ).stdout.strip()
         meta = {
             "triton": triton.__version__,
             "torch": torch.__version__,
             "arch": f"sm_{args.arch}a",
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "commit": commit,
+            "launched_only": args.launched_only,
         }
         payload = {
             "meta": meta,
