@@ -462,16 +462,22 @@ def _logits_fwd_kernel(
     t_ptr,
     logp_ptr,
     lse_ptr,
+    m_ptr,
+    ls_ptr,
     # shapes, strides, scalars
     N,
     V,
     stride_xn,
     inv_t,
     ignore_index,
-    # blocks
+    # flags and blocks
+    FRAME: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
+    """logp and lse per row, in the frame of the row's raw maximum m: every logit is
+    used as (x - m) / T, so logits far from zero (1e6) keep fp32 accuracy. With FRAME
+    it also stores m and log sum exp((x - m) / T) separately for the backward."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
@@ -479,20 +485,25 @@ def _logits_fwd_kernel(
     valid = row_ok & (tgt != ignore_index)
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_N], tl.float32)
-    tgt_logit = tl.zeros([BLOCK_N], tl.float32)
+    tgt_raw = tl.zeros([BLOCK_N], tl.float32)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         mask = valid[:, None] & (cols < V)[None, :]
         x_ptrs = x_ptr + rows64[:, None] * stride_xn + cols[None, :]
-        x = tl.load(x_ptrs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-        tgt_logit += tl.sum(tl.where(cols[None, :] == tgt[:, None], x, 0.0), 1)
+        x = tl.load(x_ptrs, mask=mask, other=float("-inf")).to(tl.float32)
+        tgt_raw += tl.sum(tl.where(cols[None, :] == tgt[:, None], x, 0.0), 1)
         m_new = tl.maximum(m, tl.max(x, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)
+        s = s * tl.exp((m - m_safe) * inv_t) + tl.sum(tl.exp((x - m_safe[:, None]) * inv_t), 1)
         m = m_new
-    lse = tl.where(m == float("-inf"), 0.0, m) + tl.log(s)
-    tl.store(logp_ptr + rows, tl.where(valid, tgt_logit - lse, 0.0), mask=row_ok)
-    tl.store(lse_ptr + rows, tl.where(valid, lse, 0.0), mask=row_ok)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    log_s = tl.log(s)
+    logp = (tgt_raw - m_safe) * inv_t - log_s
+    tl.store(logp_ptr + rows, tl.where(valid, logp, 0.0), mask=row_ok)
+    tl.store(lse_ptr + rows, tl.where(valid, m_safe * inv_t + log_s, 0.0), mask=row_ok)
+    if FRAME:
+        tl.store(m_ptr + rows, m_safe, mask=row_ok)
+        tl.store(ls_ptr + rows, log_s, mask=row_ok)
 
 
 @triton.jit
@@ -502,6 +513,8 @@ def _logits_bwd_kernel(
     t_ptr,
     g_ptr,
     lse_ptr,
+    m_ptr,
+    ls_ptr,
     dx_ptr,
     # shapes, strides, scalars
     N,
@@ -510,10 +523,14 @@ def _logits_bwd_kernel(
     inv_t,
     ignore_index,
     # flags and blocks
+    FRAME: tl.constexpr,
     INTERPRET: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
+    """d logits = g (1[v = y] - p) / T; with FRAME, p = exp((x - m) / T - log s) from
+    the row frame the forward kernel stores (logits far from zero), else
+    p = exp(x / T - lse)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < N
@@ -521,11 +538,16 @@ def _logits_bwd_kernel(
     tgt = tl.load(t_ptr + rows, mask=row_ok, other=0)
     valid = row_ok & (tgt != ignore_index)
     g = tl.where(valid, tl.load(g_ptr + rows, mask=row_ok, other=0.0), 0.0) * inv_t
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     mask = row_ok[:, None] & (cols < V)[None, :]
     x_ptrs = x_ptr + rows64[:, None] * stride_xn + cols[None, :]
     x = tl.load(x_ptrs, mask=mask & valid[:, None], other=0.0).to(tl.float32)
-    p = tl.exp(x * inv_t - lse[:, None])
+    if FRAME:
+        m = tl.load(m_ptr + rows, mask=row_ok, other=0.0)
+        log_s = tl.load(ls_ptr + rows, mask=row_ok, other=0.0)
+        p = tl.exp((x - m[:, None]) * inv_t - log_s[:, None])
+    else:
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        p = tl.exp(x * inv_t - lse[:, None])
     d = tl.where(cols[None, :] == tgt[:, None], 1.0 - p, -p) * g[:, None]
     d = tl.where(valid[:, None], d, 0.0)  # ignored rows: exact zeros whatever they hold
     out = dx_ptr + rows64[:, None] * V + cols[None, :]
@@ -1059,33 +1081,52 @@ def _logit_config(n_vocab: int, backward: bool) -> KernelConfig:
     return KernelConfig(config.name, {"BLOCK_N": 1, "BLOCK_V": width}, config.num_warps, 1)
 
 
-def logprobs_from_logits(
-    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, temperature: float
+def _launch_logits_fwd(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    temperature: float,
+    frame: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward for logits (N, V): (logp, lse) fp32, one read of each logit."""
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
     n, n_vocab = logits.shape
     logp = torch.empty(n, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(logp)
-    if n == 0:
-        return logp, lse
     config = _logit_config(n_vocab, backward=False)
     launch(
         _logits_fwd_kernel,
         (triton.cdiv(n, config.blocks["BLOCK_N"]),),
         config,
         x_ptr=logits,
-        t_ptr=targets.contiguous(),
+        t_ptr=targets,
         logp_ptr=logp,
         lse_ptr=lse,
+        m_ptr=frame[0] if frame else None,
+        ls_ptr=frame[1] if frame else None,
         N=n,
         V=n_vocab,
         stride_xn=logits.stride(0),
         inv_t=1.0 / temperature,
         ignore_index=ignore_index,
+        FRAME=frame is not None,
     )
     return logp, lse
+
+
+def logprobs_from_logits(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward for logits (N, V): (logp, lse) fp32, one read of each logit."""
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    if logits.shape[0] == 0:
+        empty = torch.empty(0, dtype=torch.float32, device=logits.device)
+        return empty, empty.clone()
+    return _launch_logits_fwd(logits, targets.contiguous(), ignore_index, temperature)
+
+
+# Beyond this |lse| an fp32 lse is off by up to ulp/2 >= 6e-5 relative in every p:
+# the backward then re-derives each row's frame (max and log-sum) in one more read.
+_FRAME_LSE = 1024.0
 
 
 def logprobs_from_logits_backward(
@@ -1096,13 +1137,19 @@ def logprobs_from_logits_backward(
     ignore_index: int,
     temperature: float,
 ) -> torch.Tensor:
-    """d logits (N, V) contiguous in the logits' dtype: one read and one write."""
+    """d logits (N, V) contiguous in the logits' dtype: one read and one write (one
+    more read when some row's |lse| > 1024: logits far from zero)."""
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     n, n_vocab = logits.shape
     out = torch.empty((n, n_vocab), dtype=logits.dtype, device=logits.device)
     if n == 0:
         return out
+    targets = targets.contiguous()
+    frame = None
+    if bool(lse.abs().max() > _FRAME_LSE):  # one host sync, no extra pass normally
+        frame = (torch.empty_like(lse), torch.empty_like(lse))
+        _launch_logits_fwd(logits, targets, ignore_index, temperature, frame)
     config = _logit_config(n_vocab, backward=True)
     grid = (
         triton.cdiv(n, config.blocks["BLOCK_N"]),
@@ -1113,15 +1160,18 @@ def logprobs_from_logits_backward(
         grid,
         config,
         x_ptr=logits,
-        t_ptr=targets.contiguous(),
+        t_ptr=targets,
         g_ptr=grad_logp.float().contiguous(),
         lse_ptr=lse.contiguous(),
+        m_ptr=frame[0] if frame else None,
+        ls_ptr=frame[1] if frame else None,
         dx_ptr=out,
         N=n,
         V=n_vocab,
         stride_xn=logits.stride(0),
         inv_t=1.0 / temperature,
         ignore_index=ignore_index,
+        FRAME=frame is not None,
         INTERPRET=interpreting(),
     )
     return out
@@ -1165,7 +1215,9 @@ def gate_cases() -> list[tuple[str, str, Callable[[], None]]]:
                 x = torch.empty(n, v, dtype=dtype)
                 t = torch.randint(0, v, (n,))
                 _, lse = logprobs_from_logits(x, t, -100, 1.0)
-                logprobs_from_logits_backward(torch.empty(n), x, t, lse, -100, 1.0)
+                for offset in (0.0, 1e6):  # lse far from zero: the row-frame backward
+                    lse = torch.full((n,), offset)
+                    logprobs_from_logits_backward(torch.empty(n), x, t, lse, -100, 1.0)
 
             name = str(dtype).removeprefix("torch.")
             cases.append((f"token_logprobs fwd {name}", cls, fwd))

@@ -119,7 +119,7 @@ def test_an_ignore_index_beyond_int64_raises_value_error(ignore_index):
         decpo.logprobs_from_logits(torch.randn(6, 9), T, ignore_index=ignore_index)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", [*CPU_BACKENDS, "triton"])  # triton: the interpreter
 def test_a_minus_inf_bias_masks_its_vocabulary_entry(backend):
     """A vocabulary mask as a -inf bias entry: softmax gives it p = 0, every row stays
     finite (a target at the masked entry gets -inf), gradients match float64."""
@@ -146,7 +146,7 @@ def test_a_minus_inf_bias_masks_its_vocabulary_entry(backend):
     assert decpo.token_logprobs(h, w, t, bias=poisoned, backend=backend).isnan().all()
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", [*CPU_BACKENDS, "triton"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_logits_far_from_zero_keep_their_accuracy(backend, temperature):
     """Logits offset by 1e6: log-probs and gradients as accurate as float64 gives from
