@@ -41,7 +41,8 @@ def merge_sft(run: Path) -> Path:
 
 
 def train_run(args: list[str]) -> dict:
-    return train.main(args)
+    """One decpo.train run; a rerun starts each run over (--overwrite)."""
+    return train.main([*args, "--overwrite"])
 
 
 def eval_curve(run: Path, key: str) -> list[tuple[int, float]]:
