@@ -66,6 +66,26 @@ def _setup(device: str) -> tuple[torch.nn.Module, object, list[data.PreferencePa
     return model.to(device), tokenizer, pairs, cfg
 
 
+def step_timer(device: str, times: list[float], memory: dict[str, float]) -> object:
+    """A transformers TrainerCallback appending each step's wall time to `times` (CUDA
+    synchronized) and the memory baseline at train begin to memory["base"]."""
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            memory["base"] = _memory_reset(device)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.started)
+
+    return Timer()
+
+
 def _memory_reset(device: str) -> float:
     gc.collect()
     if device == "cuda":
@@ -122,7 +142,6 @@ def run_decpo(loss: str, device: str) -> dict:
 
 def run_trl(device: str, liger: bool) -> dict:
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     model, tokenizer, pairs, setup = _setup(device)
@@ -130,18 +149,6 @@ def run_trl(device: str, liger: bool) -> dict:
     times: list[float] = []
     memory = {"base": 0.0}
     steps, warmup = setup["steps"], setup["warmup"]
-
-    class Timer(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            memory["base"] = _memory_reset(device)
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.started = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - self.started)
 
     config = DPOConfig(
         output_dir="/tmp/decpo-bench-trl", per_device_train_batch_size=setup["pairs"],
@@ -151,8 +158,9 @@ def run_trl(device: str, liger: bool) -> dict:
         use_liger_kernel=liger,
         gradient_checkpointing=False,  # TRL 1.x defaults to True; decpo.train does not
     )  # fmt: skip
+    timer = step_timer(device, times, memory)
     trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
-                         processing_class=tokenizer, callbacks=[Timer()])  # fmt: skip
+                         processing_class=tokenizer, callbacks=[timer])  # fmt: skip
     trainer.train()
     return {"median_step_ms": statistics.median(times[warmup:]) * 1e3,
             "extra_mib": round(max(0.0, _memory_peak(device) - memory["base"]), 1)}  # fmt: skip

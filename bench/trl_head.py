@@ -23,13 +23,12 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import torch
 
-from bench.train_step import _memory_peak, _memory_reset
+from bench.train_step import _memory_peak, step_timer
 from decpo import data, models
 
 QWEN_05B_2L = {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
@@ -60,7 +59,6 @@ def _model_and_data(device: str) -> tuple[torch.nn.Module, object, list[dict]]:
 def run_one(name: str, device: str) -> dict:
     warnings.filterwarnings("ignore")
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     from decpo.integrations.trl import DecPOConfig, DecPOTrainer
@@ -68,18 +66,6 @@ def run_one(name: str, device: str) -> dict:
     model, tokenizer, rows = _model_and_data(device)
     times: list[float] = []
     memory = {"base": 0.0}
-
-    class Timer(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            memory["base"] = _memory_reset(device)
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.started = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - self.started)
 
     common = dict(
         output_dir="/tmp/decpo-bench-trl-head", per_device_train_batch_size=SETUP["pairs"],
@@ -93,8 +79,9 @@ def run_one(name: str, device: str) -> dict:
     else:
         weight = float(name.split("=")[-1])
         cls, config = DecPOTrainer, DecPOConfig(**common, dec_weight=weight)
+    timer = step_timer(device, times, memory)
     trainer = cls(model=model, args=config, train_dataset=Dataset.from_list(rows),
-                  processing_class=tokenizer, callbacks=[Timer()])  # fmt: skip
+                  processing_class=tokenizer, callbacks=[timer])  # fmt: skip
     batch = next(iter(trainer.get_train_dataloader()))
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
