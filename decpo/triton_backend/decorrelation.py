@@ -13,7 +13,7 @@ accumulation; fp32 input keeps IEEE fp32 products):
    loads dense, 16-byte aligned tiles (cp.async pipelined, wgmma operands) instead
    of gathering rows, and the rounding happens after the scaling, as eager PyTorch
    would do it, but once.
-2. Gram path, n <= D (3 n^2 D FLOPs, ~ (2 + 2/T) n^2 D with symmetry):
+2. Gram path, n <= D (3 n^2 D FLOPs, ~ (3 + 1/T) n^2 D with G's symmetry):
    - a group that fits one BLOCK_R tile (the last-token mode: 64 rows a layer) is one
      program: the tile is loaded once per feature chunk and meets itself
      (dot(z, z^T)), E = G - I (diagonal zeroed for offdiag) and sum E^2 stay in
@@ -21,13 +21,25 @@ accumulation; fp32 input keeps IEEE fp32 products):
      itself, and a second pass over the features writes
      dh = 4 scale (E Z - r z) / ||h||, r = (dz . z) / ||z||^2, in the gradient
      dtype. No atomics, no fp32 dZ buffer, no second kernel.
-   - larger groups: one program per tile pair (I, J >= I) of T = n / BLOCK_R tiles;
-     diagonal pairs are a separate, earlier launch that loads its tile once and
-     stores dZ_I = E_II Z_I (and dz . z) into an fp32 (S, Dp) buffer (no zero
-     fill); the off-diagonal pairs add E Z_J to dZ_I and E^T Z_I to dZ_J with
-     relaxed atomics (only the sums matter; no ordering is needed), then one
-     elementwise pass writes dh. Atomic traffic is ~n Dp T fp32 adds per group
-     (at L2), which is why the single-tile case avoids it.
+   - larger groups (deterministic E path, the default): one program per tile pair
+     (I, J >= I) of T = ceil(n / BLOCK_R) tiles (diagonal pairs a separate launch
+     that loads its tile once) computes G_IJ, sums ||E_IJ||^2 into the loss in fp32
+     (before any rounding), stores E_IJ and its mirror E_JI = E_IJ^T once into the
+     group's (ld x ld) block, ld = n rounded up to BLOCK_R (bf16 for bf16; fp16 for
+     normalized fp16, |E| <= 1; else fp32), and the partial radial sums of E o G
+     (row sums into slot J of rows I, column sums into slot I of rows J). A second
+     tensor-core GEMM, BLOCK_M rows x BLOCK_N features per program with K = the
+     group's rows, forms dz = E Z and applies the normalization's backward in its
+     epilogue, dh = 4 scale (dz - r z) / ||h|| with dz . z summed from the T
+     partials in a fixed order: every output tile written once, no atomics, no
+     fp32 dZ buffer, bit-identical run to run. E costs n^2 x 2 bytes per group and
+     layer in bf16 (2 MB at n = 1024).
+   - if the E blocks of all layers exceed E_BUDGET (512 MiB), the atomic path
+     runs instead: diagonal pairs store dZ_I = E_II Z_I (and dz . z) into an fp32
+     (S, Dp) buffer (no zero fill); the off-diagonal pairs add E Z_J to dZ_I and
+     E^T Z_I to dZ_J with relaxed atomics (only the sums matter), then one
+     elementwise pass writes dh. Atomic traffic is ~n Dp T fp32 adds per group (at
+     L2), and the summation order, hence the gradient's last bits, varies.
    Accuracy: G's diagonal is taken from the exact ||z||^2, not from the rounded
    rows (E_ii = 0 up to fp32 instead of ~2^-8), and the projection uses the
    rounded row the products used, r = (dz . z) / ||z||^2: a radial part of dz then
@@ -50,19 +62,23 @@ accumulation; fp32 input keeps IEEE fp32 products):
      to an fp32 buffer (the projection needs dz . z over the whole row), r by
      relaxed atomics over column tiles, then the elementwise pass writes dh.
    fp16 input multiplies M (fp32) in TF32 (10-bit mantissa like fp16, fp32 range).
-4. Loss: per-program partials summed in a fixed order (bit-identical run to run);
-   the atomic gradient sums of the large-group Gram and covariance paths are not.
+4. Loss: per-program partials summed in a fixed order (bit-identical run to run).
+   The gradient is bit-identical too on the fused and E paths; the atomic sums of
+   the covariance path (dz . z over column tiles) and of the atomic Gram fallback
+   are not.
 (L, N, D) input runs every layer in the same launches (a grid axis).
 
 Costs (decorrelation_cost / decorrelation_cost_detail, counted from this tiling;
 HBM bytes under the L2 model stated in _kernel_costs), bf16, loss + gradient:
-- 16 groups x 1024 rows, D = 4096 (tile pairs): 215 GFLOP (206 useful, 3 n^2 D),
-  1.61 GB HBM, plus 2.15 GB of fp32 atomic adds at L2: ~0.22 ms of tensor-core
-  time but ~0.48 ms of HBM time on an H100, so memory-bound. The fp32 dZ buffer
-  (stored, atomically updated, written back, read by the elementwise pass: ~0.8 GB)
-  is the price of the atomics; storing E = G - I in bf16 (n^2 per group, 2 MB
-  here) and a second GEMM dh = E Z with the projection in its epilogue would
-  remove it (~0.7 GB in all, compute-bound) and is the next step.
+- 16 groups x 1024 rows, D = 4096 (tile pairs, E path): 215 GFLOP (206 useful,
+  3 n^2 D; 77 GFLOP for G with symmetry, 138 GFLOP for E Z), 0.715 GB HBM (pack:
+  h read, Z written, 0.27 GB; tile pairs: Z read, E written, 0.17 GB; E Z: E and
+  Z read, dh written, 0.28 GB), no atomics: 0.218 ms of tensor-core time vs 0.213
+  ms of HBM time on an H100, compute-bound (by 2%; on an H200 0.27 vs 0.17 ms).
+  The margin counts the trailing groups' Z as read from L2 by the gradient
+  launch, which starts with the groups the tile pairs touched last (34 MB here);
+  without it the two are equal (0.221 ms of HBM time). The atomic fallback was
+  1.61 GB plus 2.15 GB of fp32 atomic adds at L2, ~0.48 ms, memory-bound.
 - 1 group x 16384 rows, D = 4096 (covariance): 834 GFLOP (825 useful, 3 n D^2),
   1.81 GB HBM: compute-bound (0.84 ms vs 0.54 ms on an H100).
 - last token, 8 layers x 64 rows, D = 14336 (fused single tile): 2.0 GFLOP (the
@@ -482,10 +498,12 @@ def _gram_grad_kernel(
     rounded up to TILE_R, a multiple of BLOCK_K; E is zero there), then the
     normalization's backward in the epilogue, dh = 4 scale (dz - r z) / ||h||,
     r = (dz . z) / ||z||^2 with dz . z summed from the TILE_R-tile partials in a
-    fixed order. Each output tile is written once: deterministic."""
+    fixed order. Each output tile is written once: deterministic. Layers run last
+    first and the block table lists the last group first: the groups that
+    _gram_error_kernel touched last are still in L2 when this launch starts."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     blk = tl.program_id(1)
-    layer = tl.program_id(2).to(tl.int64)
+    layer = (tl.num_programs(2) - 1 - tl.program_id(2)).to(tl.int64)
     start = tl.load(block_start_ptr + blk)
     n = tl.load(block_n_ptr + blk)
     eoff = tl.multiple_of(tl.load(block_eoff_ptr + blk).to(tl.int64), 16)
@@ -943,15 +961,17 @@ def _stores_e(plan: _Plan, layers: int, compute_grad: bool) -> bool:
 
 
 def _pair_blocks(plan: _Plan) -> list[tuple[int, int, int, int]]:
-    """(start, n, first row, E offset) of every BLOCK_M row block of the gradient GEMM."""
+    """(start, n, first row, E offset) of every BLOCK_M row block of the gradient GEMM,
+    last group first (its Z and E were the last that _gram_error_kernel touched)."""
     block = plan.configs.pair_grad[0].blocks["BLOCK_M"]
     starts = _starts(plan.pair, sum(plan.fused))
     offs, _ = _e_layout(plan)
-    return [
+    out = [
         (start, s, r0, off)
         for start, s, off in zip(starts, plan.pair, offs, strict=True)
         for r0 in range(0, s, block)
     ]
+    return out[::-1]
 
 
 def _cov_tiles(plan: _Plan, same: bool) -> list[tuple[int, int, int]]:
@@ -1026,6 +1046,16 @@ def _kernel_costs(
         bn = cfg.pair_grad[0].blocks["BLOCK_N"]
         cols = triton.cdiv(dp, bn)
         flops = tile = hbm = 0.0
+        # L2 reuse across the two launches: the grad launch starts with the last
+        # layer's last groups, whose Z (and E) the error launch touched last; Z of the
+        # trailing groups whose Z + E fit the L2 budget together is not re-read from HBM.
+        held = 0.0
+        for s in reversed(plan.pair):
+            ld = triton.cdiv(s, br) * br
+            if held + s * dp * op + ld * ld * e_bytes > l2_bytes:
+                break
+            held += s * dp * op + ld * ld * e_bytes
+            hbm -= s * dp * op / layers  # once per call, not per layer
         for s in plan.pair:
             ld = triton.cdiv(s, br) * br
             blocks = triton.cdiv(s, bm)
