@@ -13,7 +13,7 @@ accumulation; fp32 input keeps IEEE fp32 products):
    loads dense, 16-byte aligned tiles (cp.async pipelined, wgmma operands) instead
    of gathering rows, and the rounding happens after the scaling, as eager PyTorch
    would do it, but once.
-2. Gram path, n <= D (3 n^2 D FLOPs, ~ (2 + 2/T) n^2 D with symmetry):
+2. Gram path, n <= D (3 n^2 D FLOPs, ~ (3 + 1/T) n^2 D with G's symmetry):
    - a group that fits one BLOCK_R tile (the last-token mode: 64 rows a layer) is one
      program: the tile is loaded once per feature chunk and meets itself
      (dot(z, z^T)), E = G - I (diagonal zeroed for offdiag) and sum E^2 stay in
@@ -21,13 +21,25 @@ accumulation; fp32 input keeps IEEE fp32 products):
      itself, and a second pass over the features writes
      dh = 4 scale (E Z - r z) / ||h||, r = (dz . z) / ||z||^2, in the gradient
      dtype. No atomics, no fp32 dZ buffer, no second kernel.
-   - larger groups: one program per tile pair (I, J >= I) of T = n / BLOCK_R tiles;
-     diagonal pairs are a separate, earlier launch that loads its tile once and
-     stores dZ_I = E_II Z_I (and dz . z) into an fp32 (S, Dp) buffer (no zero
-     fill); the off-diagonal pairs add E Z_J to dZ_I and E^T Z_I to dZ_J with
-     relaxed atomics (only the sums matter; no ordering is needed), then one
-     elementwise pass writes dh. Atomic traffic is ~n Dp T fp32 adds per group
-     (at L2), which is why the single-tile case avoids it.
+   - larger groups (deterministic E path, the default): one program per tile pair
+     (I, J >= I) of T = ceil(n / BLOCK_R) tiles (diagonal pairs a separate launch
+     that loads its tile once) computes G_IJ, sums ||E_IJ||^2 into the loss in fp32
+     (before any rounding), stores E_IJ and its mirror E_JI = E_IJ^T once into the
+     group's (ld x ld) block, ld = n rounded up to BLOCK_R (bf16 for bf16; fp16 for
+     normalized fp16, |E| <= 1; else fp32), and the partial radial sums of E o G
+     (row sums into slot J of rows I, column sums into slot I of rows J). A second
+     tensor-core GEMM, BLOCK_M rows x BLOCK_N features per program with K = the
+     group's rows, forms dz = E Z and applies the normalization's backward in its
+     epilogue, dh = 4 scale (dz - r z) / ||h|| with dz . z summed from the T
+     partials in a fixed order: every output tile written once, no atomics, no
+     fp32 dZ buffer, bit-identical run to run. E costs n^2 x 2 bytes per group and
+     layer in bf16 (2 MB at n = 1024).
+   - if the E blocks of all layers exceed E_BUDGET (512 MiB), the atomic path
+     runs instead: diagonal pairs store dZ_I = E_II Z_I (and dz . z) into an fp32
+     (S, Dp) buffer (no zero fill); the off-diagonal pairs add E Z_J to dZ_I and
+     E^T Z_I to dZ_J with relaxed atomics (only the sums matter), then one
+     elementwise pass writes dh. Atomic traffic is ~n Dp T fp32 adds per group (at
+     L2), and the summation order, hence the gradient's last bits, varies.
    Accuracy: G's diagonal is taken from the exact ||z||^2, not from the rounded
    rows (E_ii = 0 up to fp32 instead of ~2^-8), and the projection uses the
    rounded row the products used, r = (dz . z) / ||z||^2: a radial part of dz then
@@ -50,19 +62,23 @@ accumulation; fp32 input keeps IEEE fp32 products):
      to an fp32 buffer (the projection needs dz . z over the whole row), r by
      relaxed atomics over column tiles, then the elementwise pass writes dh.
    fp16 input multiplies M (fp32) in TF32 (10-bit mantissa like fp16, fp32 range).
-4. Loss: per-program partials summed in a fixed order (bit-identical run to run);
-   the atomic gradient sums of the large-group Gram and covariance paths are not.
+4. Loss: per-program partials summed in a fixed order (bit-identical run to run).
+   The gradient is bit-identical too on the fused and E paths; the atomic sums of
+   the covariance path (dz . z over column tiles) and of the atomic Gram fallback
+   are not.
 (L, N, D) input runs every layer in the same launches (a grid axis).
 
 Costs (decorrelation_cost / decorrelation_cost_detail, counted from this tiling;
 HBM bytes under the L2 model stated in _kernel_costs), bf16, loss + gradient:
-- 16 groups x 1024 rows, D = 4096 (tile pairs): 215 GFLOP (206 useful, 3 n^2 D),
-  1.61 GB HBM, plus 2.15 GB of fp32 atomic adds at L2: ~0.22 ms of tensor-core
-  time but ~0.48 ms of HBM time on an H100, so memory-bound. The fp32 dZ buffer
-  (stored, atomically updated, written back, read by the elementwise pass: ~0.8 GB)
-  is the price of the atomics; storing E = G - I in bf16 (n^2 per group, 2 MB
-  here) and a second GEMM dh = E Z with the projection in its epilogue would
-  remove it (~0.7 GB in all, compute-bound) and is the next step.
+- 16 groups x 1024 rows, D = 4096 (tile pairs, E path): 215 GFLOP (206 useful,
+  3 n^2 D; 77 GFLOP for G with symmetry, 138 GFLOP for E Z), 0.715 GB HBM (pack:
+  h read, Z written, 0.27 GB; tile pairs: Z read, E written, 0.17 GB; E Z: E and
+  Z read, dh written, 0.28 GB), no atomics: 0.218 ms of tensor-core time vs 0.213
+  ms of HBM time on an H100, compute-bound (by 2%; on an H200 0.27 vs 0.17 ms).
+  The margin counts the trailing groups' Z as read from L2 by the gradient
+  launch, which starts with the groups the tile pairs touched last (34 MB here);
+  without it the two are equal (0.221 ms of HBM time). The atomic fallback was
+  1.61 GB plus 2.15 GB of fp32 atomic adds at L2, ~0.48 ms, memory-bound.
 - 1 group x 16384 rows, D = 4096 (covariance): 834 GFLOP (825 useful, 3 n D^2),
   1.81 GB HBM: compute-bound (0.84 ms vs 0.54 ms on an H100).
 - last token, 8 layers x 64 rows, D = 14336 (fused single tile): 2.0 GFLOP (the
@@ -381,6 +397,152 @@ def _gram_pair_kernel(
 
 
 @triton.jit
+def _gram_error_kernel(
+    z_ptr,
+    sqx_ptr,
+    e_ptr,
+    rpart_ptr,
+    partial_ptr,
+    pair_start_ptr,
+    pair_n_ptr,
+    pair_i_ptr,
+    pair_j_ptr,
+    pair_eoff_ptr,
+    S,
+    DP,
+    P,
+    E_L,
+    T_MAX,
+    SAME: tl.constexpr,
+    OFFDIAG: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Tile pair (I, J) of a group larger than one tile (J > I, or I = J when SAME),
+    deterministic gradient path: loss partial (fp32 E, before rounding), E_IJ stored
+    in E's dtype into the group's (ld x ld) block, ld = n rounded up to BLOCK_R (and
+    E_JI = E_IJ^T mirrored), and the partial radial sums dz . z: rowsums of E o G
+    into slot J of rows I, colsums into slot I of rows J. Every value is written
+    once, by one program: no atomics."""
+    pair = tl.program_id(0)
+    layer = tl.program_id(1).to(tl.int64)
+    start = tl.load(pair_start_ptr + pair)
+    n = tl.load(pair_n_ptr + pair)
+    ti = tl.load(pair_i_ptr + pair)
+    tj = tl.load(pair_j_ptr + pair)
+    eoff = tl.load(pair_eoff_ptr + pair).to(tl.int64)
+    ld = tl.cdiv(n, BLOCK_R) * BLOCK_R
+    li = ti * BLOCK_R + tl.arange(0, BLOCK_R)
+    lj = tj * BLOCK_R + tl.arange(0, BLOCK_R)
+    i_ok = li < n
+    j_ok = lj < n
+    ri = start + li
+    rj = start + lj
+    z_base = z_ptr + layer * S * DP
+    g = tl.zeros([BLOCK_R, BLOCK_R], tl.float32)
+    for d0 in tl.range(0, DP, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        zi = _load_rows(z_base, ri, i_ok, ds, ds < DP, DP)
+        if SAME:
+            g = dot(zi, tl.trans(zi), g, INTERPRET)
+        else:
+            zj = _load_rows(z_base, rj, j_ok, ds, ds < DP, DP)
+            g = dot(zi, tl.trans(zj), g, INTERPRET)
+    sqx = tl.load(sqx_ptr + layer * S + ri, mask=i_ok, other=0.0)
+    e = _error_tile(g, li, lj, i_ok, j_ok, sqx, OFFDIAG)
+    weight = 1.0 if SAME else 2.0
+    tl.store(partial_ptr + layer * P + pair, weight * tl.sum(tl.sum(e * e, 1), 0))
+    eg = e * g
+    rpart = rpart_ptr + layer * T_MAX * S
+    tl.store(rpart + tj * S + ri, tl.sum(eg, 1), mask=i_ok)
+    e_base = e_ptr + layer * E_L + eoff
+    e_low = cast(e, e_ptr.dtype.element_ty, INTERPRET)
+    tl.store(e_base + li[:, None].to(tl.int64) * ld + lj[None, :], e_low)
+    if not SAME:
+        tl.store(rpart + ti * S + rj, tl.sum(eg, 0), mask=j_ok)
+        tl.store(e_base + lj[None, :].to(tl.int64) * ld + li[:, None], e_low)
+
+
+@triton.jit
+def _gram_grad_kernel(
+    z_ptr,
+    e_ptr,
+    inv_ptr,
+    sq_ptr,
+    rpart_ptr,
+    rows_ptr,
+    grad_ptr,
+    block_start_ptr,
+    block_n_ptr,
+    block_row_ptr,
+    block_eoff_ptr,
+    S,
+    D,
+    DP,
+    E_L,
+    T_MAX,
+    TILE_R,
+    stride_gl,
+    stride_gn,
+    stride_gd,
+    scale,
+    NORMALIZE: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """dh for BLOCK_M rows x BLOCK_N features of a group larger than one tile:
+    dz = E Z (E from _gram_error_kernel, K = the group's rows, padded to ld = n
+    rounded up to TILE_R, a multiple of BLOCK_K; E is zero there), then the
+    normalization's backward in the epilogue, dh = 4 scale (dz - r z) / ||h||,
+    r = (dz . z) / ||z||^2 with dz . z summed from the TILE_R-tile partials in a
+    fixed order. Each output tile is written once: deterministic. Layers run last
+    first and the block table lists the last group first: the groups that
+    _gram_error_kernel touched last are still in L2 when this launch starts."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    blk = tl.program_id(1)
+    layer = (tl.num_programs(2) - 1 - tl.program_id(2)).to(tl.int64)
+    start = tl.load(block_start_ptr + blk)
+    n = tl.load(block_n_ptr + blk)
+    eoff = tl.multiple_of(tl.load(block_eoff_ptr + blk).to(tl.int64), 16)
+    ld = tl.multiple_of(tl.cdiv(n, TILE_R) * TILE_R, 16)
+    lr = tl.load(block_row_ptr + blk) + tl.arange(0, BLOCK_M)
+    r_ok = lr < n
+    r = start + lr
+    c_ok = cols < DP
+    z_base = z_ptr + layer * S * DP
+    e_rows = e_ptr + layer * E_L + eoff + lr[:, None].to(tl.int64) * ld
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in tl.range(0, ld, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        e = tl.load(e_rows + ks[None, :], mask=r_ok[:, None], other=0.0)
+        z = _load_rows(z_base, start + ks, ks < n, cols, c_ok, DP)
+        acc = _dot2(e, z, acc, INTERPRET)
+    inv = tl.load(inv_ptr + layer * S + r, mask=r_ok, other=0.0)
+    if NORMALIZE:
+        dzz = tl.zeros([BLOCK_M], tl.float32)
+        rpart = rpart_ptr + layer * T_MAX * S + r
+        for t in range(0, ld // TILE_R):
+            dzz += tl.load(rpart + t * S, mask=r_ok, other=0.0)
+        sq = tl.load(sq_ptr + layer * S + r, mask=r_ok, other=1.0)
+        radial = _radial(dzz, inv, sq)
+    else:
+        radial = tl.zeros([BLOCK_M], tl.float32)
+    k = 4.0 * scale * inv
+    z = _load_rows(z_base, r, r_ok, cols, c_ok, DP).to(tl.float32)
+    dh = (acc - radial[:, None] * z) * k[:, None]
+    src = tl.load(rows_ptr + r, mask=r_ok, other=0).to(tl.int64)
+    out = grad_ptr + layer * stride_gl + src * stride_gn
+    tl.store(
+        out[:, None] + cols[None, :] * stride_gd,
+        cast(dh, grad_ptr.dtype.element_ty, INTERPRET),
+        mask=r_ok[:, None] & (cols < D)[None, :],
+    )
+
+
+@triton.jit
 def _cov_kernel(
     z_ptr,
     m_ptr,
@@ -613,6 +775,7 @@ class _Configs:
     pair: tuple[KernelConfig, tuple[KernelConfig, ...]]
     cov: tuple[KernelConfig, tuple[KernelConfig, ...]]
     cov_grad: tuple[KernelConfig, tuple[KernelConfig, ...]]
+    pair_grad: tuple[KernelConfig, tuple[KernelConfig, ...]]
 
     @property
     def fused_rows(self) -> int:
@@ -641,7 +804,7 @@ def _configs(
         gram = _only(INTERP, "BLOCK_R", "BLOCK_D")
         cov = _only(INTERP, "BLOCK_C", "BLOCK_K")
         cov_grad = _only(INTERP, "BLOCK_M", "BLOCK_N", "BLOCK_K")
-        return _Configs(*((c, (c,)) for c in (pack, gram, gram, cov, cov_grad)))
+        return _Configs(*((c, (c,)) for c in (pack, gram, gram, cov, cov_grad, cov_grad)))
     low = dtype in (torch.bfloat16, torch.float16)
     gram_set = GRAM_CONFIGS if low else GRAM_FP32
     big = gram_set[2] if dtype == torch.float16 and not normalize else gram_set[0]
@@ -656,6 +819,7 @@ def _configs(
         pair=(big, tuple(c for c in gram_set if _same_tiles(c, big, wide_ok))),
         cov=(cov_set[0], _sharing(cov_set, "BLOCK_C")),
         cov_grad=(grad_set[0], _sharing(grad_set, "BLOCK_M")),
+        pair_grad=(grad_set[0], grad_set),
     )
 
 
@@ -708,6 +872,9 @@ class _Plan:
     dim: int
     dim_pad: int
     configs: _Configs
+    dtype: torch.dtype = torch.bfloat16
+    normalize: bool = True
+    offdiag: bool = False
     fused: list[int] = field(default_factory=list)  # group sizes, in packed order
     pair: list[int] = field(default_factory=list)
     cov: list[int] = field(default_factory=list)
@@ -724,7 +891,7 @@ def _plan(
     pair (empty, or one row with offdiag) are left out: zero loss, zero gradient."""
     live = [(g, s) for g, s in enumerate(sizes) if s > (1 if offdiag else 0)]
     configs = _configs(dtype, [s for _, s in live if s <= dim], normalize, interpret)
-    plan = _Plan(dim, triton.cdiv(dim, PAD) * PAD, configs)
+    plan = _Plan(dim, triton.cdiv(dim, PAD) * PAD, configs, dtype, normalize, offdiag)
     index: dict[str, list[int]] = {"fused": [], "pair": [], "cov": []}
     for g, s in live:
         kind = "cov" if s > dim else ("fused" if s <= configs.fused_rows else "pair")
@@ -758,6 +925,53 @@ def _off_pairs(plan: _Plan) -> list[tuple[int, int, int, int]]:
         t = triton.cdiv(s, block)
         out += [(start, s, i, j) for i in range(t) for j in range(i + 1, t)]
     return out
+
+
+# Memory budget of the stored E blocks (all layers); above it, large Gram groups take
+# the atomic path.
+E_BUDGET = 512 * 2**20
+
+
+def _e_dtype(plan: _Plan) -> torch.dtype:
+    """E's storage dtype: the operand dtype of the second GEMM (see _operand): bf16 for
+    bf16, fp16 for normalized fp16 (|E| <= 1), else fp32 (TF32 products for fp16)."""
+    if plan.dtype == torch.bfloat16 or (plan.dtype == torch.float16 and plan.normalize):
+        return plan.dtype
+    return torch.float32
+
+
+def _e_layout(plan: _Plan) -> tuple[list[int], int]:
+    """(element offset of each large Gram group's E block, elements per layer): a
+    (ld x ld) row-major block per group, ld = n rounded up to the pair tile."""
+    block = plan.configs.pair_rows
+    offs, total = [], 0
+    for s in plan.pair:
+        offs.append(total)
+        total += (triton.cdiv(s, block) * block) ** 2
+    return offs, total
+
+
+def _stores_e(plan: _Plan, layers: int, compute_grad: bool) -> bool:
+    """Whether the large Gram groups take the deterministic E path (E stored, then
+    dZ = E Z): with a gradient, and when E of every layer fits E_BUDGET."""
+    if not (compute_grad and plan.pair):
+        return False
+    esize = torch.finfo(_e_dtype(plan)).bits // 8
+    return layers * _e_layout(plan)[1] * esize <= E_BUDGET
+
+
+def _pair_blocks(plan: _Plan) -> list[tuple[int, int, int, int]]:
+    """(start, n, first row, E offset) of every BLOCK_M row block of the gradient GEMM,
+    last group first (its Z and E were the last that _gram_error_kernel touched)."""
+    block = plan.configs.pair_grad[0].blocks["BLOCK_M"]
+    starts = _starts(plan.pair, sum(plan.fused))
+    offs, _ = _e_layout(plan)
+    out = [
+        (start, s, r0, off)
+        for start, s, off in zip(starts, plan.pair, offs, strict=True)
+        for r0 in range(0, s, block)
+    ]
+    return out[::-1]
 
 
 def _cov_tiles(plan: _Plan, same: bool) -> list[tuple[int, int, int]]:
@@ -814,7 +1028,49 @@ def _kernel_costs(
         flops = sum(2.0 * br * br * dp * passes + 8.0 * s * d for s in plan.fused)
         io = sum(passes * s * dp * op + s * d * g_out + 16 * s for s in plan.fused)
         add("gram_fused", flops, io, io)
-    if plan.pair:
+    stores_e = _stores_e(plan, layers, compute_grad)
+    if stores_e:
+        br = cfg.pair_rows
+        e_bytes = torch.finfo(_e_dtype(plan)).bits // 8
+        flops = tile = hbm = 0.0
+        for s in plan.pair:
+            t = triton.cdiv(s, br)
+            products = t + t * (t - 1)  # tile loads: diagonal pairs 1, others 2
+            z_group = s * dp * op
+            flops += 2.0 * br * br * dp * (t + t * (t - 1) // 2)  # G tiles, J >= I
+            e_group = (t * br) ** 2 * e_bytes  # E_IJ and its mirror: every tile once
+            tile += dp * br * op * products + e_group + 8.0 * s * t
+            hbm += z_group * (1 if 2 * z_group <= l2_bytes else t) + e_group + 4.0 * s * t
+        add("gram_error", flops, tile, hbm)
+        bm = cfg.pair_grad[0].blocks["BLOCK_M"]
+        bn = cfg.pair_grad[0].blocks["BLOCK_N"]
+        cols = triton.cdiv(dp, bn)
+        flops = tile = hbm = 0.0
+        # L2 reuse across the two launches: the grad launch starts with the last
+        # layer's last groups, whose Z (and E) the error launch touched last; Z of the
+        # trailing groups whose Z + E fit the L2 budget together is not re-read from HBM.
+        held = 0.0
+        for s in reversed(plan.pair):
+            ld = triton.cdiv(s, br) * br
+            if held + s * dp * op + ld * ld * e_bytes > l2_bytes:
+                break
+            held += s * dp * op + ld * ld * e_bytes
+            hbm -= s * dp * op / layers  # once per call, not per layer
+        for s in plan.pair:
+            ld = triton.cdiv(s, br) * br
+            blocks = triton.cdiv(s, bm)
+            z_group, e_group = s * dp * op, ld * ld * e_bytes
+            flops += 2.0 * blocks * bm * cols * bn * ld + 4.0 * s * d  # E Z, epilogue
+            # per program: its E row panel, Z's K x BLOCK_N panel, the z tile of the
+            # epilogue and the dh tile; E (2 MB at n = 1024) and the group's Z stay in L2
+            # across the column tiles and row blocks.
+            tile += blocks * cols * (bm * ld * e_bytes + ld * bn * op + bm * bn * op)
+            tile += s * (d * g_out + 4 * triton.cdiv(s, br) + 12)
+            fits = z_group + e_group <= l2_bytes
+            hbm += (z_group + e_group) * (1 if fits else blocks) + s * (d * g_out + 12)
+            hbm += 4.0 * s * triton.cdiv(s, br)  # radial partials
+        add("gram_grad", flops, tile, hbm)
+    elif plan.pair:
         br = cfg.pair_rows
         flops = tile = hbm = atomic = 0.0
         for s in plan.pair:
@@ -858,8 +1114,8 @@ def _kernel_costs(
                 hbm += s * dp * op + m_total * (1 if m_total <= l2_bytes else blocks)
                 hbm += s * dp * 4  # dz
             add("cov_grad", flops, tile, hbm)
-    if compute_grad and (plan.pair or plan.cov):
-        rows = sum(plan.pair) + sum(plan.cov)
+    if compute_grad and ((plan.pair and not stores_e) or plan.cov):
+        rows = (0 if stores_e else sum(plan.pair)) + sum(plan.cov)
         io = rows * (dp * 4 + dp * op + d * g_out + 16)
         add("finish", 4.0 * rows * d, io, io)
     return out
@@ -1000,9 +1256,11 @@ def decorrelation_penalty(
         "stride_gd": grad.stride(2) if compute_grad else 0,
     }
     n_fused, n_pair = sum(plan.fused), sum(plan.pair)
-    needs_dz = compute_grad and (plan.pair or plan.cov)
+    stores_e = _stores_e(plan, L, compute_grad)
+    needs_dz = compute_grad and ((plan.pair and not stores_e) or plan.cov)
     # dz: stored by the diagonal tile pairs, then atomically added to by the others
-    # (large Gram groups); written whole by the covariance path.
+    # (large Gram groups whose E blocks exceed E_BUDGET); written whole by the
+    # covariance path.
     # Unused outputs are None: the kernels' COMPUTE_GRAD constexpr drops their code.
     dz = torch.empty((L, n_sel, dp), dtype=torch.float32, device=device) if needs_dz else None
     radial = torch.zeros((L, n_sel), dtype=torch.float32, device=device) if needs_dz else None
@@ -1040,8 +1298,10 @@ def decorrelation_penalty(
         )
         p_sum += partial.double().sum(1)
 
+    if stores_e:
+        p_sum += _gram_error_path(plan, z, inv, sq, sqx, rows, grad, gstrides, scale, dkey)
     for same, table in ((True, _diag_pairs(plan)), (False, _off_pairs(plan))):
-        if not table:
+        if not table or stores_e:
             continue
         t = torch.tensor(table, dtype=torch.int32).T.contiguous().to(device)
         npairs = t.shape[1]
@@ -1153,7 +1413,8 @@ def decorrelation_penalty(
             )
 
     if needs_dz:
-        rest = n_sel - n_fused
+        row0 = n_fused + (n_pair if stores_e else 0)
+        rest = n_sel - row0
         _launch(
             _finish_kernel,
             lambda c_: (triton.cdiv(rest, c_.blocks["BLOCK_R"]), L),
@@ -1170,7 +1431,7 @@ def decorrelation_penalty(
             S=n_sel,
             D=dim,
             DP=dp,
-            row0=n_fused,
+            row0=row0,
             **gstrides,
             scale=scale,
             NORMALIZE=normalize,
@@ -1179,6 +1440,98 @@ def decorrelation_penalty(
     loss = (p_sum.sum() * scale).float()
     loss = torch.where(torch.isfinite(loss), loss, torch.full_like(loss, float("nan")))
     return loss, grad
+
+
+def _gram_error_path(
+    plan: _Plan,
+    z: torch.Tensor,
+    inv: torch.Tensor,
+    sq: torch.Tensor,
+    sqx: torch.Tensor,
+    rows: torch.Tensor,
+    grad: torch.Tensor,
+    gstrides: dict[str, int],
+    scale: float,
+    dkey: tuple[object, ...],
+) -> torch.Tensor:
+    """Large Gram groups, deterministic: the tile pairs store E (and the loss and
+    radial partials), then the second GEMM writes dh = E Z with the normalization's
+    backward in its epilogue. Returns the loss partial sums per layer (float64)."""
+    cfg = plan.configs
+    L, n_sel, dp = z.shape
+    device = z.device
+    offs, e_per_layer = _e_layout(plan)
+    tile_r = cfg.pair_rows
+    t_max = max(triton.cdiv(s, tile_r) for s in plan.pair)
+    e = torch.empty((L, e_per_layer), dtype=_e_dtype(plan), device=device)
+    rpart = torch.empty((L, t_max, n_sel), dtype=torch.float32, device=device)
+    off_of = dict(zip(_starts(plan.pair, sum(plan.fused)), offs, strict=True))
+    p_sum = torch.zeros(L, dtype=torch.float64, device=device)
+    for same, table in ((True, _diag_pairs(plan)), (False, _off_pairs(plan))):
+        if not table:
+            continue
+        rows_t = [(*row, off_of[row[0]]) for row in table]
+        t = torch.tensor(rows_t, dtype=torch.int32).T.contiguous().to(device)
+        npairs = t.shape[1]
+        partial = torch.empty((L, npairs), dtype=torch.float32, device=device)
+        _launch(
+            _gram_error_kernel,
+            lambda c, p=npairs: (p, L),
+            ("pair_e", same, max(plan.pair), *dkey),
+            cfg.pair,
+            ("partial", "e", "rpart"),
+            z_ptr=z,
+            sqx_ptr=sqx,
+            e_ptr=e,
+            rpart_ptr=rpart,
+            partial_ptr=partial,
+            pair_start_ptr=t[0],
+            pair_n_ptr=t[1],
+            pair_i_ptr=t[2],
+            pair_j_ptr=t[3],
+            pair_eoff_ptr=t[4],
+            S=n_sel,
+            DP=dp,
+            P=npairs,
+            E_L=e_per_layer,
+            T_MAX=t_max,
+            SAME=same,
+            OFFDIAG=plan.offdiag,
+            INTERPRET=interpreting(),
+        )
+        p_sum += partial.double().sum(1)
+    blocks = _pair_blocks(plan)
+    bt = torch.tensor(blocks, dtype=torch.int32).T.contiguous().to(device)
+    assert all(tile_r % c.blocks["BLOCK_K"] == 0 for c in cfg.pair_grad[1])
+    _launch(
+        _gram_grad_kernel,
+        lambda c_: (triton.cdiv(dp, c_.blocks["BLOCK_N"]), len(blocks), L),
+        ("pair_grad", max(plan.pair), *dkey),
+        cfg.pair_grad,
+        ("grad",),
+        z_ptr=z,
+        e_ptr=e,
+        inv_ptr=inv,
+        sq_ptr=sq,
+        rpart_ptr=rpart,
+        rows_ptr=rows,
+        grad_ptr=grad,
+        block_start_ptr=bt[0],
+        block_n_ptr=bt[1],
+        block_row_ptr=bt[2],
+        block_eoff_ptr=bt[3],
+        S=n_sel,
+        D=plan.dim,
+        DP=dp,
+        E_L=e_per_layer,
+        T_MAX=t_max,
+        TILE_R=tile_r,
+        **gstrides,
+        scale=scale,
+        NORMALIZE=plan.normalize,
+        INTERPRET=interpreting(),
+    )
+    return p_sum
 
 
 # ------------------------------------------------------------------ compile gate
@@ -1191,12 +1544,19 @@ def _gate_thunk(
     normalize: bool = True,
     offdiag: bool = False,
     compute_grad: bool = True,
+    e_budget: int | None = None,
 ) -> Callable[[], None]:
     def thunk() -> None:
+        global E_BUDGET
         hidden = torch.randn(shape).to(dtype)
         n = shape[1]
         seg = None if group is None else torch.arange(n) // group
-        decorrelation_penalty(hidden, None, seg, normalize, offdiag, "mean", compute_grad)
+        saved = E_BUDGET
+        E_BUDGET = saved if e_budget is None else e_budget
+        try:
+            decorrelation_penalty(hidden, None, seg, normalize, offdiag, "mean", compute_grad)
+        finally:
+            E_BUDGET = saved
 
     return thunk
 
@@ -1206,13 +1566,15 @@ def gate_cases() -> list[tuple[str, str, Callable[[], None]]]:
     on CPU tensors of a representative shape (under common.recording() the launches
     are recorded, not run). Shape classes: gram-small (groups of <= 64 rows, one
     tile: last-token mode, 8 layers), gram-tile (<= 128 rows, one tile), gram-large
-    (tile pairs, atomics), covariance (n > D); every dtype, with normalize off and
-    offdiag on where they change the compiled code, and the no-gradient forward."""
+    (tile pairs), covariance (n > D); every dtype, with normalize off and offdiag on
+    where they change the compiled code, and the no-gradient forward. gram-large runs
+    twice: E stored (the default) and E over its budget (the atomic fallback)."""
     shapes = [
-        ("last-token 8x64 D=14336", "gram-small", (8, 64, 14336), None),
-        ("4x100 D=4096", "gram-tile", (1, 400, 4096), 100),
-        ("4x1024 D=4096", "gram-large", (1, 4096, 4096), 1024),
-        ("1x4096 D=1024", "covariance", (1, 4096, 1024), None),
+        ("last-token 8x64 D=14336", "gram-small", (8, 64, 14336), None, None),
+        ("4x100 D=4096", "gram-tile", (1, 400, 4096), 100, None),
+        ("4x1024 D=4096", "gram-large", (1, 4096, 4096), 1024, None),
+        ("1x4096 D=1024", "covariance", (1, 4096, 1024), None, None),
+        ("4x1024 D=4096 atomic", "gram-large", (1, 4096, 4096), 1024, 0),
     ]
     flags = {
         torch.bfloat16: [(True, False), (True, True), (False, False)],
@@ -1224,10 +1586,10 @@ def gate_cases() -> list[tuple[str, str, Callable[[], None]]]:
         dt = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
         for normalize, offdiag in variants:
             tag = f"{dt}{'' if normalize else ' raw'}{' offdiag' if offdiag else ''}"
-            for name, cls, shape, group in shapes:
-                thunk = _gate_thunk(shape, dtype, group, normalize, offdiag)
+            for name, cls, shape, group, budget in shapes:
+                thunk = _gate_thunk(shape, dtype, group, normalize, offdiag, e_budget=budget)
                 cases.append((f"decorrelation {name} {tag}", cls, thunk))
-        for name, cls, shape, group in shapes[2:]:
+        for name, cls, shape, group, _ in shapes[2:4]:
             thunk = _gate_thunk(shape, dtype, group, compute_grad=False)
             cases.append((f"decorrelation no-grad {name} {dt}", cls, thunk))
     return cases

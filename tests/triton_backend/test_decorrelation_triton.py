@@ -1,8 +1,9 @@
 """The Triton decorrelation kernels, path by path, against float64 (under the
 interpreter where there is no GPU; tests/conftest.py sets TRITON_INTERPRET=1) and
 against eager PyTorch at the same dtype. Interpreter tiles are 16 wide, so groups of
-<= 16 rows take the fused single-tile Gram kernel, 17..D rows the tile-pair kernel
-with atomics, and > D rows the covariance path (two column tiles once Dp > 16)."""
+<= 16 rows take the fused single-tile Gram kernel, 17..D rows the tile-pair kernels
+(E stored, then dZ = E Z; with atomics when E exceeds its budget), and > D rows the
+covariance path (two column tiles once Dp > 16)."""
 
 from __future__ import annotations
 
@@ -81,6 +82,37 @@ def test_tile_pairs_with_atomics(dtype, offdiag):
 
 @pytest.mark.parametrize("dtype", [*LOW, torch.float32])
 @pytest.mark.parametrize("offdiag", [False, True])
+def test_tile_pairs_atomic_fallback(dtype, offdiag, monkeypatch):
+    # E over its budget: the tile pairs accumulate dZ with atomics, as before.
+    monkeypatch.setattr(dec, "E_BUDGET", 0)
+    with common.recording() as launches:
+        dec.decorrelation_penalty(torch.randn(1, 41, 53), None, None, True, offdiag, "mean", True)
+    assert "_gram_pair_kernel" in {launch.kernel.fn.__name__ for launch in launches}
+    _check(torch.randn(41, 53), dtype, {"pair"}, offdiag=offdiag, upstream=0.37)
+    seg = torch.tensor([0] * 7 + [1] * 20 + [2] * 40)
+    _check(torch.randn(67, 29) * 0.3, dtype, {"fused", "pair", "cov"}, segment_ids=seg,
+           normalize=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_tile_pairs_bit_identical_run_to_run(dtype):
+    # The stored-E path writes every E tile, radial partial and output tile once,
+    # summed in a fixed order: loss and gradient are bit-identical run to run.
+    seg = torch.tensor([0] * 41 + [1] * 35 + [2] * 5)  # two multi-tile groups, one fused
+    hidden = torch.randn(2, 81, 53)
+    with common.recording() as launches:
+        dec.decorrelation_penalty(hidden.to(dtype), None, seg, True, False, "mean", True)
+    names = {launch.kernel.fn.__name__ for launch in launches}
+    assert {"_gram_error_kernel", "_gram_grad_kernel"} <= names
+    assert "_gram_pair_kernel" not in names and "_finish_kernel" not in names
+    first = _run(hidden, dtype, 0.37, segment_ids=seg)
+    again = _run(hidden, dtype, 0.37, segment_ids=seg)
+    assert torch.equal(first[0], again[0])
+    assert torch.equal(first[1], again[1])
+
+
+@pytest.mark.parametrize("dtype", [*LOW, torch.float32])
+@pytest.mark.parametrize("offdiag", [False, True])
 def test_covariance_path(dtype, offdiag):
     # n = 71 > D = 23: Dp = 32, two 16-wide column tiles, a (0, 1) and two diagonal
     # tile pairs; row blocks of 16 with a ragged last one.
@@ -140,15 +172,15 @@ def test_gate_cases_record_every_kernel():
     kernels = set()
     cases = dec.gate_cases()
     assert {cls for _, cls, _ in cases} == {"gram-small", "gram-tile", "gram-large", "covariance"}
-    for _case, _cls, thunk in cases[:4]:  # bf16, one per shape class (big CPU tensors)
+    for _case, _cls, thunk in cases[:5]:  # bf16: every shape class, and the atomic fallback
         with common.recording() as launches:
             thunk()
         for launch in launches:
             kernels.add(launch.kernel.fn.__name__)
             assert launch.config in launch.candidates
     # Under the interpreter's 16-row tiles no gate case is a single-tile group.
-    assert kernels >= {"_pack_kernel", "_gram_pair_kernel", "_cov_kernel", "_cov_grad_kernel",
-                       "_finish_kernel"}  # fmt: skip
+    assert kernels >= {"_pack_kernel", "_gram_error_kernel", "_gram_grad_kernel", "_cov_kernel",
+                       "_cov_grad_kernel", "_finish_kernel", "_gram_pair_kernel"}  # fmt: skip
 
 
 def test_costs_count_the_tiled_work():
