@@ -226,10 +226,11 @@ def test_precomputed_reference_and_gradient_checkpointing_match(tmp_path):
     assert base["eval/rewards/margins"] == pytest.approx(ckpt["eval/rewards/margins"], rel=1e-4)
 
 
-def test_trl_loss_types_run_on_the_demo(tmp_path):
+def test_trl_loss_types_run_on_the_demo(tmp_path, monkeypatch):
     """Each of TRL's other loss types trains 2 steps on the demo. At step 1 the LoRA
     policy equals the reference (zero log-ratios), so the logged loss is the loss
     type's value there: the flag reaches decpo.dpo_loss under its own name."""
+    monkeypatch.setattr(train, "plot_curves", lambda *args, **kwargs: None)  # a third of the time
     zero = torch.zeros(4, dtype=torch.float64)
     for loss in train.TRL_LOSSES:
         eps = {"exo_pair": 1e-3, "robust": 0.1}.get(loss, 0.0)
