@@ -141,6 +141,11 @@ F_DIVERGENCE_LOSSES = [
 
 
 def _trl_trainer():
+    pytest.importorskip(
+        "trl",
+        minversion="1.16",
+        reason="TRL >= 1.16 is not installed: the parity tests compare with its DPOTrainer",
+    )
     module = pytest.importorskip(
         "trl.trainer.dpo_trainer",
         reason="TRL is not installed: the parity tests compare with TRL 1.16's DPOTrainer",
