@@ -440,3 +440,37 @@ def test_ld_logprobs_splits_at_the_shared_length():
     # pair 0 shares 1 token: chosen -2 + 0.25 (-3 - 4); pair 1 shares 2: rejected -4 + 0.25 (-2)
     assert c.tolist() == [-2.0 + 0.25 * -7.0, -2.0]
     assert r.tolist() == [-5.0, -4.0 + 0.25 * -2.0]
+
+
+@pytest.mark.parametrize("loss_type", TRL_LOSS_TYPES)
+def test_new_loss_types_bf16_and_nan(loss_type):
+    pc, pr, rc, rr = _logps(dtype=torch.bfloat16)
+    lengths = torch.arange(1.0, 8.0)
+    kwargs = {"loss_type": loss_type, "label_smoothing": SMOOTHING.get(loss_type, 0.0),
+              "chosen_lengths": lengths, "rejected_lengths": lengths.flip(0)}  # fmt: skip
+    losses = decpo.dpo_loss(pc, pr, rc, rr, **kwargs).losses
+    assert losses.dtype == torch.float32 and torch.isfinite(losses).all()
+    pc = pc.float()
+    pc[2] = float("nan")
+    losses = decpo.dpo_loss(pc, pr, rc, rr, **kwargs).losses
+    if loss_type in ("sft", "aot", "aot_unpaired"):  # batch-level: one NaN reaches the mean
+        assert torch.isnan(losses.mean())
+    else:
+        assert torch.isnan(losses[2]) and torch.isfinite(losses[[0, 1, 3]]).all()
+
+
+def test_wpo_log_weights_from_token_logprobs_stats():
+    torch.manual_seed(0)
+    h = torch.randn(2, 6, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 8, dtype=torch.float64)
+    targets = torch.randint(0, 11, (2, 6))
+    targets[:, :2] = -100
+    logp, stats = decpo.token_logprobs(h, w, targets, return_stats=True, backend="torch")
+    mask = targets != -100
+    got = wpo_log_weights(logp, stats.log_sum_p2, mask)
+    assert logp.requires_grad
+    probs = torch.softmax(h.detach() @ w.T, -1)
+    aligned = torch.log(torch.gather(probs, -1, targets.clamp(min=0)[..., None])[..., 0])
+    aligned = aligned - torch.log(probs.square().sum(-1))
+    torch.testing.assert_close(got, (aligned * mask).sum(-1) / mask.sum(-1))
+    assert not got.requires_grad
