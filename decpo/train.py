@@ -42,10 +42,14 @@ from decpo import models
 from decpo.hooks import DecorrelationHooks, feature_decorrelation
 from decpo.integrations.hf import logit_transform
 
-LOSSES = ("dpo", "decpo", "ipo", "hinge", "simpo", "sft")
+# TRL 1.16's other loss types, passed to decpo.dpo_loss under their own names.
+TRL_LOSSES = ("exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+              "apo_zero", "apo_down", "discopop", "sigmoid_norm")  # fmt: skip
+LOSSES = ("dpo", "decpo", "ipo", "hinge", "simpo", "sft", *TRL_LOSSES)
 # --loss -> decpo.dpo_loss loss_type; decpo = DPO's sigmoid loss + the regularizer.
 LOSS_TYPE = {"dpo": "sigmoid", "decpo": "sigmoid", "ipo": "ipo", "hinge": "hinge",
-             "simpo": "simpo", "sft": "sft"}  # fmt: skip
+             "simpo": "simpo", "sft": "sft", **{name: name for name in TRL_LOSSES}}  # fmt: skip
+SMOOTHED_LOSSES = ("dpo", "decpo", "simpo", "exo_pair", "robust", "aot", "aot_unpaired")
 METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
                "rewards/margins", "logps/chosen", "logps/rejected", "dec/penalty",
                "dec/decorrelation")  # fmt: skip
@@ -154,7 +158,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "eval_fraction": "fraction of the pairs held out for evaluation, in (0, 1)",
         "save_every": "checkpoint every this many steps (and at the end)",
         "demo_pairs": "synthetic pairs generated for the demo task (without --data)",
-        "label_smoothing": "label smoothing of the sigmoid (DPO) and SimPO losses, in [0, 0.5)",
+        "label_smoothing": "label smoothing, in [0, 0.5), of the losses "
+        + "|".join(SMOOTHED_LOSSES)
+        + " (exo_pair needs > 0, e.g. 1e-3)",
         "simpo_gamma": "SimPO target margin gamma",
         "gradient_checkpointing": "recompute activations in the backward to save memory",
         "precompute_ref": "compute the reference log-probs of every pair once before training "
@@ -243,6 +249,10 @@ def validate(cfg: Config) -> None:
         raise bad("eval_fraction", "must be in (0, 1)")
     if not 0 <= cfg.label_smoothing < 0.5:
         raise bad("label_smoothing", "must be in [0, 0.5) (0.5 makes the loss ignore the labels)")
+    if cfg.label_smoothing and cfg.loss not in SMOOTHED_LOSSES:
+        raise bad("label_smoothing", f"applies to --loss {'|'.join(SMOOTHED_LOSSES)} only")
+    if cfg.loss == "exo_pair" and cfg.label_smoothing == 0:
+        raise bad("label_smoothing", "must be > 0 for --loss exo_pair (the EXO paper uses 1e-3)")
     if cfg.dec_layers != "all":
         try:
             indices = [int(x) for x in cfg.dec_layers.split(",")]
@@ -622,6 +632,8 @@ def forward_pair_batch(
         None if ref_sum is None else ref_sum[:n], None if ref_sum is None else ref_sum[n:],
         beta=cfg.beta, loss_type=LOSS_TYPE[cfg.loss], label_smoothing=cfg.label_smoothing,
         gamma=cfg.simpo_gamma,
+        **({} if cfg.loss != "sigmoid_norm" else  # per-token log-ratios: the response lengths
+           {"chosen_lengths": completion[:n].sum(-1), "rejected_lengths": completion[n:].sum(-1)}),
     )  # fmt: skip
     hidden, segment_ids = hooks.rows(completion, cfg.dec_tokens)
     if cfg.loss == "decpo" and train:
