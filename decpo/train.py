@@ -64,7 +64,8 @@ class Config:
     data: str | None = None  # JSONL(.gz) preference file; None: the synthetic demo task
     loss: str = "decpo"
     beta: float = 0.1
-    dec_weight: float = 0.1  # lambda of the regularizer (--loss decpo)
+    dec_weight: float = 0.1  # lambda of the regularizer (--loss decpo, or --dec-penalty)
+    dec_penalty: bool = False  # add dec_weight x penalty to any --loss (decpo implies it)
     dec_layers: str = "all"  # comma-separated layer indices, or "all"
     dec_module: str = "mlp.up_proj"
     dec_tokens: str = "last"  # last | all
@@ -131,7 +132,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "data": "JSONL or JSONL.GZ preference file (prompt/chosen/rejected strings, chat "
         "message lists, or Anthropic HH transcripts); default: synthetic demo pairs",
         "loss": "loss: " + "|".join(LOSSES),
-        "dec_weight": "weight lambda of the decorrelation regularizer (--loss decpo), >= 0",
+        "dec_weight": "weight lambda of the decorrelation regularizer (--loss decpo or "
+        "--dec-penalty), >= 0",
+        "dec_penalty": "add --dec-weight x the decorrelation penalty to any --loss "
+        "(--loss decpo is dpo with it)",
         "dec_layers": 'decoder layers to hook: "all" or indices like "2,3"',
         "dec_module": "module inside each decoder layer whose output is decorrelated",
         "dec_tokens": "rows: last (last response token of each sequence) or all",
@@ -636,14 +640,15 @@ def forward_pair_batch(
            {"chosen_lengths": completion[:n].sum(-1), "rejected_lengths": completion[n:].sum(-1)}),
     )  # fmt: skip
     hidden, segment_ids = hooks.rows(completion, cfg.dec_tokens)
-    if cfg.loss == "decpo" and train:
+    penalized = cfg.loss == "decpo" or cfg.dec_penalty
+    if penalized and train:
         # Through the hooks: also differentiable under reentrant gradient checkpointing.
         penalty = hooks.penalty(completion, cfg.dec_tokens)
     else:
         with torch.no_grad():
             penalty = decpo.decorrelation_penalty(hidden.detach(), segment_ids=segment_ids)
     loss = losses.mean()
-    if cfg.loss == "decpo":
+    if penalized:  # preference loss + lambda x penalty, for every loss type
         loss = loss + cfg.dec_weight * penalty
     metrics = {
         "loss": loss.detach() * n,

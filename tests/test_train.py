@@ -245,3 +245,20 @@ def test_trl_loss_types_run_on_the_demo(tmp_path, monkeypatch):
         expected = train.decpo.dpo_loss(zero, zero, zero, zero, beta=train.Config.beta,
                                         loss_type=loss, label_smoothing=eps, **lengths)  # fmt: skip
         assert rows[0]["loss"] == pytest.approx(float(expected.losses.mean()), rel=1e-4), loss
+
+
+def test_dec_penalty_composes_with_any_loss(tmp_path, monkeypatch):
+    """--dec-penalty adds dec_weight x penalty to a non-DPO loss: at step 1 (zero
+    log-ratios) the logged loss is the loss type's value there plus that term."""
+    monkeypatch.setattr(train, "plot_curves", lambda *args, **kwargs: None)
+    zero = torch.zeros(4, dtype=torch.float64)
+    expected = float(train.decpo.dpo_loss(zero, zero, zero, zero, beta=0.1,
+                                          loss_type="ipo").losses.mean())  # fmt: skip
+    args = ["--max-steps", "1", "--eval-every", "1", "--save-every", "1", "--demo-pairs", "24",
+            "--batch-size", "4", "--loss", "ipo", "--dec-weight", "2.0"]  # fmt: skip
+    train.main([*args, "--output-dir", str(tmp_path / "plain")])
+    train.main([*args, "--dec-penalty", "--output-dir", str(tmp_path / "penalized")])
+    plain, penalized = _train_rows(tmp_path / "plain")[0], _train_rows(tmp_path / "penalized")[0]
+    assert plain["loss"] == pytest.approx(expected, rel=1e-4)
+    assert penalized["dec/penalty"] > 0
+    assert penalized["loss"] == pytest.approx(expected + 2.0 * penalized["dec/penalty"], rel=1e-4)
