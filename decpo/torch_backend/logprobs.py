@@ -90,6 +90,18 @@ def _all_finite(t: torch.Tensor) -> torch.Tensor:
     return (lo > float("-inf")) & (hi < float("inf"))
 
 
+def head_ok(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """0-dim bool, no host sync: the head may be used. A NaN or Inf in the weight makes
+    every log-prob NaN, even for rows where it would only meet a -inf logit (which
+    softmax would otherwise absorb); a -inf bias entry masks its vocabulary entry
+    (p = 0, as a -inf logit does in logprobs_from_logits), while NaN or +inf in the
+    bias still poison every row (amax keeps NaN)."""
+    ok = _all_finite(weight)
+    if bias is not None:
+        ok = ok & (bias.amax() < float("inf"))
+    return ok
+
+
 def _valid_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
     """Indices of rows to compute, or None when every row is valid."""
     valid = targets != ignore_index
@@ -216,14 +228,7 @@ def token_logprobs(
                 )
             )
 
-    # A NaN or Inf in the head makes every log-prob NaN, even for rows where it would
-    # only meet a -inf logit (which softmax would otherwise absorb). One reduction pass
-    # over the head (aminmax propagates NaN), no host sync.
-    head_finite = _all_finite(weight)
-    if bias is not None:
-        # A -inf bias entry masks its vocabulary entry (p = 0, as a -inf logit does in
-        # logprobs_from_logits); NaN or +inf still poison every row (amax keeps NaN).
-        head_finite &= bias.amax() < float("inf")
+    head_finite = head_ok(weight, bias)
     out_logp = [torch.where(head_finite, x, float("nan")) for x in out_logp]
     if rows is None:
         logp, lse = torch.cat(out_logp), torch.cat(out_lse)

@@ -54,6 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
+from decpo.torch_backend.logprobs import _valid_rows, head_ok
 from decpo.triton_backend.common import (
     KernelConfig,
     cast,
@@ -679,16 +680,6 @@ def token_logprobs_cost(
 # ------------------------------------------------------------------ launchers
 
 
-def _head_ok(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """0-dim bool: the head holds no NaN or +-Inf (a -inf bias entry is a masked
-    vocabulary entry, not an error)."""
-    lo, hi = torch.aminmax(weight)
-    ok = (lo > float("-inf")) & (hi < float("inf"))
-    if bias is not None:
-        ok = ok & ~torch.isnan(bias).any() & (bias.max() < float("inf"))
-    return ok
-
-
 def _padding(dim: int, dtype: torch.dtype) -> int:
     """Zero columns that make a 2-byte row a multiple of 16 bytes. Triton issues
     cp.async (asynchronous copies into shared memory, which the tensor-core pipeline
@@ -698,13 +689,6 @@ def _padding(dim: int, dtype: torch.dtype) -> int:
     if torch.finfo(dtype).bits != 16:
         return 0
     return -dim % 8
-
-
-def _valid_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
-    valid = targets != ignore_index
-    if bool(valid.all()):
-        return None
-    return valid.nonzero().squeeze(1)
 
 
 def _launch_gemm1(
@@ -964,8 +948,8 @@ def token_logprobs(
         if frozen_grad:
             assert out_grad is not None
             _launch_gemm2(q, part[0], weight, t_c, coef, out_grad[r0:r1], tile_v)
-    head_ok = _head_ok(weight, bias)
-    out_logp = torch.where(head_ok, out_logp, float("nan"))
+    head_finite = head_ok(weight, bias)
+    out_logp = torch.where(head_finite, out_logp, float("nan"))
     if frozen_grad and pad:
         assert out_grad is not None
         out_grad = out_grad[:, :dim]
