@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from decpo import train
+from decpo import checkpoint, train
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--max-steps", "6", "--eval-every", "3", "--save-every", "3", "--demo-pairs", "200",
@@ -70,14 +70,20 @@ def test_other_losses_run(tmp_path, loss):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _train_rows(tmp_path / loss))
 
 
-def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, monkeypatch):
     full, cut = tmp_path / "full", tmp_path / "cut"
     train.main([*FAST, "--output-dir", str(full)])
-    os.environ["DECPO_STOP_AT_STEP"] = "2"
-    try:
+    log_metrics = train.log_metrics
+
+    def sigterm_after_step_2(out, row, dd):  # as if SIGTERM arrived during step 2
+        log_metrics(out, row, dd)
+        if row["step"] == 2:
+            signal.raise_signal(signal.SIGTERM)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "log_metrics", sigterm_after_step_2)
         assert train.main([*FAST, "--output-dir", str(cut)]) == {"stopped_at": 2}
-    finally:
-        del os.environ["DECPO_STOP_AT_STEP"]
+    assert (cut / "checkpoints" / "latest").read_text() == "step-0000002"
     assert len(_train_rows(cut)) == 2
     train.main(["--resume", str(cut), "--max-steps", "6"])
     a, b = _train_rows(full), _train_rows(cut)
@@ -149,7 +155,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
-        train.save_checkpoint(out, 4, model, opt, sched)
+        checkpoint.save_checkpoint(out, 4, model, opt, sched)
     assert (root / "latest").read_text() == "step-0000003"
     assert (root / "step-0000003" / "tensors.safetensors").is_file()
     assert not (root / "step-0000004").exists()
@@ -163,8 +169,8 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
 
     def poisoned(*args, **kwargs):
         result = real(*args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] > 6:  # after the evaluation batches and a few good steps
+        calls["n"] += result.losses.requires_grad  # training steps only
+        if calls["n"] > 2:  # after two good steps
             return result._replace(losses=result.losses * float("nan"))
         return result
 
@@ -262,3 +268,102 @@ def test_dec_penalty_composes_with_any_loss(tmp_path, monkeypatch):
     assert plain["loss"] == pytest.approx(expected, rel=1e-4)
     assert penalized["dec/penalty"] > 0
     assert penalized["loss"] == pytest.approx(expected + 2.0 * penalized["dec/penalty"], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--loss", "dpo,sft", "--loss-weights", "1,0.5"],
+        ["--loss", "ipo", "--f-divergence-type", "js_divergence"],
+        ["--f-divergence-type", "alpha_divergence", "--f-alpha-divergence-coef", "0.3"],
+        ["--loss", "discopop", "--discopop-tau", "0.1"],
+        ["--use-weighting"],
+        ["--ld-alpha", "0.5", "--loss", "hinge,sigmoid_norm", "--dec-penalty"],
+    ],
+    ids=["list", "f-div", "alpha", "discopop-tau", "wpo", "ld-dpo"],
+)
+def test_loss_options_train_on_the_demo(tmp_path, monkeypatch, flags):
+    """Every loss option of decpo.dpo_loss is reachable from the command line and
+    trains two finite steps on the demo."""
+    monkeypatch.setattr(train, "plot_curves", lambda *args, **kwargs: None)
+    summary = train.main(["--max-steps", "2", "--eval-every", "2", "--save-every", "2",
+                          "--demo-pairs", "24", "--batch-size", "4", *flags,
+                          "--output-dir", str(tmp_path / "run")])  # fmt: skip
+    assert summary["steps"] == 2
+    assert all(math.isfinite(r["loss"]) for r in _train_rows(tmp_path / "run"))
+
+
+@pytest.fixture(scope="module")
+def tiny_batch():
+    from decpo import data, models
+
+    tokenizer = models.build_tokenizer(data.demo_corpus()[:300], vocab_size=300)
+    model = models.add_lora(models.build_tiny_model(tokenizer, 0), 4, None, ["q_proj"])
+    for name, p in model.named_parameters():  # a policy that differs from its reference
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    pairs, _ = data.tokenize_pairs(data.synthetic_pairs(4, 0), tokenizer, 64)
+    return model, data.collate(pairs, tokenizer.pad_token_id)
+
+
+def _loss(model, batch, **fields) -> torch.Tensor:
+    cfg = train.Config(dec_weight=0.0, **fields)
+    with train.DecorrelationHooks(model, cfg.dec_module) as hooks:
+        loss, _ = train.forward_pair_batch(model, batch, cfg, hooks, torch.device("cpu"), True)
+    return loss.detach().double()
+
+
+def test_a_loss_list_is_the_weighted_sum(tiny_batch):
+    model, batch = tiny_batch
+    both = _loss(model, batch, loss="dpo,sft,apo_zero", loss_weights="1,0.5,2")
+    parts = [_loss(model, batch, loss=name) for name in ("dpo", "sft", "apo_zero")]
+    assert both == pytest.approx(float(parts[0] + 0.5 * parts[1] + 2 * parts[2]), rel=1e-5)
+
+
+def test_wpo_and_ld_dpo_scores_match_the_logits(tiny_batch):
+    """--use-weighting's per-sequence log-weights and --ld-alpha's log-probs, from the
+    fused log-prob pass, against float64 log-softmax of the model's own logits."""
+    from decpo import data
+
+    model, batch = tiny_batch
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        cfg = train.Config(use_weighting=True, ld_alpha=0.3)
+        scores = train.score_sequences(model, batch, cfg, torch.device("cpu"), wpo=True)
+    logp_all = torch.log_softmax(logits[:, :-1].double(), -1)  # (2B, T - 1, V)
+    targets = batch["labels"][:, 1:]
+    mask = targets != data.IGNORE_INDEX
+    logp = logp_all.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * mask
+    log_p2 = torch.logsumexp(2 * logp_all, -1)
+    wpo = ((logp - log_p2) * mask).sum(-1) / mask.sum(-1)
+    torch.testing.assert_close(scores.wpo.double(), wpo, rtol=1e-4, atol=1e-4)
+    n = logp.shape[0] // 2
+    shared = torch.minimum(mask[:n].sum(-1), mask[n:].sum(-1))
+    expected = []
+    for rows, m in ((logp[:n], mask[:n]), (logp[n:], mask[n:])):
+        position = m.long().cumsum(-1)
+        head = (rows * (position <= shared[:, None])).sum(-1)
+        expected.append(head + 0.3 * (rows * (position > shared[:, None])).sum(-1))
+    torch.testing.assert_close(scores.loss_input.double(), torch.cat(expected), rtol=1e-4,
+                               atol=1e-4)  # fmt: skip
+    assert mask[:n].sum(-1).ne(mask[n:].sum(-1)).any()  # LD-DPO changes something here
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--loss", "dpo,foo"], "--loss dpo,foo: unknown loss 'foo'"),
+        (["--loss", "dpo,sft", "--loss-weights", "1"], "has 1 weights for 2 losses"),
+        (["--loss", "dpo,sigmoid"], "lists a loss twice"),
+        (["--loss", "simpo,sft"], "cannot be combined"),
+        (["--ld-alpha", "2"], "--ld-alpha 2.0: must be in [0, 1]"),
+        (["--use-weighting", "--loss", "aot"], "--use-weighting True: is not supported"),
+        (["--discopop-tau", "-1", "--loss", "discopop"], "--discopop-tau -1.0: must be"),
+        (["--f-divergence-type", "js_divergence", "--loss", "apo_zero"],
+         "--f-divergence-type js_divergence: 'js_divergence' applies to"),
+    ],
+)  # fmt: skip
+def test_bad_loss_options_name_their_flag(flags, message):
+    with pytest.raises(train.TrainError) as caught:
+        train.load_config(flags)
+    assert message in caught.value.message

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from decpo import train
+from decpo import checkpoint, train
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--max-steps", "3", "--eval-every", "100", "--save-every", "3", "--demo-pairs", "120",
@@ -53,14 +53,14 @@ def _save_steps(out: Path, steps: list[int]) -> tuple[torch.nn.Module, dict[int,
     for step in steps:
         with torch.no_grad():
             model.weight.fill_(float(step))
-        train.save_checkpoint(out, step, model, opt, sched, keep=10)
+        checkpoint.save_checkpoint(out, step, model, opt, sched, keep=10)
         weights[step] = model.weight.detach().clone()
     return model, weights
 
 
 def _resume_step(out: Path) -> tuple[int, torch.nn.Module]:
     model, opt, sched = _small(seed=1)
-    return train.load_checkpoint(out, model, opt, sched), model
+    return checkpoint.load_checkpoint(out, model, opt, sched), model
 
 
 def _run(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -164,10 +164,10 @@ def test_a_damaged_latest_falls_back_to_the_newest_intact_step(tmp_path, capsys,
 
 def test_a_checkpoint_of_another_configuration_is_not_used(tmp_path):
     model, opt, sched = _small()
-    train.save_checkpoint(tmp_path, 5, model, opt, sched, run_identity={"lr": 1.0})
-    ckpt, skipped = train.find_checkpoint(tmp_path, model, opt, {"lr": 2.0})
+    checkpoint.save_checkpoint(tmp_path, 5, model, opt, sched, run_identity={"lr": 1.0})
+    ckpt, skipped = checkpoint.find_checkpoint(tmp_path, model, opt, {"lr": 2.0})
     assert ckpt is None and "another configuration" in skipped[0]
-    assert train.find_checkpoint(tmp_path, model, opt, {"lr": 1.0})[0].step == 5
+    assert checkpoint.find_checkpoint(tmp_path, model, opt, {"lr": 1.0})[0].step == 5
 
 
 def test_resaving_a_step_never_deletes_it_before_the_new_one_is_in_place(tmp_path, monkeypatch):
@@ -186,9 +186,9 @@ def test_resaving_a_step_never_deletes_it_before_the_new_one_is_in_place(tmp_pat
             raise OSError(errno.EIO, "power cut")
         return real(src, dst)
 
-    monkeypatch.setattr(train.os, "replace", crash_on_second)
+    monkeypatch.setattr(checkpoint.os, "replace", crash_on_second)
     with pytest.raises(OSError):
-        train.save_checkpoint(tmp_path, 2, model, opt, sched, keep=10)
+        checkpoint.save_checkpoint(tmp_path, 2, model, opt, sched, keep=10)
     monkeypatch.undo()
     step, restored = _resume_step(tmp_path)
     assert step == 2 and float(restored.weight[0, 0].detach()) == 2.0
@@ -203,8 +203,8 @@ def test_a_full_disk_gives_a_clear_error_and_leaves_no_tmp(tmp_path, monkeypatch
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(safetensors.torch, "save_file", full)
-    with pytest.raises(train.CheckpointWriteError, match="No space left on device"):
-        train.save_checkpoint(tmp_path, 2, model, opt, sched)
+    with pytest.raises(checkpoint.CheckpointWriteError, match="No space left on device"):
+        checkpoint.save_checkpoint(tmp_path, 2, model, opt, sched)
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-0000001"]
     assert (root / "latest").read_text() == "step-0000001"
@@ -214,12 +214,12 @@ def test_non_finite_state_is_never_saved(tmp_path):
     model, opt, sched = _small()
     with torch.no_grad():
         model.bias[0] = float("nan")
-    with pytest.raises(train.NonFiniteError, match="bias"):
-        train.save_checkpoint(tmp_path, 1, model, opt, sched)
+    with pytest.raises(checkpoint.NonFiniteError, match="bias"):
+        checkpoint.save_checkpoint(tmp_path, 1, model, opt, sched)
     model, opt, sched = _small()
     opt.state[model.weight]["exp_avg"][0, 0] = float("inf")
-    with pytest.raises(train.NonFiniteError, match="exp_avg"):
-        train.save_checkpoint(tmp_path, 1, model, opt, sched)
+    with pytest.raises(checkpoint.NonFiniteError, match="exp_avg"):
+        checkpoint.save_checkpoint(tmp_path, 1, model, opt, sched)
     assert not list((tmp_path / "checkpoints").glob("step-*"))
 
 
@@ -290,7 +290,7 @@ def test_a_non_finite_step_is_never_saved_and_the_last_good_one_is_named(
 )
 def test_bad_numbers_and_names_are_refused(flags, message):
     with pytest.raises(train.TrainError, match=message) as info:
-        train.parse_args(flags)
+        train.load_config(flags)
     assert info.value.code == 2
 
 
@@ -316,10 +316,10 @@ def test_a_flag_typo_writes_nothing(tmp_path, finished_run, flags, capsys):
 def test_resume_keeps_the_saved_max_steps(tmp_path):
     cfg = train.Config(max_steps=7, output_dir=str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
-    assert train.parse_args(["--resume", str(tmp_path)]).max_steps == 7
-    assert train.parse_args(["--resume", str(tmp_path), "--max-steps", "9"]).max_steps == 9
+    assert train.load_config(["--resume", str(tmp_path)]).max_steps == 7
+    assert train.load_config(["--resume", str(tmp_path), "--max-steps", "9"]).max_steps == 9
     with pytest.raises(train.TrainError, match="--lr"):
-        train.parse_args(["--resume", str(tmp_path), "--lr", "0.5"])
+        train.load_config(["--resume", str(tmp_path), "--lr", "0.5"])
 
 
 def test_output_dir_ownership(tmp_path, monkeypatch):

@@ -40,7 +40,7 @@ def test_sequence_logps_of_a_softcapped_model_match_its_own_logits():
     model = models.add_lora(_gemma2(len(tokenizer)), 4, None, ["q_proj", "up_proj"])
     pairs, _ = data.tokenize_pairs(data.synthetic_pairs(3, 0), tokenizer, 64)
     batch = data.collate(pairs, tokenizer.pad_token_id)
-    total, _ = train.sequence_logps(model, batch, torch.device("cpu"))
+    total = train.score_sequences(model, batch, train.Config(), torch.device("cpu")).total
     # The model's forward applies final_logit_softcapping to its logits itself.
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert logits.abs().max() < 2.0 and logits.abs().max() > 1.5  # capped, and the cap bites
