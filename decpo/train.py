@@ -319,6 +319,8 @@ def check_losses(cfg: Config, bad: Any) -> None:
             raise bad("loss_weights", "must be comma-separated numbers") from None
         if len(weights) != len(losses):
             raise bad("loss_weights", f"has {len(weights)} weights for {len(losses)} losses")
+    if not 0 <= cfg.label_smoothing < 0.5:
+        raise bad("label_smoothing", "must be in [0, 0.5) (0.5 makes the loss ignore the labels)")
     if cfg.label_smoothing and not set(losses) & set(SMOOTHED_LOSSES):
         raise bad("label_smoothing", f"applies to --loss {'|'.join(SMOOTHED_LOSSES)} only")
     if cfg.ld_alpha is not None:
