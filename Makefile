@@ -19,4 +19,4 @@ bench:
 	python -m pytest bench/test_ops.py --benchmark-enable -q && python -m bench.train_step
 
 clean:
-	rm -rf build dist *.egg-info .pytest_cache .ruff_cache decpo/*.so
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache decpo/native_backend/*.so

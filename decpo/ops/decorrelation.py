@@ -1,9 +1,9 @@
 """decorrelation_penalty: the DecPO feature-decorrelation regularizer.
 
-Layers: backend kernels (decpo.torch_backend.decorrelation, later Triton and native)
--> the custom op decpo::decorrelation_penalty (loss and gradient in one forward)
--> its autograd formula (backward scales the stored gradient by grad_output)
--> the public function (validation, backend choice).
+Layers: backend kernels (decpo.<backend>_backend.decorrelation for torch and triton,
+chosen through decpo.backend's registry) -> the custom op decpo::decorrelation_penalty
+(loss and gradient in one forward) -> its autograd formula (backward scales the stored
+gradient by grad_output) -> the public function (validation, backend choice).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from decpo import checks
-from decpo.backend import resolve_backend
-from decpo.torch_backend import decorrelation as torch_impl
+from decpo.backend import implementation, resolve_backend
+from decpo.numerics import accumulation_dtype, grad_dtype
 
 REDUCTIONS = ("mean", "sum")
 
@@ -32,14 +32,7 @@ def _decorrelation_op(
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss 0-dim, d loss / d hidden or an empty tensor) for hidden (L, N, D)."""
-    if backend == "triton":
-        from decpo.triton_backend import decorrelation as triton_impl
-
-        return triton_impl.decorrelation_penalty(
-            hidden, mask, segment_ids, normalize, offdiag, reduction, compute_grad
-        )
-    assert backend == "torch", backend
-    return torch_impl.decorrelation_penalty(
+    return implementation("decorrelation_penalty", backend)(
         hidden, mask, segment_ids, normalize, offdiag, reduction, compute_grad
     )
 
@@ -55,10 +48,9 @@ def _(
     backend: str,
     compute_grad: bool,
 ) -> tuple[Tensor, Tensor]:
-    out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    grad_dtype = torch_impl.grad_dtype(hidden.dtype)
-    grad = hidden.new_empty(hidden.shape, dtype=grad_dtype) if compute_grad else hidden.new_empty(0)
-    return hidden.new_empty((), dtype=out_dtype), grad
+    gdt = grad_dtype(hidden.dtype)
+    grad = hidden.new_empty(hidden.shape, dtype=gdt) if compute_grad else hidden.new_empty(0)
+    return hidden.new_empty((), dtype=accumulation_dtype(hidden.dtype)), grad
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:

@@ -1,9 +1,9 @@
 """token_logprobs and logprobs_from_logits: per-token log p(y_t | context).
 
-Layers: backend kernels (decpo.torch_backend.logprobs, decpo.native, later Triton)
--> custom ops decpo::token_logprobs / decpo::logprobs_from_logits and their
-backward ops -> autograd formulas -> the public functions (validation, flattening
-to 2-D, backend choice).
+Layers: backend kernels (decpo.<backend>_backend.logprobs for torch, triton and
+native, chosen through decpo.backend's registry) -> custom ops decpo::token_logprobs
+/ decpo::logprobs_from_logits and their backward ops -> autograd formulas -> the
+public functions (validation, flattening to 2-D, backend choice).
 """
 
 from __future__ import annotations
@@ -13,14 +13,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from decpo import checks, native
-from decpo.backend import resolve_backend
-from decpo.torch_backend import logprobs as torch_impl
-
-
-def _out_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
+from decpo import checks
+from decpo.backend import implementation, resolve_backend
+from decpo.numerics import accumulation_dtype
 
 # ---------------------------------------------------------------- token_logprobs
 
@@ -65,19 +60,9 @@ def _token_logprobs_op(
     """(logp (N,), lse (N,), d logp / d hidden (N, D) if frozen_grad else empty,
     stats (N, 4) [entropy, logit_sum, argmax_match, log_sum_p2] if with_stats else empty)."""
     checks.targets_in_range(targets, weight.shape[0], ignore_index)
-    if backend == "triton":
-        from decpo.triton_backend import logprobs as triton_impl
-
-        return triton_impl.token_logprobs(
-            hidden, weight, targets, bias, ignore_index, temperature, softcap, logit_scale,
-            frozen_grad, with_stats,
-        )  # fmt: skip
-    # "native": the same tiling with PyTorch's matmuls and the native fused tile epilogue.
-    epilogue = native.online_softmax_tile if backend == "native" else None
-    assert backend in ("torch", "native"), backend
-    return torch_impl.token_logprobs(
+    return implementation("token_logprobs", backend)(
         hidden, weight, targets, bias, ignore_index, temperature, softcap, logit_scale,
-        frozen_grad, with_stats, epilogue,
+        frozen_grad, with_stats,
     )  # fmt: skip
 
 
@@ -96,7 +81,7 @@ def _(
     with_stats: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     n = hidden.shape[0]
-    out_dtype = _out_dtype(hidden.dtype)
+    out_dtype = accumulation_dtype(hidden.dtype)
     grad = hidden.new_empty(hidden.shape) if frozen_grad else hidden.new_empty(0)
     stats = hidden.new_empty((n, 4) if with_stats else (0,), dtype=out_dtype)
     return (
@@ -124,16 +109,7 @@ def _token_logprobs_backward_op(
     need_weight: bool,
     need_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend == "triton":
-        from decpo.triton_backend import logprobs as triton_impl
-
-        return triton_impl.token_logprobs_backward(
-            grad_logp, hidden, weight, targets, bias, lse, ignore_index, temperature,
-            softcap, logit_scale, need_hidden, need_weight, need_bias,
-        )  # fmt: skip
-    # The native backend's trainable-head backward recomputes tiles with torch ops.
-    assert backend in ("torch", "native"), backend
-    return torch_impl.token_logprobs_backward(
+    return implementation("token_logprobs", backend, backward=True)(
         grad_logp, hidden, weight, targets, bias, lse, ignore_index, temperature,
         softcap, logit_scale, need_hidden, need_weight, need_bias,
     )  # fmt: skip
@@ -309,14 +285,9 @@ def _logits_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logp (N,), lse (N,)) for logits (N, V)."""
     checks.targets_in_range(targets, logits.shape[1], ignore_index)
-    if backend == "native":
-        return native.logprobs_from_logits_fwd(logits, targets, ignore_index, temperature)
-    if backend == "triton":
-        from decpo.triton_backend import logprobs as triton_impl
-
-        return triton_impl.logprobs_from_logits(logits, targets, ignore_index, temperature)
-    assert backend == "torch", backend
-    return torch_impl.logprobs_from_logits(logits, targets, ignore_index, temperature)
+    return implementation("logprobs_from_logits", backend)(
+        logits, targets, ignore_index, temperature
+    )
 
 
 @_logits_op.register_fake
@@ -324,7 +295,7 @@ def _(
     logits: Tensor, targets: Tensor, ignore_index: int, temperature: float, backend: str
 ) -> tuple[Tensor, Tensor]:
     n = logits.shape[0]
-    out_dtype = _out_dtype(logits.dtype)
+    out_dtype = accumulation_dtype(logits.dtype)
     return logits.new_empty(n, dtype=out_dtype), logits.new_empty(n, dtype=out_dtype)
 
 
@@ -338,18 +309,7 @@ def _logits_backward_op(
     temperature: float,
     backend: str,
 ) -> torch.Tensor:
-    if backend == "native":
-        return native.logprobs_from_logits_bwd(
-            grad_logp, logits, targets, lse, ignore_index, temperature
-        )
-    if backend == "triton":
-        from decpo.triton_backend import logprobs as triton_impl
-
-        return triton_impl.logprobs_from_logits_backward(
-            grad_logp, logits, targets, lse, ignore_index, temperature
-        )
-    assert backend == "torch", backend
-    return torch_impl.logprobs_from_logits_backward(
+    return implementation("logprobs_from_logits", backend, backward=True)(
         grad_logp, logits, targets, lse, ignore_index, temperature
     )
 

@@ -102,11 +102,10 @@ import torch
 import triton
 import triton.language as tl
 
-from decpo.torch_backend.decorrelation import bucket_rows, grad_dtype
+from decpo.numerics import bucket_rows, grad_dtype, interpreting
 from decpo.triton_backend import common
-from decpo.triton_backend.common import KernelConfig, cast, dot, interpreting
+from decpo.triton_backend.common import KernelConfig, cast, dot
 
-EPS = 1e-6
 PAD = 16  # feature padding of the packed rows: 16-byte aligned rows for cp.async
 
 # ------------------------------------------------------------------ jit helpers
@@ -228,7 +227,7 @@ def _pack_kernel(
                 other=0.0,
             ).to(tl.float32)
             acc += tl.sum(h * h, 1)
-        inv = 1.0 / tl.maximum(tl.sqrt(acc), 1e-6)
+        inv = 1.0 / tl.maximum(tl.sqrt(acc), 1e-6)  # decpo.numerics.EPS
         sqx = acc * inv * inv
     z_rows = z_ptr + (layer * S + r) * DP
     sq = tl.zeros([BLOCK_R], tl.float32)

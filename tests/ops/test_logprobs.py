@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import decpo
-from decpo import native
+from decpo import native_backend
 from decpo.reference import (
     eager_logprobs_from_logits,
     eager_token_logprobs,
@@ -33,7 +33,9 @@ BACKENDS = [
     pytest.param("torch"),
     pytest.param(
         "native",
-        marks=pytest.mark.skipif(not native.is_available(), reason="native library unavailable"),
+        marks=pytest.mark.skipif(
+            not native_backend.is_available(), reason="native library unavailable"
+        ),
     ),
     pytest.param("triton", marks=pytest.mark.skipif(bool(_triton_missing()), reason="no triton")),
 ]
@@ -56,7 +58,7 @@ def _check_token_logprobs(
     lead, dim, vocab, dtype, *, bias=False, temperature=1.0, train_weight=False,
     train_bias=False, backend="torch", softcap=None, logit_scale=1.0, hidden_scale=1.0,
 ):  # fmt: skip
-    if backend == "native" and dtype not in native.DTYPES:
+    if backend == "native" and dtype not in native_backend.DTYPES:
         pytest.skip(f"native kernels do not read {dtype}")
     hidden = (torch.randn(*lead, dim) * hidden_scale / dim**0.25).to(dtype).requires_grad_(True)
     weight = (torch.randn(vocab, dim) / dim**0.25).to(dtype).requires_grad_(train_weight)
@@ -279,7 +281,7 @@ def _eager_stats(hidden, weight, bias, targets, temperature, softcap, logit_scal
     ],
 )
 def test_token_logprobs_stats(lead, dim, vocab, cap, dtype, backend, request):
-    if backend == "native" and dtype not in native.DTYPES:
+    if backend == "native" and dtype not in native_backend.DTYPES:
         pytest.skip(f"native kernels do not read {dtype}")
     if vocab < 8192:
         request.getfixturevalue("small_tiles")
@@ -368,7 +370,7 @@ def test_token_logprobs_bad_softcap_and_scale():
 @pytest.mark.parametrize("shape", [(1, 1), (1, 7), (37, 101), (3, 5, 67), (4, 2053)])
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_logprobs_from_logits(shape, dtype, temperature, backend, small_tiles):
-    if backend == "native" and dtype not in native.DTYPES:
+    if backend == "native" and dtype not in native_backend.DTYPES:
         pytest.skip(f"native kernels do not read {dtype}")
     logits = (torch.randn(shape) * 3).to(dtype).requires_grad_(True)
     targets = _targets(shape[:-1], shape[-1])

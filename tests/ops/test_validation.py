@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import decpo
+from decpo import native_backend
 
 H = torch.randn(6, 4)
 W = torch.randn(9, 4)
@@ -101,7 +102,7 @@ def test_devices_must_match():
 # ---------------------------------------------------------------- hostile numerics
 
 CPU_BACKENDS = ["torch", pytest.param("native", marks=pytest.mark.skipif(
-    not decpo.native.is_available(), reason="native library not built"))]  # fmt: skip
+    not native_backend.is_available(), reason="native library not built"))]  # fmt: skip
 
 
 def test_zero_features_raise_value_error_naming_hidden():
