@@ -16,12 +16,12 @@ from torch import Tensor
 from decpo import checks
 from decpo.backend import implementation, resolve_backend
 from decpo.numerics import accumulation_dtype, grad_dtype
+from decpo.ops import Inputs, input_grads
 
 REDUCTIONS = ("mean", "sum")
 
 
-@torch.library.custom_op("decpo::decorrelation_penalty", mutates_args=())
-def _decorrelation_op(
+def _decorrelation(
     hidden: torch.Tensor,
     mask: torch.Tensor | None,
     segment_ids: torch.Tensor | None,
@@ -37,26 +37,25 @@ def _decorrelation_op(
     )
 
 
+_INPUTS = Inputs(_decorrelation)
+_decorrelation_op = torch.library.custom_op(
+    "decpo::decorrelation_penalty", _decorrelation, mutates_args=()
+)
+
+
 @_decorrelation_op.register_fake
-def _(
-    hidden: Tensor,
-    mask: Tensor | None,
-    segment_ids: Tensor | None,
-    normalize: bool,
-    offdiag: bool,
-    reduction: str,
-    backend: str,
-    compute_grad: bool,
-) -> tuple[Tensor, Tensor]:
+def _(*args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+    a = _INPUTS.bind(args, kwargs)
+    hidden = a.hidden
     gdt = grad_dtype(hidden.dtype)
-    grad = hidden.new_empty(hidden.shape, dtype=gdt) if compute_grad else hidden.new_empty(0)
+    grad = hidden.new_empty(hidden.shape, dtype=gdt) if a.compute_grad else hidden.new_empty(0)
     return hidden.new_empty((), dtype=accumulation_dtype(hidden.dtype)), grad
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(output[1])
-    ctx.hidden_dtype = inputs[0].dtype
+    ctx.hidden_dtype = _INPUTS.bind(inputs).hidden.dtype
 
 
 def _backward(ctx: Any, grad_loss: Tensor, _grad_of_grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -69,7 +68,7 @@ def _backward(ctx: Any, grad_loss: Tensor, _grad_of_grad: Tensor) -> tuple[Tenso
     # The gradient was computed in the forward; scale it by the upstream gradient in
     # fp32 or better.
     scaled = grad.to(torch.promote_types(grad.dtype, torch.float32)) * grad_loss
-    return scaled.to(ctx.hidden_dtype), None, None, None, None, None, None, None
+    return input_grads(ctx, scaled.to(ctx.hidden_dtype))
 
 
 _decorrelation_op.register_autograd(_backward, setup_context=_setup_context)
