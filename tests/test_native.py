@@ -3,17 +3,15 @@ the float64 reference."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from decpo import native_backend
 from decpo.native_backend import logprobs as native_logprobs
 from decpo.reference import logprobs_from_logits_reference
-from tests.helpers import assert_close
+from tests.helpers import NATIVE_REQUIRED, assert_close
 
-if not native_backend.is_available() and os.environ.get("DECPO_REQUIRE_NATIVE") != "1":
+if not native_backend.is_available() and not NATIVE_REQUIRED:
     reason = native_backend.unavailable_reason()
     pytest.skip(f"native library unavailable: {reason}", allow_module_level=True)
 
