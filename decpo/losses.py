@@ -1,4 +1,4 @@
-"""Preference losses on sequence log-probs (DESIGN section 1, "Preference losses")."""
+"""Preference losses on sequence log-probs (docs/design.md, "Preference losses")."""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 Per group of n selected rows Z (n, D) (normalized rows when normalize=True) the
 penalty is P_sum = sum over counted pairs (G_ij - delta_ij)^2 with G = Z Z^T.
-Two exact paths; the cheaper is chosen per group (DESIGN section 1):
+Two exact paths; the cheaper is chosen per group (docs/design.md,
+"decorrelation_penalty" under "Algorithms and budgets"):
 
 - Gram path, n <= D: G = Z Z^T costs n^2 D multiply-adds, dZ = 4 (G - I) Z another
   n^2 D; the (n, n) matrix is no larger than Z itself.

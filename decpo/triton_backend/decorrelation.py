@@ -1180,7 +1180,7 @@ def headline_costs() -> list[dict[str, float | str]]:
     for name, sizes, dim, layers in cases:
         detail = decorrelation_cost_detail(sizes, dim, torch.bfloat16, layers=layers)
         groups, n = sizes
-        useful = 3.0 * groups * n * dim * min(n, dim) * layers  # DESIGN's 3 n D min(n, D)
+        useful = 3.0 * groups * n * dim * min(n, dim) * layers  # docs/design.md: 3 n D min(n, D)
         out.append({"case": name, **detail["total"], "useful_flops": useful})
     return out
 
