@@ -82,25 +82,15 @@ def token_logprobs_reference(
     temperature: float = 1.0,
     softcap: float | None = None,
     logit_scale: float = 1.0,
-) -> torch.Tensor:
-    """log_softmax of the final logits at targets through full logits; 0 at ignore_index."""
-    z = final_logits_reference(hidden, weight, bias, 1.0, softcap, logit_scale)
-    return logprobs_from_logits_reference(z, targets, ignore_index, temperature)
-
-
-def token_stats_reference(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    logit_scale: float = 1.0,
-) -> dict[str, torch.Tensor]:
-    """TokenStats' fields through full logits: entropy, logit_sum, argmax_match,
-    log_sum_p2; 0 at ignore_index."""
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """log_softmax of the final logits at targets through full logits; 0 at ignore_index.
+    With return_stats, also TokenStats' fields by name (entropy, logit_sum,
+    argmax_match, log_sum_p2), 0 at ignore_index."""
     z = final_logits_reference(hidden, weight, bias, temperature, softcap, logit_scale)
+    picked = logprobs_from_logits_reference(z, targets, ignore_index)
+    if not return_stats:
+        return picked
     logp = torch.log_softmax(z, dim=-1)
     valid = targets != ignore_index
     z_target = z.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
@@ -110,7 +100,7 @@ def token_stats_reference(
         "argmax_match": (z_target >= z.amax(-1)).to(z.dtype),
         "log_sum_p2": torch.logsumexp(2 * logp, dim=-1),
     }
-    return {k: torch.where(valid, v, torch.zeros_like(v)) for k, v in stats.items()}
+    return picked, {k: torch.where(valid, v, torch.zeros_like(v)) for k, v in stats.items()}
 
 
 def logprobs_from_logits_reference(
