@@ -1,4 +1,4 @@
-// Row-wise log-softmax-and-gather over materialized logits (DESIGN section 1).
+// Row-wise log-softmax-and-gather over materialized logits (docs/design.md, "logprobs_from_logits").
 //
 // Forward, one read of each row: the row is consumed in blocks of BLOCK elements
 // whose max and sum of exponentials are merged into a running (max, sum), the

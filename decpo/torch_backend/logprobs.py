@@ -26,10 +26,13 @@ from collections.abc import Callable
 
 import torch
 
-# A fused replacement for the per-tile softmax steps (decpo.native.online_softmax_tile):
-# (tile, bias chunk, 1/T, softcap, logit_scale, local target or -1, m, s_other, s_target,
-# target_logit, stats accumulators (3, R) or None) -> rescale, with the tile turned into
-# exp(z - m_new) (1 - tanh^2 with a softcap) in place, target column zeroed.
+from decpo.numerics import accumulation_dtype, head_ok, valid_rows
+
+# A fused replacement for the per-tile softmax steps
+# (decpo.native_backend.logprobs.online_softmax_tile): (tile, bias chunk, 1/T, softcap,
+# logit_scale, local target or -1, m, s_other, s_target, target_logit, stats
+# accumulators (3, R) or None) -> rescale, with the tile turned into exp(z - m_new)
+# (1 - tanh^2 with a softcap) in place, target column zeroed.
 TileEpilogue = Callable[..., torch.Tensor]
 
 # Elements per fp32 logit tile: 2^22 * 4 bytes = 16 MiB (64 MiB on GPUs).
@@ -44,10 +47,6 @@ def _tile(n_rows: int, n_vocab: int, device: torch.device) -> tuple[int, int]:
     budget = TILE_ELEMENTS.get(device.type, 1 << 22)
     vocab_chunk = min(n_vocab, VOCAB_CHUNK)
     return max(1, min(n_rows, budget // vocab_chunk)), vocab_chunk
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _safe_max(m: torch.Tensor) -> torch.Tensor:
@@ -82,34 +81,6 @@ def _target_columns(targets: torch.Tensor, v0: int, v1: int) -> tuple[torch.Tens
     return local.clamp(0, v1 - v0 - 1)[:, None], inside
 
 
-def _all_finite(t: torch.Tensor) -> torch.Tensor:
-    """0-dim bool: no NaN or Inf in t. One pass (isfinite().all() takes several)."""
-    if t.numel() == 0:
-        return torch.ones((), dtype=torch.bool, device=t.device)
-    lo, hi = torch.aminmax(t)
-    return (lo > float("-inf")) & (hi < float("inf"))
-
-
-def head_ok(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """0-dim bool, no host sync: the head may be used. A NaN or Inf in the weight makes
-    every log-prob NaN, even for rows where it would only meet a -inf logit (which
-    softmax would otherwise absorb); a -inf bias entry masks its vocabulary entry
-    (p = 0, as a -inf logit does in logprobs_from_logits), while NaN or +inf in the
-    bias still poison every row (amax keeps NaN)."""
-    ok = _all_finite(weight)
-    if bias is not None:
-        ok = ok & (bias.amax() < float("inf"))
-    return ok
-
-
-def _valid_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
-    """Indices of rows to compute, or None when every row is valid."""
-    valid = targets != ignore_index
-    if bool(valid.all()):
-        return None
-    return valid.nonzero().squeeze(1)
-
-
 def token_logprobs(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     bias: torch.Tensor | None, ignore_index: int, temperature: float, softcap: float,
@@ -134,13 +105,13 @@ def token_logprobs(
     """
     n, dim = hidden.shape
     n_vocab = weight.shape[0]
-    cdt = _compute_dtype(hidden.dtype)
+    cdt = accumulation_dtype(hidden.dtype)
     inv_t = 1.0 / temperature
     logp = hidden.new_zeros(n, dtype=cdt)
     lse = hidden.new_zeros(n, dtype=cdt)
     grad = hidden.new_zeros((n, dim)) if frozen_grad else hidden.new_empty(0)
     stats = hidden.new_zeros((n, 4), dtype=cdt) if with_stats else hidden.new_empty(0, dtype=cdt)
-    rows = _valid_rows(targets, ignore_index)
+    rows = valid_rows(targets, ignore_index)
     h_all = hidden if rows is None else hidden[rows]  # (M, D) valid rows
     t_all = targets if rows is None else targets[rows]  # (M,)
     m_rows = h_all.shape[0]
@@ -260,10 +231,10 @@ def token_logprobs_backward(
     """
     n, dim = hidden.shape
     n_vocab = weight.shape[0]
-    cdt = _compute_dtype(hidden.dtype)
+    cdt = accumulation_dtype(hidden.dtype)
     inv_t = 1.0 / temperature
     # Rows with an ignored target contribute nothing.
-    rows = _valid_rows(targets, ignore_index)
+    rows = valid_rows(targets, ignore_index)
     h_all = hidden if rows is None else hidden[rows]
     t_all = targets if rows is None else targets[rows]
     g_all = (grad_logp if rows is None else grad_logp[rows]).to(cdt)
@@ -320,7 +291,7 @@ def logprobs_from_logits(
     """Forward for logits (N, V): (logp, lse), fp32 (float64 for float64 input), one
     pass over each row chunk. Ignored rows give 0 whatever their logits hold."""
     n, n_vocab = logits.shape
-    cdt = _compute_dtype(logits.dtype)
+    cdt = accumulation_dtype(logits.dtype)
     inv_t = 1.0 / temperature
     logp = logits.new_empty(n, dtype=cdt)
     lse = logits.new_empty(n, dtype=cdt)
@@ -352,7 +323,7 @@ def logprobs_from_logits_backward(
 ) -> torch.Tensor:  # fmt: skip
     """d logits = g * (onehot - softmax) / T in the logits' dtype; zero at ignored rows."""
     n, n_vocab = logits.shape
-    cdt = _compute_dtype(logits.dtype)
+    cdt = accumulation_dtype(logits.dtype)
     inv_t = 1.0 / temperature
     out = torch.empty((n, n_vocab), dtype=logits.dtype, device=logits.device)
     row_chunk = max(1, TILE_ELEMENTS.get(logits.device.type, 1 << 22) // max(n_vocab, 1))
