@@ -909,14 +909,14 @@ def export_adapter(
 ) -> None:
     """Rank 0 saves the adapter (save_adapter). Under --fsdp this is collective: the
     sharded weights are first gathered to full tensors on rank 0 (CPU), so the adapter
-    is the same single-file peft adapter as without sharding."""
+    is the same single-file peft adapter as without sharding; the frozen base is
+    gathered too for the demo model only (its base_model/ is saved with it)."""
     state = None
     if dd.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        base_needed = cfg.model == "tiny" and not (out / "base_model" / "config.json").is_file()
         options = StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                   ignore_frozen_params=not base_needed)  # fmt: skip
+                                   ignore_frozen_params=cfg.model != "tiny")  # fmt: skip
         state = get_model_state_dict(model, options=options)
     if dd.main:
         save_adapter(out, model, tokenizer, cfg, state)

@@ -165,3 +165,26 @@ def test_a_one_rank_checkpoint_resumes_on_two_ranks(runs, tmp_path):
     for key in ("eval/rewards/margins", "eval/rewards/accuracies", "decorrelation_after"):
         assert resumed[key] == pytest.approx(summary[key], rel=1e-5, abs=1e-7), key
     assert [r["step"] for r in _rows(one)] == [1, 2, 3, 4]
+
+
+def test_a_tied_head_under_fsdp(tmp_path):
+    """GPT-2 ties its LM head to the input embedding: the head shares the backbone
+    unit's shard and is gathered for scoring; --fsdp on one rank logs what the
+    unsharded run logs."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from decpo import data, models
+
+    tokenizer = models.build_tokenizer(data.demo_corpus()[:300], vocab_size=300)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer),
+                                       n_positions=256))  # fmt: skip
+    assert model.lm_head.weight is model.transformer.wte.weight
+    model.save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    args = ["--model", str(tmp_path / "gpt2"), "--lora-targets", "c_attn,c_fc",
+            "--dec-module", "mlp.c_fc", "--lr", "1e-3", *COMMON, "--max-steps", "2",
+            "--grad-accum", "2"]  # fmt: skip
+    train.main([*args, "--output-dir", str(tmp_path / "plain")])
+    train.main([*args, "--fsdp", "--output-dir", str(tmp_path / "fsdp")])
+    _assert_same_rows(_rows(tmp_path / "plain"), _rows(tmp_path / "fsdp"))
