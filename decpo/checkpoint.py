@@ -370,7 +370,12 @@ def _read_dcp_metadata(path: Path) -> Any:
             AttributeError, IndexError, KeyError) as exc:  # fmt: skip
         raise CheckpointError(f"{DCP_METADATA} refused ({exc})") from None
     entries = getattr(metadata, "state_dict_metadata", None)
-    if not isinstance(metadata, Metadata) or not isinstance(entries, dict):
+    storage = getattr(metadata, "storage_data", None)
+    if (
+        not isinstance(metadata, Metadata)
+        or not isinstance(entries, dict)
+        or not isinstance(storage, dict)
+    ):
         raise CheckpointError(f"{DCP_METADATA} is not DCP metadata")
     for key, entry in entries.items():
         if not isinstance(entry, TensorStorageMetadata):
@@ -417,7 +422,11 @@ def _check_sharded(
             raise CheckpointError(f"{name} missing or truncated")
         if _sha256(where) != expected["sha256"]:
             raise CheckpointError(f"{name} does not match its checksum")
-    entries = _read_dcp_metadata(path / DCP_METADATA).state_dict_metadata
+    metadata = _read_dcp_metadata(path / DCP_METADATA)
+    entries = metadata.state_dict_metadata
+    pieces = {getattr(info, "relative_path", None) for info in metadata.storage_data.values()}
+    if not pieces <= set(files) - {DCP_METADATA}:
+        raise CheckpointError(f"{DCP_METADATA} names files that {STATE_FILE} does not list")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     saved = {k[len("model.") :]: v for k, v in entries.items() if k.startswith("model.")}
     if set(saved) != set(params):
