@@ -151,3 +151,55 @@ def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for m, was in zip(layers, previous, strict=True):
             m._disable_adapters = was
+
+
+def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """FSDP2 (torch.distributed.fsdp.fully_shard) over the default process group, in
+    place: one unit per decoder layer, the LM head (when not tied to the input
+    embedding), then the backbone (embeddings, final norm), which is the root of the
+    forward pass (score_sequences calls the backbone, not the top model). Parameters
+    are sharded over the ranks along dim 0 and moved to `device` unit by unit, so the
+    whole model never sits on one device. On CUDA with bf16 support the units compute
+    in bf16 (MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)): LoRA weights
+    and their optimizer state stay fp32 shards, gradients are reduced in fp32; on CPU
+    everything stays fp32. Outside their unit's forward the head and embedding are
+    sharded DTensors: read the head with `full_parameter`. Every trainable parameter
+    must end up in a unit (ValueError otherwise: its gradient would not be reduced)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import DTensor
+
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    policy = MixedPrecisionPolicy()
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(base, base.base_model_prefix)
+    head, embedding = base.get_output_embeddings(), base.get_input_embeddings()
+    tied = head is not None and embedding is not None and head.weight is embedding.weight
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    if head is not None and not tied:
+        fully_shard(head, mesh=mesh, mp_policy=policy)
+    fully_shard(backbone, mesh=mesh, mp_policy=policy)
+    if tied:  # the head outside the backbone still holds the full tensor: share the shard
+        head.weight = embedding.weight
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    loose = [n for n, p in trainable if not isinstance(p, DTensor)]
+    if loose:
+        raise ValueError(f"trainable parameters outside every FSDP unit: {', '.join(loose[:3])}")
+    for module in model.modules():  # buffers (rotary frequencies) of the backbone are moved
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.device != device:
+                setattr(module, name, buffer.to(device))
+    return model
+
+
+def full_parameter(param: torch.Tensor | None) -> torch.Tensor | None:
+    """A parameter as a plain tensor on every rank: an FSDP2-sharded DTensor is
+    all-gathered (differentiably), anything else is returned as it is."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(param, DTensor):
+        return param.full_tensor()
+    return param

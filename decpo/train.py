@@ -6,13 +6,16 @@ a few minutes on 2 CPU cores. See `python -m decpo.train --help`.
 
 Reads top to bottom: the configuration (a dataclass whose fields are the flags),
 the run directory, setup (distributed, model, data), the step (scores, loss,
-penalty), outputs, optimizer and schedule, then the run: `run()` is the sequence of
-steps (claim the directory, build, start or resume, train_loop, finish) and
-`train_loop` the loop itself. Checkpoints are in decpo/checkpoint.py.
+penalty), outputs, optimizer and schedule, then the run: `run()` sets up the ranks
+and `run_steps()` is the sequence of steps (claim the directory, build, start or
+resume, train_loop, finish) and `train_loop` the loop itself. Checkpoints are in
+decpo/checkpoint.py.
 `torchrun --nproc_per_node K -m decpo.train ...` runs data-parallel: each rank takes
 its share of every global batch and gradients are all-reduced before each update,
 so K ranks with --batch-size b train and log exactly like one process with
---grad-accum K.
+--grad-accum K. With --fsdp the model is sharded instead of replicated (FSDP2:
+each rank holds 1/K of every layer, gathered layer by layer as it runs, and
+gradients are reduce-scattered), with the same numbers.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from decpo.checkpoint import (
     find_checkpoint,
     non_finite_tensor,
     save_checkpoint,
+    save_sharded_checkpoint,
 )
 from decpo.hooks import DecorrelationHooks, feature_decorrelation
 from decpo.integrations.hf import logit_transform
@@ -210,6 +214,13 @@ class Config:
     )
     seed: int = option(0, "seed for the model, LoRA init, data split and data order")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    fsdp: bool = option(
+        False,
+        "shard the model with FSDP2 (fully_shard per decoder layer, the LM head and the "
+        "backbone) instead of replicating it (DDP); bf16 compute with fp32 gradient "
+        "reduction on CUDA, fp32 on CPU; checkpoints are sharded "
+        "(torch.distributed.checkpoint) and resume on any number of ranks",
+    )
 
     def __post_init__(self) -> None:
         check_values(self)
@@ -589,26 +600,35 @@ class Dist:
     rank: int = 0
     world: int = 1
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+    fsdp: bool = False  # the model is sharded (FSDP2); gradients are reduced by FSDP
+    owns_group: bool = False  # this run created the process group and destroys it
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
 
-def setup_distributed(device: str) -> Dist:
+def setup_distributed(device: str, fsdp: bool = False) -> Dist:
+    """The ranks of this run (torchrun's environment) and their device. FSDP needs a
+    process group even on one rank: a single-process one is made for it."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if world == 1 and not fsdp:
         return Dist(device=torch.device(device))
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.startswith("cuda"):
-        torch.cuda.set_device(local)
-        dev = torch.device("cuda", local)
+        index = local if world > 1 else torch.device(device).index or 0
+        torch.cuda.set_device(index)
+        dev = torch.device("cuda", index)
     else:
         dev = torch.device("cpu")
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Dist(rank, world, dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if world == 1 and "MASTER_ADDR" not in os.environ:  # python -m decpo.train --fsdp
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    else:
+        dist.init_process_group(backend)
+    return Dist(rank, world, dev, fsdp=fsdp, owns_group=True)
 
 
 def barrier(dd: Dist) -> None:
@@ -622,12 +642,13 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(
-    cfg: Config, out: Path, device: torch.device, reuse_base: bool = True
+    cfg: Config, out: Path, device: torch.device, reuse_base: bool = True, shard: bool = False
 ) -> tuple[torch.nn.Module, Any]:
     """Policy with LoRA adapters, and its tokenizer. The tiny demo model's base weights
     and tokenizer are saved under out/ so the adapter can be reloaded later; a run
-    that continues (reuse_base) loads them back. Bad --model, --lora-targets raise
-    TrainError."""
+    that continues (reuse_base) loads them back. With `shard` (--fsdp) the model is
+    sharded over the process group's ranks (models.shard_model); every rank loads the
+    whole model into CPU memory first. Bad --model, --lora-targets raise TrainError."""
     try:
         if cfg.model == "tiny":
             base_dir = out / "base_model"
@@ -648,7 +669,12 @@ def build_model(
         model = models.add_lora(model, cfg.lora_r, None, cfg.lora_targets.split(","))
     except ValueError as exc:
         raise TrainError(f"--lora-targets {cfg.lora_targets}: {exc}") from None
-    return model.to(device), tokenizer
+    if not shard:
+        return model.to(device), tokenizer
+    try:
+        return models.shard_model(model, device), tokenizer
+    except ValueError as exc:
+        raise TrainError(f"--fsdp: {exc}") from None
 
 
 def hooked_layers(cfg: Config, model: torch.nn.Module) -> list[int] | None:
@@ -729,6 +755,18 @@ class Scores(NamedTuple):
     wpo: torch.Tensor | None  # WPO log-weights (--use-weighting), detached
 
 
+def lm_head_weights(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head's weight and bias as plain tensors. Under --fsdp the head is a
+    sharded DTensor outside its unit's forward (score_sequences reads it directly):
+    it is all-gathered, V x D parameters per scoring pass, held until its backward.
+    For a 70B Llama 3 that is 128256 x 8192 x 2 bytes = 2.1 GB against ~140 GB of
+    layer all-gathers per forward (1.5% more traffic). Scoring shard-aware (a
+    vocabulary-parallel log-softmax) would instead all-gather every rank's hidden
+    states, ranks x tokens x D: cheaper only while the ranks together score fewer
+    tokens than V, and it needs a vocabulary-parallel token_logprobs."""
+    return models.full_parameter(head.weight), models.full_parameter(head.bias)
+
+
 def score_sequences(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: Config, device: torch.device,
     wpo: bool = False,
@@ -742,7 +780,7 @@ def score_sequences(
         hidden = backbone(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).last_hidden_state  # (2B, T, D)
-    weight, bias = head.weight, head.bias
+    weight, bias = lm_head_weights(head)
     targets = batch["labels"][:, 1:]  # (2B, T - 1): token t + 1 is predicted at position t
     hidden = hidden[:, :-1]  # (2B, T - 1, D)
     if hidden.dtype != weight.dtype:
@@ -868,19 +906,50 @@ def evaluate(
 # ---------------------------------------------------------------- outputs
 
 
-def save_adapter(out: Path, model: torch.nn.Module, tokenizer: Any, cfg: Config) -> None:
-    model.save_pretrained(out)  # adapter_config.json + adapter_model.safetensors
+def export_adapter(
+    out: Path, model: torch.nn.Module, tokenizer: Any, cfg: Config, dd: Dist
+) -> None:
+    """Rank 0 saves the adapter (save_adapter). Under --fsdp this is collective: the
+    sharded weights are first gathered to full tensors on rank 0 (CPU), so the adapter
+    is the same single-file peft adapter as without sharding; the frozen base is
+    gathered too for the demo model only (its base_model/ is saved with it)."""
+    state = None
+    if dd.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                   ignore_frozen_params=cfg.model != "tiny")  # fmt: skip
+        state = get_model_state_dict(model, options=options)
+    if dd.main:
+        save_adapter(out, model, tokenizer, cfg, state)
+
+
+def save_adapter(
+    out: Path, model: torch.nn.Module, tokenizer: Any, cfg: Config,
+    state: dict[str, torch.Tensor] | None = None,
+) -> None:  # fmt: skip
+    """The adapter (adapter_config.json, adapter_model.safetensors) and tokenizer in
+    `out`, and for the demo model its base weights; `state`: the model's full state
+    dict when its parameters are sharded."""
+    model.save_pretrained(out, state_dict=state)
     tokenizer.save_pretrained(out)
     if cfg.model == "tiny" and not (out / "base_model" / "config.json").is_file():
-        _save_tiny_base(model.get_base_model(), tokenizer, out / "base_model")
+        _save_tiny_base(model.get_base_model(), tokenizer, out / "base_model", state)
 
 
-def _save_tiny_base(base: torch.nn.Module, tokenizer: Any, where: Path) -> None:
-    """Base weights of the demo model (without LoRA layers) for reloading the adapter."""
+def _save_tiny_base(
+    base: torch.nn.Module, tokenizer: Any, where: Path, state: dict[str, torch.Tensor] | None
+) -> None:
+    """Base weights of the demo model (without LoRA layers) for reloading the adapter;
+    `state`: the peft model's full state dict when the parameters are sharded."""
     from peft.tuners.lora import LoraLayer
 
+    if state is None:
+        state = base.state_dict()
+    else:  # keys of the peft wrapper: base_model.model.<the base model's keys>
+        state = {k.removeprefix("base_model.model."): v for k, v in state.items()}
     state = {
-        k: v for k, v in base.state_dict().items() if "lora_" not in k
+        k: v for k, v in state.items() if "lora_" not in k
     }  # peft's injected layers keep the base weight under base_layer
     clean = {k.replace(".base_layer", ""): v for k, v in state.items()}
     fresh = type(base)(base.config)
@@ -960,8 +1029,10 @@ def build_optimizer(
 
 
 def all_reduce_gradients(params: list[torch.nn.Parameter], dd: Dist) -> None:
-    """Data parallel: average the gradients over ranks, in one flat all-reduce."""
-    if dd.world == 1:
+    """Data parallel: average the gradients over ranks, in one flat all-reduce. Under
+    --fsdp there is nothing to do: FSDP reduce-scatters (averages) each unit's
+    gradients in the backward, and each rank updates its own shard."""
+    if dd.world == 1 or dd.fsdp:
         return
     grads = [p.grad for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -989,7 +1060,14 @@ class Saver:
     last_good: Path | None = None  # the newest checkpoint known to be intact and finite
 
     def save(self, step: int) -> None:
-        if self.dd.main:
+        """Rank 0 writes the checkpoint; under --fsdp every rank writes its shards
+        (torch.distributed.checkpoint) and rank 0 completes it."""
+        if self.dd.fsdp:
+            self.last_good = save_sharded_checkpoint(
+                self.out, step, self.model, self.optimizer, self.scheduler,
+                run_identity=self.run_identity,
+            )  # fmt: skip
+        elif self.dd.main:
             self.last_good = save_checkpoint(
                 self.out, step, self.model, self.optimizer, self.scheduler,
                 run_identity=self.run_identity,
@@ -1039,10 +1117,10 @@ def start_or_resume(cfg: Config, mode: str, saver: Saver, tokenizer: Any) -> int
         else:
             write_atomic(out / "metrics.jsonl", "")
         write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
-        if step == 0:
-            save_adapter(out, saver.model, tokenizer, cfg)  # base weights and tokenizer up front
         for stale in (out / "checkpoints").glob(".step-*.tmp"):  # a crash mid-save
             shutil.rmtree(stale, ignore_errors=True)
+    if step == 0:
+        export_adapter(out, saver.model, tokenizer, cfg, dd)  # base weights and tokenizer up front
     barrier(dd)
     return step
 
@@ -1165,8 +1243,8 @@ def finish(
         "decorrelation_after": after["dec/decorrelation"],
         "skipped_pairs": skipped,
     }
+    export_adapter(out, saver.model, tokenizer, cfg, dd)
     if dd.main:
-        save_adapter(out, saver.model, tokenizer, cfg)
         curves = plot_curves(out)
         write_atomic(out / "summary.json", json.dumps(summary, indent=1))
         print(
@@ -1183,14 +1261,26 @@ def finish(
 def run(cfg: Config) -> dict[str, Any]:
     """The whole run, step by step; returns its summary ({"stopped_at": step} after a
     signal)."""
+    dd = setup_distributed(cfg.device, cfg.fsdp)
+    try:
+        summary = run_steps(cfg, dd)
+        barrier(dd)
+    finally:
+        if dd.owns_group:
+            dist.destroy_process_group()
+    return summary
+
+
+def run_steps(cfg: Config, dd: Dist) -> dict[str, Any]:
+    """run() once the ranks are set up."""
     out = Path(cfg.output_dir)
-    dd = setup_distributed(cfg.device)
     # Everything is checked before anything is written: the directory, the flags that
     # need the model, the data.
     mode = claim_output_dir(cfg)
     barrier(dd)  # every rank has looked at the directory before rank 0 writes to it
     seed_everything(cfg.seed)
-    model, tokenizer = build_model(cfg, out, dd.device, reuse_base=mode == "continue")
+    model, tokenizer = build_model(cfg, out, dd.device, reuse_base=mode == "continue",
+                                   shard=dd.fsdp)  # fmt: skip
     layers = hooked_layers(cfg, model)
     train_set, eval_set, skipped = load_data(cfg, tokenizer)
     micro_batches(train_set, cfg, dd.world, dd.rank, 0)  # the data fills a global batch
@@ -1231,9 +1321,6 @@ def run(cfg: Config) -> dict[str, Any]:
             else:
                 summary = finish(cfg, dd, saver, hooks, tokenizer, eval_set, before, step,
                                  skipped)  # fmt: skip
-    if dd.world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
     return summary
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
 import json
 import os
 import pickle
@@ -419,3 +420,111 @@ def test_a_run_whose_checkpoints_are_all_unusable_is_left_untouched(tmp_path, fi
     with pytest.raises(train.TrainError, match=r"no usable checkpoint.*step-0000003"):
         train.main(["--resume", str(run)])
     assert _snapshot(run) == before
+
+
+# ---------------------------------------------------------------- sharded (--fsdp) checkpoints
+
+
+@pytest.fixture
+def one_rank_group():
+    """A one-process gloo group, as decpo.train --fsdp makes without torchrun."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _sharded_small(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    mesh = init_device_mesh("cpu", (1,))
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return model, opt, sched
+
+
+def _save_sharded_steps(out: Path, steps: list[int]) -> None:
+    model, opt, sched = _sharded_small()
+    for step in steps:
+        with torch.no_grad():
+            model[0].weight.fill_(float(step))
+        checkpoint.save_sharded_checkpoint(out, step, model, opt, sched, keep=10)
+
+
+def _resume_sharded(out: Path) -> tuple[int, float]:
+    model, opt, sched = _sharded_small(seed=1)
+    step = checkpoint.load_checkpoint(out, model, opt, sched)
+    return step, float(model[0].weight.detach().full_tensor()[0, 0])
+
+
+def test_sharded_checkpoints_hold_dcp_files_and_json(tmp_path, one_rank_group):
+    _save_sharded_steps(tmp_path, [1])
+    step = tmp_path / "checkpoints" / "step-0000001"
+    assert sorted(p.name for p in step.iterdir()) == [".metadata", "__0_0.distcp", "state.json"]
+    state = json.loads((step / "state.json").read_text())
+    assert state["format"] == checkpoint.SHARDED_FORMAT and set(state["files"]) == {
+        ".metadata", "__0_0.distcp"
+    }  # fmt: skip
+    assert _resume_sharded(tmp_path) == (1, 1.0)
+
+
+@pytest.mark.parametrize("checksum", ["stale", "rewritten"])
+def test_a_pickle_planted_as_dcp_metadata_never_executes(tmp_path, one_rank_group, capsys,
+                                                          checksum):  # fmt: skip
+    """DCP's metadata is a pickle: a planted one is refused by its checksum, and when
+    state.json was rewritten to match it, by the restricted unpickler; it never runs
+    and the intact older checkpoint is used."""
+    _save_sharded_steps(tmp_path, [1, 2])
+    marker = tmp_path / "executed"
+    step2 = tmp_path / "checkpoints" / "step-0000002"
+    planted = pickle.dumps(_Planted(marker))
+    (step2 / ".metadata").write_bytes(planted)
+    if checksum == "rewritten":
+        state = json.loads((step2 / "state.json").read_text())
+        digest = hashlib.sha256(planted).hexdigest()
+        state["files"][".metadata"] = {"bytes": len(planted), "sha256": digest}
+        (step2 / "state.json").write_text(json.dumps(state))
+    assert _resume_sharded(tmp_path) == (1, 1.0)
+    assert not marker.exists()
+    err = capsys.readouterr().err
+    assert "step-0000002" in err
+    why = ".metadata missing or truncated" if checksum == "stale" else "not allowed in DCP"
+    assert why in err
+
+
+def test_a_damaged_shard_falls_back_to_the_newest_intact_step(tmp_path, one_rank_group, capsys):
+    _save_sharded_steps(tmp_path, [1, 2])
+    shard = tmp_path / "checkpoints" / "step-0000002" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    assert _resume_sharded(tmp_path) == (1, 1.0)
+    assert "resuming from step-0000001" in capsys.readouterr().err
+
+
+def test_a_failed_sharded_write_leaves_the_last_checkpoint(tmp_path, one_rank_group, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+
+    _save_sharded_steps(tmp_path, [1])
+    model, opt, sched = _sharded_small()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(dcp, "save", full)
+    with pytest.raises(checkpoint.CheckpointWriteError, match="No space left on device"):
+        checkpoint.save_sharded_checkpoint(tmp_path, 2, model, opt, sched)
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-0000001"]
+    with torch.no_grad():
+        model[0].bias.fill_(float("nan"))
+    with pytest.raises(checkpoint.NonFiniteError, match="bias"):
+        checkpoint.save_sharded_checkpoint(tmp_path, 3, model, opt, sched)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-0000001"]
+    assert (root / "latest").read_text() == "step-0000001"
