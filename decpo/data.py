@@ -353,11 +353,20 @@ def pack_sequences(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 
 
 def collate_packed(
-    batch: Sequence[TokenizedPair], pad_id: int, capacity: int
+    batch: Sequence[TokenizedPair], pad_id: int, capacity: int | None = None
 ) -> dict[str, torch.Tensor]:
     """The 2B sequences of a micro-batch (chosen i is sequence i, rejected i is B + i)
     packed without padding between them into rows of at most `capacity` tokens
-    (pack_sequences); rows are right-padded to the longest row only. Returns
+    (pack_sequences); rows are right-padded to the longest row only.
+
+    capacity None (what decpo.train uses) is the batch's longest sequence, the width
+    collate() pads to. Attention without a variable-length kernel (sdpa, eager) costs
+    rows x width^2 whatever the mask, so rows no wider than the padded batch make
+    every term of the cost, per-token (rows x width) and attention, at most the
+    padded batch's, and both shrink by the same factor (2B / rows); wider rows
+    would save the tail padding but pay width^2 attention for each.
+
+    Returns
     - input_ids, labels (R, T): labels IGNORE_INDEX on prompts, on padding and on each
       sequence's first token, so no token is predicted across a sequence boundary;
     - position_ids (R, T): restarting at 0 for every sequence (and for the padding run
@@ -372,13 +381,14 @@ def collate_packed(
         (p.rejected_ids, p.rejected_labels) for p in batch
     ]
     lengths = [len(ids) for ids, _ in sequences]
-    rows = pack_sequences(lengths, max(capacity, max(lengths)))
+    longest = max(lengths)
+    rows = pack_sequences(lengths, longest if capacity is None else max(capacity, longest))
     width = max(sum(lengths[s] for s in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     sequence_ids = torch.full((len(rows), width), -1, dtype=torch.long)
-    unpack = torch.full((len(sequences), max(lengths)), -1, dtype=torch.long)
+    unpack = torch.full((len(sequences), longest), -1, dtype=torch.long)
     for r, row in enumerate(rows):
         start = 0
         for s in row:

@@ -175,8 +175,8 @@ class Config:
     batch_size: int = option(8, "preference pairs per device per micro-batch")
     packing: bool = option(
         False,
-        "pack each micro-batch's chosen and rejected sequences into rows of up to "
-        "--max-length tokens, without padding between them (position ids restart per "
+        "pack each micro-batch's chosen and rejected sequences into rows no wider than "
+        "its longest sequence, without padding between them (position ids restart per "
         "sequence and attention stays inside each sequence; same losses as padding)",
     )
     group_by_length: bool = option(
@@ -755,9 +755,10 @@ class Scores(NamedTuple):
 
 def collate_pairs(pairs: list, cfg: Config, pad_id: int) -> dict[str, torch.Tensor]:
     """A micro-batch as tensors: padded rows (data.collate), or with --packing the
-    sequences packed into rows of up to --max-length tokens (data.collate_packed)."""
+    sequences packed into rows no wider than its longest sequence (data.collate_packed:
+    never more work than padding, also for attention without a varlen kernel)."""
     if cfg.packing:
-        return data_lib.collate_packed(pairs, pad_id, cfg.max_length)
+        return data_lib.collate_packed(pairs, pad_id)
     return data_lib.collate(pairs, pad_id)
 
 
