@@ -1,5 +1,6 @@
-"""Preference data: reading the three file formats, the synthetic demo task, and
-tokenizing pairs into padded chosen+rejected batches.
+"""Preference data: reading the three file formats, the synthetic demo task,
+tokenizing pairs into padded chosen+rejected batches or packed rows, and the
+length-grouped order of --group-by-length.
 
 File formats (JSONL or JSONL.GZ, detected per file from its first record):
 - "pairs":  {"prompt": str, "chosen": str, "rejected": str}
