@@ -1,5 +1,6 @@
-"""Preference data: reading the three file formats, the synthetic demo task, and
-tokenizing pairs into padded chosen+rejected batches.
+"""Preference data: reading the three file formats, the synthetic demo task,
+tokenizing pairs into padded chosen+rejected batches or packed rows, and the
+length-grouped order of --group-by-length.
 
 File formats (JSONL or JSONL.GZ, detected per file from its first record):
 - "pairs":  {"prompt": str, "chosen": str, "rejected": str}
@@ -325,4 +326,120 @@ def collate(batch: Sequence[TokenizedPair], pad_id: int) -> dict[str, torch.Tens
         out["ref_logps"] = torch.tensor(
             [p.ref_logps[0] for p in batch] + [p.ref_logps[1] for p in batch], dtype=torch.float64
         )
+    return out
+
+
+# ------------------------------------------------------------------ packing and length grouping
+
+
+def pack_sequences(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Rows of sequence indices whose lengths sum to at most `capacity` each: first fit
+    over the sequences sorted longest first (ties in index order), so a row never
+    exceeds the capacity and the rows come out in a deterministic order. A sequence
+    longer than `capacity` gets a row of its own."""
+    if capacity < 1:
+        raise ValueError(f"capacity must be >= 1, got {capacity}")
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for row, room in enumerate(free):
+            if lengths[index] <= room:
+                rows[row].append(index)
+                free[row] -= lengths[index]
+                break
+        else:
+            rows.append([index])
+            free.append(capacity - lengths[index])
+    return rows
+
+
+def collate_packed(
+    batch: Sequence[TokenizedPair], pad_id: int, capacity: int | None = None
+) -> dict[str, torch.Tensor]:
+    """The 2B sequences of a micro-batch (chosen i is sequence i, rejected i is B + i)
+    packed without padding between them into rows of at most `capacity` tokens
+    (pack_sequences); rows are right-padded to the longest row only.
+
+    capacity None (what decpo.train uses) is the batch's longest sequence, the width
+    collate() pads to. Attention without a variable-length kernel (sdpa, eager) costs
+    rows x width^2 whatever the mask, so rows no wider than the padded batch make
+    every term of the cost, per-token (rows x width) and attention, at most the
+    padded batch's, and both shrink by the same factor (2B / rows); wider rows
+    would save the tail padding but pay width^2 attention for each.
+
+    Returns
+    - input_ids, labels (R, T): labels IGNORE_INDEX on prompts, on padding and on each
+      sequence's first token, so no token is predicted across a sequence boundary;
+    - position_ids (R, T): restarting at 0 for every sequence (and for the padding run
+      at a row's end), which is how transformers recognizes packed rows and confines
+      attention to each sequence;
+    - sequence_ids (R, T): the sequence of each token, -1 on padding;
+    - unpack (2B, L): for sequence s, the flat index (row * T + column) of each of its
+      tokens in order, -1 past its length; L is the longest sequence, so gathering
+      with it gives the padded layout that collate() would have built;
+    - ref_logps (2B,) when every pair has them, as in collate()."""
+    sequences = [(p.chosen_ids, p.chosen_labels) for p in batch] + [
+        (p.rejected_ids, p.rejected_labels) for p in batch
+    ]
+    lengths = [len(ids) for ids, _ in sequences]
+    longest = max(lengths)
+    rows = pack_sequences(lengths, longest if capacity is None else max(capacity, longest))
+    width = max(sum(lengths[s] for s in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    sequence_ids = torch.full((len(rows), width), -1, dtype=torch.long)
+    unpack = torch.full((len(sequences), longest), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for s in row:
+            ids, labs = sequences[s]
+            end = start + len(ids)
+            input_ids[r, start:end] = torch.tensor(ids)
+            labels[r, start:end] = torch.tensor(labs)
+            labels[r, start] = IGNORE_INDEX  # nothing before it in its own sequence
+            position_ids[r, start:end] = torch.arange(len(ids))
+            sequence_ids[r, start:end] = s
+            unpack[s, : len(ids)] = torch.arange(r * width + start, r * width + end)
+            start = end
+        position_ids[r, start:] = torch.arange(width - start)  # padding: its own block
+    out = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+           "sequence_ids": sequence_ids, "unpack": unpack}  # fmt: skip
+    if all(p.ref_logps is not None for p in batch):  # (2B,) chosen then rejected
+        out["ref_logps"] = torch.tensor(
+            [p.ref_logps[0] for p in batch] + [p.ref_logps[1] for p in batch], dtype=torch.float64
+        )
+    return out
+
+
+def unpack_tokens(values: torch.Tensor, unpack: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """Per-token values of packed rows (R, T) in the padded layout (2B, L) that
+    collate() gives: out[s, p] = values at sequence s's token p, `fill` past its end.
+    Differentiable (a gather)."""
+    flat = values.reshape(-1)  # (R * T,)
+    valid = unpack >= 0  # (2B, L)
+    gathered = flat[unpack.clamp_min(0)]  # (2B, L)
+    return torch.where(valid, gathered, torch.full_like(gathered, fill))
+
+
+def group_by_length(
+    order: Sequence[int], lengths: Sequence[int], group: int, window: int, rng: random.Random
+) -> list[int]:
+    """`order` rearranged so that consecutive groups of `group` indices hold similar
+    lengths: every run of window x group indices (the last run may be shorter) is sorted
+    by length, longest first (ties keep their order), cut into groups, and the groups
+    of each run are shuffled with `rng`. Indices move only within their run, so a
+    seeded permutation stays random at the scale of runs; len(order) must be a multiple
+    of `group`."""
+    if group < 1 or window < 1:
+        raise ValueError(f"group and window must be >= 1, got {group} and {window}")
+    if len(order) % group:
+        raise ValueError(f"len(order) {len(order)} is not a multiple of group {group}")
+    out: list[int] = []
+    span = group * window
+    for start in range(0, len(order), span):
+        run = sorted(order[start : start + span], key=lambda i: -lengths[i])
+        groups = [run[g : g + group] for g in range(0, len(run), group)]
+        rng.shuffle(groups)
+        out.extend(i for g in groups for i in g)
     return out

@@ -74,15 +74,30 @@ class _UpstreamProbe(torch.autograd.Function):
 
 
 def select_rows(
-    outputs: Sequence[torch.Tensor], completion_mask: torch.Tensor, tokens: str
+    outputs: Sequence[torch.Tensor],
+    completion_mask: torch.Tensor,
+    tokens: str,
+    sequence_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rows for the penalty from per-layer outputs (B, T, D) and a (B, T) mask of
     response tokens: "last", the last response token of each sequence (one group of
     B rows); "all", every response token (one group per sequence). Returns hidden
-    (L, N, D) and segment ids (N,) or None."""
+    (L, N, D) and segment ids (N,) or None.
+
+    Packed rows (several sequences per row): sequence_ids (B, T) gives each token's
+    sequence (0 .. S - 1, -1 on padding). The rows are then taken per sequence, in
+    sequence order, and for "all" the segment ids are the sequence ids: exactly the
+    rows, order and groups of the same sequences laid out one per row."""
     if tokens not in TOKEN_MODES:
         raise ValueError(f"tokens must be one of {TOKEN_MODES}, got {tokens!r}")
     mask = completion_mask.bool()
+    if sequence_ids is not None:
+        if sequence_ids.shape != mask.shape:
+            raise ValueError(
+                f"sequence_ids must have the shape of completion_mask {tuple(mask.shape)}, "
+                f"got {tuple(sequence_ids.shape)}"
+            )
+        return _select_packed(outputs, mask, tokens, sequence_ids)
     if tokens == "last":
         positions = torch.arange(mask.shape[1], device=mask.device)
         last = torch.where(mask, positions, -1).amax(1)  # (B,)
@@ -93,6 +108,25 @@ def select_rows(
         return torch.stack([out[batch, last[has]] for out in outputs]), None  # (L, B', D)
     rows = mask.nonzero()  # (N, 2): sequence, position
     return torch.stack([out[rows[:, 0], rows[:, 1]] for out in outputs]), rows[:, 0]
+
+
+def _select_packed(
+    outputs: Sequence[torch.Tensor], mask: torch.Tensor, tokens: str, sequence_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """select_rows for packed rows: flat token indices per sequence, in sequence order."""
+    seq = sequence_ids.reshape(-1)  # (B * T,)
+    flat = mask.reshape(-1) & (seq >= 0)
+    index = flat.nonzero()[:, 0]  # response tokens in row-major order
+    # A stable sort by sequence keeps each sequence's tokens in position order (a
+    # sequence's tokens are contiguous and ordered within its row).
+    order = torch.sort(seq[index], stable=True).indices
+    index, owner = index[order], seq[index][order]  # (N,), (N,)
+    if tokens == "last":
+        is_last = torch.ones_like(owner, dtype=torch.bool)
+        is_last[:-1] = owner[1:] != owner[:-1]
+        index, owner = index[is_last], None  # one row per sequence that has a response
+    width = outputs[0].shape[-1]
+    return torch.stack([out.reshape(-1, width)[index] for out in outputs]), owner
 
 
 def feature_decorrelation(hidden: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
@@ -264,26 +298,35 @@ class DecorrelationHooks:
         return (value if live else value.detach()) + probe
 
     def rows(
-        self, completion_mask: torch.Tensor, tokens: str = "last"
+        self,
+        completion_mask: torch.Tensor,
+        tokens: str = "last",
+        sequence_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(hidden (L, N, D), segment ids) of the captured pass; see select_rows."""
+        """(hidden (L, N, D), segment ids) of the captured pass; see select_rows
+        (sequence_ids for packed rows)."""
         if len(self.outputs) != len(self.modules):
             raise RuntimeError(
                 f"captured {len(self.outputs)} outputs for {len(self.modules)} hooked modules: "
                 "run exactly one policy forward inside capture()"
             )
-        return select_rows(self.outputs, completion_mask, tokens)
+        return select_rows(self.outputs, completion_mask, tokens, sequence_ids)
 
     def penalty(
-        self, completion_mask: torch.Tensor, tokens: str = "last", normalize: bool = True
+        self,
+        completion_mask: torch.Tensor,
+        tokens: str = "last",
+        normalize: bool = True,
+        sequence_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """decorrelation_penalty of the captured rows (mean over hooked layers).
         completion_mask (B, T): response tokens, or the attention mask for "the last
-        real token" / "every real token"."""
-        self.rows(completion_mask, tokens)  # checks what was captured
+        real token" / "every real token". sequence_ids (B, T) for packed rows (see
+        select_rows): the penalty then equals that of the unpacked sequences."""
+        self.rows(completion_mask, tokens, sequence_ids)  # checks what was captured
 
         def penalty(outputs: list[torch.Tensor]) -> torch.Tensor:
-            hidden, segment_ids = select_rows(outputs, completion_mask, tokens)
+            hidden, segment_ids = select_rows(outputs, completion_mask, tokens, sequence_ids)
             return decpo.decorrelation_penalty(hidden, segment_ids=segment_ids, normalize=normalize)
 
         return self._scalar(penalty)

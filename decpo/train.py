@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import fcntl
 import functools
+import inspect
 import json
 import math
 import os
@@ -67,6 +68,10 @@ LOSSES = tuple(LOSS_TYPE)
 TRL_LOSSES = tuple(name for name in LOSSES if name not in ("dpo", "decpo", "sigmoid", "ipo",
                                                             "hinge", "simpo", "sft"))  # fmt: skip
 SMOOTHED_LOSSES = ("dpo", "decpo", "sigmoid", "simpo", "exo_pair", "robust", "aot", "aot_unpaired")
+# --group-by-length sorts windows of this many global batches (HF's group_by_length
+# uses megabatches of 50 batches too): wide enough to find pairs of similar length,
+# narrow enough that the order stays random at the scale of an epoch.
+LENGTH_WINDOW = 50
 METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
                "rewards/margins", "logps/chosen", "logps/rejected", "dec/penalty",
                "dec/decorrelation")  # fmt: skip
@@ -172,6 +177,18 @@ class Config:
     warmup_ratio: float = option(0.1, "fraction of the schedule spent in linear warmup, in [0, 1]")
     max_grad_norm: float = option(1.0, "gradient clipping norm, > 0 (inf: no clipping)")
     batch_size: int = option(8, "preference pairs per device per micro-batch")
+    packing: bool = option(
+        False,
+        "pack each micro-batch's chosen and rejected sequences into rows no wider than "
+        "its longest sequence, without padding between them (position ids restart per "
+        "sequence and attention stays inside each sequence; same losses as padding)",
+    )
+    group_by_length: bool = option(
+        False,
+        f"order pairs so micro-batches hold similar lengths: every {LENGTH_WINDOW} global "
+        "batches of the seeded permutation are sorted by length and their batches "
+        "shuffled (less padding; same pairs per epoch)",
+    )
     grad_accum: int = option(1, "micro-batches per optimizer step")
     max_length: int = option(
         128,
@@ -723,7 +740,10 @@ def micro_batches(train_set: list, cfg: Config, world: int, rank: int, step: int
     """This rank's micro-batches of optimizer step `step` (0-based). Every step takes
     the next world * grad_accum * batch_size pairs of a seeded per-epoch permutation;
     micro-batch u = accum_index * world + rank, so K ranks see what one process with
-    --grad-accum K sees."""
+    --grad-accum K sees. With --group-by-length the permutation is first rearranged
+    (data.group_by_length, windows of LENGTH_WINDOW global batches, longest pair
+    first inside each global batch) as a function of the seed and epoch only, so
+    every rank computes the same order and the equivalence holds."""
     per_step = world * cfg.grad_accum * cfg.batch_size
     steps_per_epoch = len(train_set) // per_step
     if steps_per_epoch == 0:
@@ -734,6 +754,12 @@ def micro_batches(train_set: list, cfg: Config, world: int, rank: int, step: int
     epoch, index = divmod(step, steps_per_epoch)
     order = list(range(len(train_set)))
     random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)
+    if cfg.group_by_length:
+        # The padded width of a micro-batch is its longest sequence: sort by that.
+        lengths = [max(len(p.chosen_ids), len(p.rejected_ids)) for p in train_set]
+        rng = random.Random((cfg.seed * 1_000_003 + epoch) * 2 + 1)
+        order = data_lib.group_by_length(order[: steps_per_epoch * per_step], lengths, per_step,
+                                         LENGTH_WINDOW, rng)  # fmt: skip
     chunk = order[index * per_step : (index + 1) * per_step]
     out = []
     for accum in range(cfg.grad_accum):
@@ -767,30 +793,113 @@ def lm_head_weights(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor |
     return models.full_parameter(head.weight), models.full_parameter(head.bias)
 
 
+def collate_pairs(pairs: list, cfg: Config, pad_id: int) -> dict[str, torch.Tensor]:
+    """A micro-batch as tensors: padded rows (data.collate), or with --packing the
+    sequences packed into rows no wider than its longest sequence (data.collate_packed:
+    never more work than padding, also for attention without a varlen kernel)."""
+    if cfg.packing:
+        return data_lib.collate_packed(pairs, pad_id)
+    return data_lib.collate(pairs, pad_id)
+
+
+def check_packing(model: torch.nn.Module) -> None:
+    """TrainError unless the model keeps packed sequences apart.
+
+    --packing passes position_ids that restart at 0 for every sequence and no
+    attention_mask. transformers (masking_utils.find_packed_sequence_indices) reads
+    such position_ids as packed sequences and builds a block-diagonal causal mask for
+    the sdpa, eager and flex attention backends, and its flash-attention path derives
+    the varlen sequence boundaries from them; no extra dependency and one code path on
+    every device. Architectures that do not build their mask this way (OPT and Falcon
+    attend across the row; BLOOM and MPT take no position_ids) would silently mix the
+    sequences, so this runs the backbone on two probe sequences packed into one row,
+    with two different first sequences, and alone: the second sequence's hidden states
+    must not depend on the first and must equal those of the sequence alone (relative
+    difference <= 1e-3 in fp32, 3e-2 in 16-bit formats; a leak is of order 0.1-1)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(base, base.base_model_prefix)
+    name = type(base).__name__
+    if "position_ids" not in inspect.signature(backbone.forward).parameters:
+        raise TrainError(f"--packing: {name} takes no position_ids, so packed sequences "
+                         "cannot be kept apart; train without --packing")  # fmt: skip
+    vocab = base.get_input_embeddings().weight.shape[0]
+    device = base.get_input_embeddings().weight.device
+    generator = torch.Generator().manual_seed(0)
+    first, other, second = (torch.randint(0, vocab, (n,), generator=generator)
+                            for n in (6, 6, 9))  # fmt: skip
+    positions = torch.cat([torch.arange(6), torch.arange(9)])[None].to(device)  # (1, 15)
+
+    def hidden(ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+        extra = {} if position_ids is None else {"position_ids": position_ids}
+        out = backbone(input_ids=ids[None].to(device), use_cache=False, **extra)
+        return out.last_hidden_state[0, -9:].float()  # (9, D): the second sequence
+
+    was_training = model.training
+    model.eval()  # no dropout
+    try:
+        with torch.no_grad():
+            packed = hidden(torch.cat([first, second]), positions)
+            packed_other = hidden(torch.cat([other, second]), positions)
+            alone = hidden(second, None)
+    finally:
+        model.train(was_training)
+    scale = alone.norm().clamp_min(1e-12)
+    leak = ((packed - packed_other).norm() / scale).item()
+    error = ((packed - alone).norm() / scale).item()
+    half = next(base.parameters()).dtype in (torch.float16, torch.bfloat16)
+    tolerance = 3e-2 if half else 1e-3
+    if leak > tolerance or error > tolerance:
+        raise TrainError(
+            f"--packing: {name} ({base.config._attn_implementation} attention) does not keep "
+            f"packed sequences apart (a sequence's hidden states change by {error:.2g} "
+            "relative when another precedes it in the row); train without --packing"
+        )
+
+
 def score_sequences(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: Config, device: torch.device,
     wpo: bool = False,
 ) -> Scores:  # fmt: skip
     """Response log-probs per sequence from the final hidden states and the LM head with
-    decpo.token_logprobs (no logits); with `wpo`, WPO's log-weights from the same pass."""
+    decpo.token_logprobs (no logits); with `wpo`, WPO's log-weights from the same pass.
+
+    A packed batch (data.collate_packed: position_ids, no attention_mask) is scored
+    as packed rows, then its token log-probs are gathered into the padded layout
+    (2B, L - 1) with the batch's unpack index: the per-sequence sums, LD-DPO and WPO
+    then see exactly the tokens of the padded batch (the gather moves 2B x L scalars;
+    no padding goes through the model or the head)."""
     base = model.get_base_model()
     backbone = getattr(base, base.base_model_prefix)  # LlamaModel, GPT2Model, ...
     head = base.get_output_embeddings()
+    packed = "unpack" in batch
+    if packed:  # transformers confines attention to each sequence (see check_packing)
+        inputs = {"position_ids": batch["position_ids"], "use_cache": False}
+    else:
+        inputs = {"attention_mask": batch["attention_mask"]}
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        hidden = backbone(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).last_hidden_state  # (2B, T, D)
+        hidden = backbone(input_ids=batch["input_ids"], **inputs).last_hidden_state  # (R, T, D)
     weight, bias = lm_head_weights(head)
-    targets = batch["labels"][:, 1:]  # (2B, T - 1): token t + 1 is predicted at position t
-    hidden = hidden[:, :-1]  # (2B, T - 1, D)
+    targets = batch["labels"][:, 1:]  # (R, T - 1): token t + 1 is predicted at position t
+    hidden = hidden[:, :-1]  # (R, T - 1, D)
     if hidden.dtype != weight.dtype:
         weight = weight.to(hidden.dtype)
         bias = bias.to(hidden.dtype) if bias is not None else None
     softcap, logit_scale = logit_transform(base)  # Gemma's softcap, Cohere/Granite scales
     out = decpo.token_logprobs(hidden, weight, targets, bias=bias, softcap=softcap,
                                logit_scale=logit_scale, return_stats=wpo)  # fmt: skip
-    logp, stats = out if wpo else (out, None)  # (2B, T - 1)
-    mask = targets != data_lib.IGNORE_INDEX  # (2B, T - 1)
+    logp, stats = out if wpo else (out, None)  # (R, T - 1)
+    mask = targets != data_lib.IGNORE_INDEX  # (R, T - 1)
+    log_sum_p2 = None if stats is None else stats.log_sum_p2
+    if packed:
+        # Per token instead of per prediction: column c holds the log-prob of token c
+        # (column 0 predicts nothing). Gathering the sequences' tokens 1.. gives what
+        # the padded batch holds at positions 0.. (token p + 1 predicted at p).
+        unpack = batch["unpack"][:, 1:]  # (2B, L - 1)
+        logp = data_lib.unpack_tokens(torch.nn.functional.pad(logp, (1, 0)), unpack)
+        mask = data_lib.unpack_tokens(torch.nn.functional.pad(mask, (1, 0)), unpack, False)
+        if log_sum_p2 is not None:
+            log_sum_p2 = data_lib.unpack_tokens(torch.nn.functional.pad(log_sum_p2, (1, 0)),
+                                                unpack)  # fmt: skip
     per_sequence = decpo.sequence_logprobs(logp, mask)
     loss_input = per_sequence.mean if cfg.losses == ["simpo"] else per_sequence.sum
     if cfg.ld_alpha is not None:
@@ -798,7 +907,7 @@ def score_sequences(
         chosen, rejected = ld_logprobs(logp[:n], mask[:n], logp[n:], mask[n:],
                                              cfg.ld_alpha)  # fmt: skip
         loss_input = torch.cat([chosen, rejected])
-    weights = None if stats is None else wpo_log_weights(logp, stats.log_sum_p2, mask)
+    weights = None if log_sum_p2 is None else wpo_log_weights(logp, log_sum_p2, mask)
     return Scores(per_sequence.sum, loss_input, per_sequence.count, weights)
 
 
@@ -817,7 +926,7 @@ def precompute_reference(
     """Fill every pair's ref_logps once (batched like training)."""
     for start in range(0, len(pairs), cfg.batch_size):
         chunk = pairs[start : start + cfg.batch_size]
-        batch = {k: v.to(device) for k, v in data_lib.collate(chunk, pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate_pairs(chunk, cfg, pad_id).items()}
         ref = reference_scores(model, batch, cfg, device).double().cpu().tolist()
         n = len(chunk)
         for k, pair in enumerate(chunk):
@@ -830,7 +939,7 @@ def forward_pair_batch(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
     """Loss and metrics (sums over pairs) of one micro-batch of B pairs: the preference
     loss (decpo.dpo_loss) plus dec_weight x the decorrelation penalty when penalized."""
-    completion = batch["labels"] != data_lib.IGNORE_INDEX  # (2B, T)
+    completion = batch["labels"] != data_lib.IGNORE_INDEX  # (2B, T), or (R, T) packed
     with hooks.capture(force=not train):
         policy = score_sequences(model, batch, cfg, device, wpo=cfg.use_weighting)
     if not cfg.needs_reference:
@@ -848,10 +957,11 @@ def forward_pair_batch(
         chosen_lengths=policy.lengths[:n], rejected_lengths=policy.lengths[n:],
         **wpo, **cfg.loss_kwargs(),
     )  # fmt: skip
-    hidden, segment_ids = hooks.rows(completion, cfg.dec_tokens)
+    sequence_ids = batch.get("sequence_ids")  # packed rows: the rows of each sequence
+    hidden, segment_ids = hooks.rows(completion, cfg.dec_tokens, sequence_ids)
     if cfg.penalized and train:
         # Through the hooks: also differentiable under reentrant gradient checkpointing.
-        penalty = hooks.penalty(completion, cfg.dec_tokens)
+        penalty = hooks.penalty(completion, cfg.dec_tokens, sequence_ids=sequence_ids)
     else:
         with torch.no_grad():
             penalty = decpo.decorrelation_penalty(hidden.detach(), segment_ids=segment_ids)
@@ -894,7 +1004,7 @@ def evaluate(
     model.eval()
     sums: dict[str, torch.Tensor] = {}
     for start in range(0, len(eval_set), cfg.batch_size):
-        batch = data_lib.collate(eval_set[start : start + cfg.batch_size], pad_id)
+        batch = collate_pairs(eval_set[start : start + cfg.batch_size], cfg, pad_id)
         batch = {k: v.to(dd.device) for k, v in batch.items()}
         _, metrics = forward_pair_batch(model, batch, cfg, hooks, dd.device, train=False)
         for k, v in metrics.items():
@@ -1194,7 +1304,7 @@ def train_loop(
             started = time.perf_counter()
             sums: dict[str, torch.Tensor] = {}
             for micro in micro_batches(train_set, cfg, dd.world, dd.rank, step):
-                batch = {k: v.to(dd.device) for k, v in data_lib.collate(micro, pad_id).items()}
+                batch = {k: v.to(dd.device) for k, v in collate_pairs(micro, cfg, pad_id).items()}
                 loss, metrics = forward_pair_batch(model, batch, cfg, hooks, dd.device, True)
                 if not torch.isfinite(loss):
                     raise NonFiniteError(f"non-finite loss ({loss.item()}) at step {step + 1}")
@@ -1282,6 +1392,8 @@ def run_steps(cfg: Config, dd: Dist) -> dict[str, Any]:
     model, tokenizer = build_model(cfg, out, dd.device, reuse_base=mode == "continue",
                                    shard=dd.fsdp)  # fmt: skip
     layers = hooked_layers(cfg, model)
+    if cfg.packing:
+        check_packing(model)
     train_set, eval_set, skipped = load_data(cfg, tokenizer)
     micro_batches(train_set, cfg, dd.world, dd.rank, 0)  # the data fills a global batch
     with run_lock(cfg, dd, mode):
