@@ -92,6 +92,7 @@ class Config:
     resume: str | None = None
     overwrite: bool = False
     seed: int = 0
+    split_seed: int = 0  # held-out split and demo pairs; independent of --seed
     device: str = "auto"
 
 
@@ -170,7 +171,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "precompute_ref": "compute the reference log-probs of every pair once before training "
         "and reuse them (saves one forward per step)",
         "output_dir": "where metrics, adapter, checkpoints and plots go (one run per directory)",
-        "seed": "seed for the model, LoRA init, data split and data order",
+        "seed": "seed for the model, LoRA init and data order (not the split: --split-seed)",
+        "split_seed": "seed of the held-out split by prompt (no eval prompt occurs in "
+        "training) and of the synthetic demo pairs; independent of --seed, so runs with "
+        "different --seed share one split",
     }
     for field in dataclasses.fields(Config):
         flag = "--" + field.name.replace("_", "-")
@@ -514,9 +518,10 @@ def hooked_layers(cfg: Config, model: torch.nn.Module) -> list[int] | None:
 
 def load_data(cfg: Config, tokenizer: Any) -> tuple[list, list, int]:
     """(train pairs, eval pairs, pairs skipped by truncation), tokenized; the eval
-    split is a seeded random eval_fraction of the pairs."""
+    split holds out whole prompts, about eval_fraction of the pairs, seeded by
+    --split-seed (data_lib.split_by_prompt)."""
     if cfg.data is None:
-        pairs = data_lib.synthetic_pairs(cfg.demo_pairs, cfg.seed)
+        pairs = data_lib.synthetic_pairs(cfg.demo_pairs, cfg.split_seed)
     else:
         try:
             with warnings.catch_warnings(record=True) as caught:
@@ -529,15 +534,16 @@ def load_data(cfg: Config, tokenizer: Any) -> tuple[list, list, int]:
                 warn(str(w.message))
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    tokenized, skipped = data_lib.tokenize_pairs(pairs, tokenizer, cfg.max_length)
-    if len(tokenized) < 2:
-        raise TrainError(f"only {len(tokenized)} pairs fit --max-length {cfg.max_length}")
-    order = list(range(len(tokenized)))
-    random.Random(cfg.seed).shuffle(order)
-    n_eval = max(1, int(len(order) * cfg.eval_fraction))
-    eval_set = [tokenized[i] for i in order[:n_eval]]
-    train_set = [tokenized[i] for i in order[n_eval:]]
-    return train_set, eval_set, skipped
+    try:
+        train_pairs, eval_pairs = data_lib.split_by_prompt(pairs, cfg.eval_fraction, cfg.split_seed)
+    except ValueError as exc:
+        raise TrainError(f"--data: {exc}") from None
+    train_set, skipped = data_lib.tokenize_pairs(train_pairs, tokenizer, cfg.max_length)
+    eval_set, eval_skipped = data_lib.tokenize_pairs(eval_pairs, tokenizer, cfg.max_length)
+    if not train_set or not eval_set:
+        raise TrainError(f"{len(train_set)} training and {len(eval_set)} held-out pairs fit "
+                         f"--max-length {cfg.max_length}; both need at least 1")  # fmt: skip
+    return train_set, eval_set, skipped + eval_skipped
 
 
 def micro_batches(train_set: list, cfg: Config, world: int, rank: int, step: int) -> list[list]:
