@@ -2,16 +2,22 @@
 SFT, then DPO against DecPO at several lambda, on the synthetic demo task and on the
 Anthropic HH harmless-base test split, with the tiny Llama and several seeds.
 
-    python -m experiments.replicate            # about 10 minutes on 2 CPU cores
+    python -m experiments.replicate            # about 30 minutes on 2 busy CPU cores
 
 For every dataset and seed: SFT on the chosen responses (--loss sft), the SFT adapter
 merged into its base model, then from that model DPO and DecPO (lambda in --lambdas)
-with the same seed, data order and steps. Reported, as mean +- std over seeds (the
-shape of the paper's Table 2): held-out reward accuracy and margin at the end, and
-per layer the change in feature decorrelation (1 - mean pairwise cosine similarity
-of mlp.up_proj activations at the last token of the held-out prompts, decpo.probe)
-from the SFT model to the trained one. Curves (the paper's Figures 5 and 7):
-held-out decorrelation of the regularized rows and reward margin over steps. Everything lands in
+with the same seed, data order and steps. The held-out split is by prompt (no eval
+prompt occurs in training) and is the same for every seed (decpo.train's
+--split-seed, left at its default), so seeds vary only the model, LoRA init and data
+order. Reported, as mean +- std over seeds (the shape of the paper's Table 2):
+held-out reward accuracy and margin at the end, and per layer the change in feature
+decorrelation (1 - mean pairwise cosine similarity of mlp.up_proj activations at the
+last token of the held-out prompts, decpo.probe) from the SFT model to the trained
+one. Then the paired differences DecPO minus DPO, per seed (same seed, same SFT
+model, same data order), as mean +- std over seeds with a two-sided paired t-test
+(Student t with seeds - 1 degrees of freedom) and the count of seeds where DecPO is
+higher. Curves (the paper's Figures 5 and 7): held-out decorrelation of the
+regularized rows and reward margin over steps. Everything lands in
 experiments/results/ (README.md table, JSON, PNG); runs in experiments/runs/.
 """
 
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -61,9 +68,55 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+def t_test_p(t: float, df: int) -> float:
+    """Two-sided p-value P(|T| >= |t|) of Student's t with integer df >= 1, in closed
+    form (Abramowitz and Stegun 26.7.3-4: with theta = atan(|t| / sqrt(df)),
+    P(|T| < |t|) is a finite series in cos(theta))."""
+    if df < 1:
+        raise ValueError(f"df must be >= 1, got {df}")
+    theta = math.atan(abs(t) / math.sqrt(df))
+    c2 = math.cos(theta) ** 2
+    # odd df: (2/pi)(theta + sin cos (1 + 2/3 c^2 + 2*4/(3*5) c^4 + ...)), last power df - 3
+    if df % 2:
+        term, series = 1.0, 1.0 if df > 1 else 0.0
+        for k in range(1, (df - 1) // 2):
+            term *= c2 * (2 * k) / (2 * k + 1)
+            series += term
+        inside = 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * series)
+    else:  # even: sin(theta) (1 + 1/2 c^2 + 1*3/(2*4) c^4 + ...), df - 2 last power
+        term, series = 1.0, 1.0
+        for k in range(1, df // 2):
+            term *= c2 * (2 * k - 1) / (2 * k)
+            series += term
+        inside = math.sin(theta) * series
+    return min(1.0, max(0.0, 1.0 - inside))
+
+
+def paired(decpo: list[float], dpo: list[float]) -> dict:
+    """Per-seed differences decpo - dpo: their mean, std, paired t-test and how many
+    are positive."""
+    diffs = [a - b for a, b in zip(decpo, dpo, strict=True)]
+    mean = statistics.mean(diffs)
+    std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    if len(diffs) < 2:
+        p = float("nan")
+    elif std == 0.0:
+        p = 1.0 if mean == 0.0 else 0.0
+    else:
+        p = t_test_p(mean / (std / math.sqrt(len(diffs))), len(diffs) - 1)
+    return {"diffs": diffs, "mean": mean, "std": std, "p": p,
+            "higher": sum(d > 0 for d in diffs)}  # fmt: skip
+
+
+def paired_cell(stats: dict) -> str:
+    n = len(stats["diffs"])
+    return (f"{stats['mean']:+.3f} ± {stats['std']:.3f} (p={stats['p']:.2f}, "
+            f"{stats['higher']}/{n})")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--lambdas", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     parser.add_argument("--sft-steps", type=int, default=100)
     parser.add_argument("--steps", type=int, default=150)
@@ -113,8 +166,8 @@ def main() -> None:
                                        "margin": eval_curve(run, "rewards/margins")})  # fmt: skip
         record["datasets"][dataset] = per_variant
     record["minutes"] = (time.time() - started) / 60
+    write_report(record, results_dir)  # adds the paired statistics to record
     (results_dir / "replication.json").write_text(json.dumps(record, indent=1))
-    write_report(record, results_dir)
 
 
 def write_report(record: dict, results_dir: Path) -> None:
@@ -137,6 +190,22 @@ def write_report(record: dict, results_dir: Path) -> None:
             deltas = [mean_std([d[i] for d in slot["delta"]]) for i in range(n_layers)]
             lines.append(f"| {name} | {mean_std(slot['acc'])} | {mean_std(slot['margin'])} | "
                          + " | ".join(deltas) + " |")  # fmt: skip
+        dpo = per_variant["DPO"]
+        n_seeds = len(dpo["acc"])
+        lines += ["", f"Paired differences DecPO − DPO over the {n_seeds} seeds: mean ± std "
+                  "of the per-seed differences (p: two-sided paired t-test; k/n: seeds where "
+                  "DecPO is higher).", "",
+                  f"| method | Δ accuracy | Δ margin | {layer_cols} |",
+                  f"| --- | --- | --- | {rule} |"]  # fmt: skip
+        for name, slot in per_variant.items():
+            if name == "DPO":
+                continue
+            cells = [paired(slot["acc"], dpo["acc"]), paired(slot["margin"], dpo["margin"])]
+            cells += [paired([d[i] for d in slot["delta"]], [d[i] for d in dpo["delta"]])
+                      for i in range(n_layers)]  # fmt: skip
+            slot["paired_vs_dpo"] = {"acc": cells[0], "margin": cells[1],
+                                     "delta": cells[2:]}  # fmt: skip
+            lines.append(f"| {name} | " + " | ".join(map(paired_cell, cells)) + " |")
         lines.append("")
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
         for name, slot in per_variant.items():
