@@ -114,56 +114,92 @@ def paired_cell(stats: dict) -> str:
             f"{stats['higher']}/{n})")  # fmt: skip
 
 
+def run_seed(dataset: str, seed: int, args: argparse.Namespace, threads: int) -> dict:
+    """SFT, then every variant, for one dataset and seed: {variant: {acc, margin,
+    delta (per layer), curves}}. Runs in a worker process when --jobs > 1."""
+    torch.set_num_threads(threads)
+    runs = Path(args.out) / "runs"
+    data_args = ["--data", str(HH), "--max-length", "256"] if dataset == "hh" else []
+    base = runs / dataset / f"seed{seed}"
+    common = ["--seed", str(seed), "--batch-size", "8", "--eval-every", str(args.eval_every),
+              *data_args]  # fmt: skip
+    train_run([*common, "--loss", "sft", "--max-steps", str(args.sft_steps),
+               "--output-dir", str(base / "sft")])  # fmt: skip
+    merged = merge_sft(base / "sft")
+    sft_model, tokenizer = probe.load_for_probe(str(merged), None)
+    prompts = probe.held_out_prompts(base / "sft", tokenizer, 128)
+    pad = tokenizer.pad_token_id
+    before = probe.probe(sft_model, prompts, pad).decorrelation
+    result = {}
+    for name, flags in variants(args.lambdas):
+        run = base / name.replace(" ", "_").replace("λ=", "lambda")
+        summary = train_run([
+            *common, *flags, "--model", str(merged), "--lr", "2e-3",
+            "--max-steps", str(args.steps), "--output-dir", str(run),
+        ])  # fmt: skip
+        model, _ = probe.load_for_probe(str(merged), str(run))
+        after = probe.probe(model, prompts, pad).decorrelation
+        result[name] = {
+            "acc": summary["eval/rewards/accuracies"],
+            "margin": summary["eval/rewards/margins"],
+            "delta": [a - b for a, b in zip(after, before, strict=True)],
+            "curves": {"decorrelation": eval_curve(run, "dec/decorrelation"),
+                       "margin": eval_curve(run, "rewards/margins")},
+        }  # fmt: skip
+    return result
+
+
+def variants(lambdas: list[float]) -> list[tuple[str, list[str]]]:
+    return [("DPO", ["--loss", "dpo"])] + [
+        (f"DecPO λ={lam:g}", ["--loss", "decpo", "--dec-weight", str(lam)]) for lam in lambdas
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--lambdas", type=float, nargs="+", default=[0.01, 0.1, 1.0])
+    parser.add_argument("--lambdas", type=float, nargs="+", default=[0.1, 1.0])
     parser.add_argument("--sft-steps", type=int, default=100)
     parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--datasets", nargs="+", default=["synthetic", "hh"])
+    parser.add_argument(
+        "--jobs", type=int, default=1,
+        help="(dataset, seed) runs in parallel processes, 1 thread each when > 1",
+    )  # fmt: skip
     parser.add_argument("--out", default=str(ROOT / "experiments"))
     args = parser.parse_args()
-    out = Path(args.out)
-    runs, results_dir = out / "runs", out / "results"
+    results_dir = Path(args.out) / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
-    variants = [("DPO", ["--loss", "dpo"])] + [
-        (f"DecPO λ={lam:g}", ["--loss", "decpo", "--dec-weight", str(lam)]) for lam in args.lambdas
-    ]
+    datasets = [d for d in args.datasets if d != "hh" or HH.is_file()]
+    if len(datasets) < len(args.datasets):
+        print(f"skipping hh: {HH} not found")
     started = time.time()
     record: dict = {"command": "python -m experiments.replicate " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
         for k, v in vars(args).items() if k != "out"), "datasets": {}}  # fmt: skip
-    for dataset in args.datasets:
-        if dataset == "hh" and not HH.is_file():
-            print(f"skipping hh: {HH} not found")
-            continue
-        data_args = ["--data", str(HH), "--max-length", "256"] if dataset == "hh" else []
-        per_variant: dict[str, dict] = {name: {"acc": [], "margin": [], "delta": [],
-                                               "curves": []} for name, _ in variants}  # fmt: skip
-        for seed in args.seeds:
-            base = runs / dataset / f"seed{seed}"
-            common = ["--seed", str(seed), "--batch-size", "8", "--eval-every", "25", *data_args]
-            train_run([*common, "--loss", "sft", "--max-steps", str(args.sft_steps),
-                       "--output-dir", str(base / "sft")])  # fmt: skip
-            merged = merge_sft(base / "sft")
-            sft_model, tokenizer = probe.load_for_probe(str(merged), None)
-            prompts = probe.held_out_prompts(base / "sft", tokenizer, 128)
-            pad = tokenizer.pad_token_id
-            before = probe.probe(sft_model, prompts, pad).decorrelation
-            for name, flags in variants:
-                run = base / name.replace(" ", "_").replace("λ=", "lambda")
-                summary = train_run([
-                    *common, *flags, "--model", str(merged), "--lr", "2e-3",
-                    "--max-steps", str(args.steps), "--output-dir", str(run),
-                ])  # fmt: skip
-                model, _ = probe.load_for_probe(str(merged), str(run))
-                after = probe.probe(model, prompts, pad).decorrelation
-                slot = per_variant[name]
-                slot["acc"].append(summary["eval/rewards/accuracies"])
-                slot["margin"].append(summary["eval/rewards/margins"])
-                slot["delta"].append([a - b for a, b in zip(after, before, strict=True)])
-                slot["curves"].append({"decorrelation": eval_curve(run, "dec/decorrelation"),
-                                       "margin": eval_curve(run, "rewards/margins")})  # fmt: skip
+    tasks = [(dataset, seed) for dataset in datasets for seed in args.seeds]
+    if args.jobs > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+            futures = [pool.submit(run_seed, d, s, args, 1) for d, s in tasks]
+            results = [f.result() for f in futures]
+    else:
+        results = [run_seed(d, s, args, torch.get_num_threads()) for d, s in tasks]
+    for dataset in datasets:
+        names = [name for name, _ in variants(args.lambdas)]
+        per_variant: dict[str, dict] = {
+            name: {"acc": [], "margin": [], "delta": [], "curves": []} for name in names
+        }
+        for (d, _), result in zip(tasks, results, strict=True):
+            if d != dataset:
+                continue
+            for name, values in result.items():
+                for key, value in values.items():
+                    per_variant[name][key].append(value)
         record["datasets"][dataset] = per_variant
     record["minutes"] = (time.time() - started) / 60
     write_report(record, results_dir)  # adds the paired statistics to record
