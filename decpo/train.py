@@ -66,7 +66,7 @@ class Config:
     beta: float = 0.1
     dec_weight: float = 0.1  # lambda of the regularizer (--loss decpo, or --dec-penalty)
     dec_penalty: bool = False  # add dec_weight x penalty to any --loss (decpo implies it)
-    dec_layers: str = "all"  # comma-separated layer indices, or "all"
+    dec_layers: str = "auto"  # "auto", "all" or comma-separated layer indices
     dec_module: str = "mlp.up_proj"
     dec_tokens: str = "last"  # last | all
     lora_r: int = 8
@@ -137,7 +137,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "--dec-penalty), >= 0",
         "dec_penalty": "add --dec-weight x the decorrelation penalty to any --loss "
         "(--loss decpo is dpo with it)",
-        "dec_layers": 'decoder layers to hook: "all" or indices like "2,3"',
+        "dec_layers": 'decoder layers to hook: "auto" (every layer of the tiny demo model; '
+        "for --model DIR one layer at the paper code's depth, 10 of 32: "
+        'decpo.models.default_dec_layers), "all", or indices like "2,3"',
         "dec_module": "module inside each decoder layer whose output is decorrelated",
         "dec_tokens": "rows: last (last response token of each sequence) or all",
         "batch_size": "preference pairs per device per micro-batch",
@@ -261,11 +263,11 @@ def validate(cfg: Config) -> None:
         raise bad("label_smoothing", f"applies to --loss {'|'.join(SMOOTHED_LOSSES)} only")
     if cfg.loss == "exo_pair" and cfg.label_smoothing == 0:
         raise bad("label_smoothing", "must be > 0 for --loss exo_pair (the EXO paper uses 1e-3)")
-    if cfg.dec_layers != "all":
+    if cfg.dec_layers not in ("all", "auto"):
         try:
             indices = [int(x) for x in cfg.dec_layers.split(",")]
         except ValueError:
-            raise bad("dec_layers", 'must be "all" or comma-separated layer indices') from None
+            raise bad("dec_layers", 'must be "auto", "all" or layer indices like 2,3') from None
         if len(set(indices)) != len(indices):
             raise bad("dec_layers", "lists a layer twice")
     if not cfg.dec_module.strip():
@@ -504,8 +506,11 @@ def build_model(
 
 def hooked_layers(cfg: Config, model: torch.nn.Module) -> list[int] | None:
     """--dec-layers as indices, checked with --dec-module against the model."""
-    layers = None if cfg.dec_layers == "all" else [int(x) for x in cfg.dec_layers.split(",")]
     n_layers = len(models.decoder_layers(model))
+    if cfg.dec_layers == "auto":
+        layers = None if cfg.model == "tiny" else models.default_dec_layers(n_layers)
+    else:
+        layers = None if cfg.dec_layers == "all" else [int(x) for x in cfg.dec_layers.split(",")]
     if layers is not None and any(not 0 <= i < n_layers for i in layers):
         raise TrainError(f"--dec-layers {cfg.dec_layers}: the model has {n_layers} decoder "
                          f"layers (0 to {n_layers - 1})")  # fmt: skip

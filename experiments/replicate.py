@@ -122,7 +122,7 @@ def run_seed(dataset: str, seed: int, args: argparse.Namespace, threads: int) ->
     data_args = ["--data", str(HH), "--max-length", "256"] if dataset == "hh" else []
     base = runs / dataset / f"seed{seed}"
     common = ["--seed", str(seed), "--batch-size", "8", "--eval-every", str(args.eval_every),
-              *data_args]  # fmt: skip
+              "--dec-layers", "all", *data_args]  # fmt: skip
     train_run([*common, "--loss", "sft", "--max-steps", str(args.sft_steps),
                "--output-dir", str(base / "sft")])  # fmt: skip
     merged = merge_sft(base / "sft")

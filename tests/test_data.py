@@ -257,3 +257,19 @@ def test_train_split_depends_on_split_seed_not_on_seed():
 
     assert held_prompts(seed=0) == held_prompts(seed=7)
     assert held_prompts(seed=0) != held_prompts(seed=0, split_seed=1)
+
+
+def test_default_hooked_layers_follow_the_official_depth():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from decpo import models, train
+
+    # The official script hooks layer 10 of Llama-2-7B's 32; other depths scale with it.
+    assert models.default_dec_layers(32) == [10]
+    assert [models.default_dec_layers(n)[0] for n in (1, 12, 24, 28, 40)] == [0, 4, 8, 9, 13]
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=12,
+                                         num_attention_heads=2, vocab_size=20))  # fmt: skip
+    assert train.hooked_layers(train.Config(model="/some/model"), model) == [4]
+    assert train.hooked_layers(train.Config(), model) is None  # the tiny demo: every layer
+    assert train.hooked_layers(train.Config(model="/m", dec_layers="all"), model) is None
+    assert train.hooked_layers(train.Config(model="/m", dec_layers="2,3"), model) == [2, 3]
