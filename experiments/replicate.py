@@ -47,8 +47,18 @@ def merge_sft(run: Path) -> Path:
     return out
 
 
-def train_run(args: list[str]) -> dict:
-    """One decpo.train run; a rerun starts each run over (--overwrite)."""
+def train_run(args: list[str], reuse: bool = False) -> dict:
+    """One decpo.train run; a rerun starts each run over (--overwrite), unless `reuse`
+    and the run already finished with the same configuration (its summary.json)."""
+    if reuse:
+        out = Path(args[args.index("--output-dir") + 1])
+        cfg = train.config_from_json(json.loads((out / "config.json").read_text())) if (
+            out / "config.json").is_file() else None  # fmt: skip
+        wanted = train.parse_args(args)
+        wanted.schedule_steps = wanted.schedule_steps or wanted.max_steps  # as a run saves it
+        if cfg is not None and (out / "summary.json").is_file() and (
+                train.identity(cfg) == train.identity(wanted)):  # fmt: skip
+            return json.loads((out / "summary.json").read_text())
     return train.main([*args, "--overwrite"])
 
 
@@ -124,7 +134,7 @@ def run_seed(dataset: str, seed: int, args: argparse.Namespace, threads: int) ->
     common = ["--seed", str(seed), "--batch-size", "8", "--eval-every", str(args.eval_every),
               "--dec-layers", "all", *data_args]  # fmt: skip
     train_run([*common, "--loss", "sft", "--max-steps", str(args.sft_steps),
-               "--output-dir", str(base / "sft")])  # fmt: skip
+               "--output-dir", str(base / "sft")], args.reuse)  # fmt: skip
     merged = merge_sft(base / "sft")
     sft_model, tokenizer = probe.load_for_probe(str(merged), None)
     prompts = probe.held_out_prompts(base / "sft", tokenizer, 128)
@@ -136,7 +146,7 @@ def run_seed(dataset: str, seed: int, args: argparse.Namespace, threads: int) ->
         summary = train_run([
             *common, *flags, "--model", str(merged), "--lr", "2e-3",
             "--max-steps", str(args.steps), "--output-dir", str(run),
-        ])  # fmt: skip
+        ], args.reuse)  # fmt: skip
         model, _ = probe.load_for_probe(str(merged), str(run))
         after = probe.probe(model, prompts, pad).decorrelation
         result[name] = {
@@ -167,6 +177,11 @@ def main() -> None:
         "--jobs", type=int, default=1,
         help="(dataset, seed) runs in parallel processes, 1 thread each when > 1",
     )  # fmt: skip
+    parser.add_argument(
+        "--reuse", action="store_true",
+        help="keep runs that already finished with the same configuration (rebuild the "
+        "table from them); without it every run starts over",
+    )  # fmt: skip
     parser.add_argument("--out", default=str(ROOT / "experiments"))
     args = parser.parse_args()
     results_dir = Path(args.out) / "results"
@@ -177,7 +192,7 @@ def main() -> None:
     started = time.time()
     record: dict = {"command": "python -m experiments.replicate " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-        for k, v in vars(args).items() if k != "out"), "datasets": {}}  # fmt: skip
+        for k, v in vars(args).items() if k not in ("out", "reuse")), "datasets": {}}  # fmt: skip
     tasks = [(dataset, seed) for dataset in datasets for seed in args.seeds]
     if args.jobs > 1:
         import concurrent.futures
