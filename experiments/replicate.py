@@ -18,7 +18,9 @@ model, same data order), as mean +- std over seeds with a two-sided paired t-tes
 (Student t with seeds - 1 degrees of freedom) and the count of seeds where DecPO is
 higher. Curves (the paper's Figures 5 and 7): held-out decorrelation of the
 regularized rows and reward margin over steps. Everything lands in
-experiments/results/ (README.md table, JSON, PNG); runs in experiments/runs/.
+experiments/results/: replication_<dataset>.json per dataset with the command that
+produced it (so one dataset can be rerun on its own), README.md built from all of
+them, and the curves; runs in experiments/runs/.
 """
 
 from __future__ import annotations
@@ -216,26 +218,52 @@ def main() -> None:
                 for key, value in values.items():
                     per_variant[name][key].append(value)
         record["datasets"][dataset] = per_variant
-    record["minutes"] = (time.time() - started) / 60
-    write_report(record, results_dir)  # adds the paired statistics to record
-    (results_dir / "replication.json").write_text(json.dumps(record, indent=1))
+    minutes = (time.time() - started) / 60
+    for dataset, per_variant in record["datasets"].items():
+        add_paired(per_variant)
+        saved = {"command": record["command"], "minutes": minutes, "variants": per_variant}
+        (results_dir / f"replication_{dataset}.json").write_text(json.dumps(saved, indent=1))
+    write_report(results_dir)
 
 
-def write_report(record: dict, results_dir: Path) -> None:
+def add_paired(per_variant: dict) -> None:
+    """Each DecPO variant's paired differences against DPO, per seed."""
+    dpo = per_variant["DPO"]
+    for name, slot in per_variant.items():
+        if name == "DPO":
+            continue
+        n_layers = len(dpo["delta"][0])
+        slot["paired_vs_dpo"] = {
+            "acc": paired(slot["acc"], dpo["acc"]),
+            "margin": paired(slot["margin"], dpo["margin"]),
+            "delta": [paired([d[i] for d in slot["delta"]], [d[i] for d in dpo["delta"]])
+                      for i in range(n_layers)],
+        }  # fmt: skip
+
+
+def write_report(results_dir: Path) -> None:
+    """README.md and curves from every results_dir/replication_<dataset>.json (each
+    dataset keeps the command that produced it, so datasets can be rerun apart)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = ["# DecPO mini-replication", "", f"Command: `{record['command']}` "
-             f"({record['minutes']:.1f} minutes on the 2-core CPU machine, "
-             f"torch {torch.__version__}).", ""]  # fmt: skip
-    for dataset, per_variant in record["datasets"].items():
+    order = {"synthetic": 0, "hh": 1}
+    files = sorted(results_dir.glob("replication_*.json"),
+                   key=lambda f: (order.get(f.stem[len("replication_"):], 2), f.name))  # fmt: skip
+    lines = ["# DecPO mini-replication", ""]
+    for file in files:
+        dataset = file.stem[len("replication_") :]
+        saved = json.loads(file.read_text())
+        per_variant = saved["variants"]
+        lines += [f"## {dataset}", "", f"Command: `{saved['command']}` ({saved['minutes']:.1f} "
+                  f"minutes on the shared 2-core CPU machine, torch {torch.__version__}).",
+                  ""]  # fmt: skip
         n_layers = len(next(iter(per_variant.values()))["delta"][0])
         layer_cols = " | ".join(f"Δ decorrelation L{i}" for i in range(n_layers))
         rule = " | ".join("---" for _ in range(n_layers))
-        lines += [f"## {dataset}", "",
-                  f"| method | held-out reward accuracy | reward margin | {layer_cols} |",
+        lines += [f"| method | held-out reward accuracy | reward margin | {layer_cols} |",
                   f"| --- | --- | --- | {rule} |"]  # fmt: skip
         for name, slot in per_variant.items():
             deltas = [mean_std([d[i] for d in slot["delta"]]) for i in range(n_layers)]
@@ -251,11 +279,8 @@ def write_report(record: dict, results_dir: Path) -> None:
         for name, slot in per_variant.items():
             if name == "DPO":
                 continue
-            cells = [paired(slot["acc"], dpo["acc"]), paired(slot["margin"], dpo["margin"])]
-            cells += [paired([d[i] for d in slot["delta"]], [d[i] for d in dpo["delta"]])
-                      for i in range(n_layers)]  # fmt: skip
-            slot["paired_vs_dpo"] = {"acc": cells[0], "margin": cells[1],
-                                     "delta": cells[2:]}  # fmt: skip
+            stats = slot["paired_vs_dpo"]
+            cells = [stats["acc"], stats["margin"], *stats["delta"]]
             lines.append(f"| {name} | " + " | ".join(map(paired_cell, cells)) + " |")
         lines.append("")
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))

@@ -4,7 +4,7 @@ The official code is not imported (it parses command-line arguments and loads a 
 model at import time). The functions below are transcriptions, made by reading the
 code, of hanqi-qi/Revisit_monosemanticity at commit 2da99fb:
 
-- models/llama_hook.py, lines 3-22: HookTool and get_feas_by_hook (a forward hook on
+- models/llama_hook.py, lines 3-24: HookTool and get_feas_by_hook (a forward hook on
   `mlp.up_proj` of every layer in target_layers, in layer order).
 - DPOTrainer.py, lines 54-70: CustomDPOTrainer.dpo_loss (the sigmoid DPO loss, no
   label smoothing).
@@ -58,7 +58,7 @@ class HookTool:  # models/llama_hook.py lines 3-8
         self.fea = fea_out
 
 
-def get_feas_by_hook(model, target_acts, target_layers, handles):  # lines 10-22
+def get_feas_by_hook(model, target_acts, target_layers, handles):  # lines 10-24
     fea_hooks = {}
     for target_act in target_acts:
         fea_hooks[target_act] = []
