@@ -126,39 +126,49 @@ def paired_cell(stats: dict) -> str:
             f"{stats['higher']}/{n})")  # fmt: skip
 
 
-def run_seed(dataset: str, seed: int, args: argparse.Namespace, threads: int) -> dict:
-    """SFT, then every variant, for one dataset and seed: {variant: {acc, margin,
-    delta (per layer), curves}}. Runs in a worker process when --jobs > 1."""
-    torch.set_num_threads(threads)
-    runs = Path(args.out) / "runs"
+def _common(dataset: str, seed: int, args: argparse.Namespace) -> tuple[Path, list[str]]:
+    """(the seed's run directory, the decpo.train flags every run of it shares)."""
     data_args = ["--data", str(HH), "--max-length", "256"] if dataset == "hh" else []
-    base = runs / dataset / f"seed{seed}"
     common = ["--seed", str(seed), "--batch-size", "8", "--eval-every", str(args.eval_every),
               "--dec-layers", "all", *data_args]  # fmt: skip
+    return Path(args.out) / "runs" / dataset / f"seed{seed}", common
+
+
+def run_sft(dataset: str, seed: int, args: argparse.Namespace, threads: int) -> None:
+    """SFT for one dataset and seed, its adapter merged into RUN/sft/merged."""
+    torch.set_num_threads(threads)
+    base, common = _common(dataset, seed, args)
     train_run([*common, "--loss", "sft", "--max-steps", str(args.sft_steps),
                "--output-dir", str(base / "sft")], args.reuse)  # fmt: skip
-    merged = merge_sft(base / "sft")
+    merge_sft(base / "sft")
+
+
+def run_variant(
+    dataset: str, seed: int, name: str, flags: list[str], args: argparse.Namespace, threads: int
+) -> dict:
+    """One variant from the seed's merged SFT model: {acc, margin, delta (per layer:
+    held-out decorrelation after minus the SFT model's), curves}."""
+    torch.set_num_threads(threads)
+    base, common = _common(dataset, seed, args)
+    merged = base / "sft" / "merged"
+    run = base / name.replace(" ", "_").replace("λ=", "lambda")
+    summary = train_run([
+        *common, *flags, "--model", str(merged), "--lr", "2e-3",
+        "--max-steps", str(args.steps), "--output-dir", str(run),
+    ], args.reuse)  # fmt: skip
     sft_model, tokenizer = probe.load_for_probe(str(merged), None)
     prompts = probe.held_out_prompts(base / "sft", tokenizer, 128)
     pad = tokenizer.pad_token_id
     before = probe.probe(sft_model, prompts, pad).decorrelation
-    result = {}
-    for name, flags in variants(args.lambdas):
-        run = base / name.replace(" ", "_").replace("λ=", "lambda")
-        summary = train_run([
-            *common, *flags, "--model", str(merged), "--lr", "2e-3",
-            "--max-steps", str(args.steps), "--output-dir", str(run),
-        ], args.reuse)  # fmt: skip
-        model, _ = probe.load_for_probe(str(merged), str(run))
-        after = probe.probe(model, prompts, pad).decorrelation
-        result[name] = {
-            "acc": summary["eval/rewards/accuracies"],
-            "margin": summary["eval/rewards/margins"],
-            "delta": [a - b for a, b in zip(after, before, strict=True)],
-            "curves": {"decorrelation": eval_curve(run, "dec/decorrelation"),
-                       "margin": eval_curve(run, "rewards/margins")},
-        }  # fmt: skip
-    return result
+    model, _ = probe.load_for_probe(str(merged), str(run))
+    after = probe.probe(model, prompts, pad).decorrelation
+    return {
+        "acc": summary["eval/rewards/accuracies"],
+        "margin": summary["eval/rewards/margins"],
+        "delta": [a - b for a, b in zip(after, before, strict=True)],
+        "curves": {"decorrelation": eval_curve(run, "dec/decorrelation"),
+                   "margin": eval_curve(run, "rewards/margins")},
+    }  # fmt: skip
 
 
 def variants(lambdas: list[float]) -> list[tuple[str, list[str]]]:
@@ -177,7 +187,7 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["synthetic", "hh"])
     parser.add_argument(
         "--jobs", type=int, default=1,
-        help="(dataset, seed) runs in parallel processes, 1 thread each when > 1",
+        help="parallel processes (1 thread each) when > 1: the SFT runs, then the variant runs",
     )  # fmt: skip
     parser.add_argument(
         "--reuse", action="store_true",
@@ -195,26 +205,33 @@ def main() -> None:
     record: dict = {"command": "python -m experiments.replicate " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
         for k, v in vars(args).items() if k not in ("out", "reuse")), "datasets": {}}  # fmt: skip
-    tasks = [(dataset, seed) for dataset in datasets for seed in args.seeds]
-    if args.jobs > 1:
+    seeds = [(dataset, seed) for dataset in datasets for seed in args.seeds]
+    runs = [(d, s, name, flags) for d, s in seeds for name, flags in variants(args.lambdas)]
+    if args.jobs > 1:  # every SFT in parallel, then every variant run in parallel
         import concurrent.futures
         import multiprocessing
 
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
-            futures = [pool.submit(run_seed, d, s, args, 1) for d, s in tasks]
-            results = [f.result() for f in futures]
+            for future in [pool.submit(run_sft, d, s, args, 1) for d, s in seeds]:
+                future.result()
+            futures = [pool.submit(run_variant, *r, args, 1) for r in runs]
+            outcomes = [f.result() for f in futures]
     else:
-        results = [run_seed(d, s, args, torch.get_num_threads()) for d, s in tasks]
+        threads = torch.get_num_threads()
+        for d, s in seeds:
+            run_sft(d, s, args, threads)
+        outcomes = [run_variant(*r, args, threads) for r in runs]
+    results: dict[tuple[str, int], dict] = {}
+    for (d, s, name, _), outcome in zip(runs, outcomes, strict=True):
+        results.setdefault((d, s), {})[name] = outcome
     for dataset in datasets:
         names = [name for name, _ in variants(args.lambdas)]
         per_variant: dict[str, dict] = {
             name: {"acc": [], "margin": [], "delta": [], "curves": []} for name in names
         }
-        for (d, _), result in zip(tasks, results, strict=True):
-            if d != dataset:
-                continue
-            for name, values in result.items():
+        for seed in args.seeds:
+            for name, values in results[(dataset, seed)].items():
                 for key, value in values.items():
                     per_variant[name][key].append(value)
         record["datasets"][dataset] = per_variant
