@@ -122,7 +122,7 @@ def paired(decpo: list[float], dpo: list[float]) -> dict:
 
 def paired_cell(stats: dict) -> str:
     n = len(stats["diffs"])
-    return (f"{stats['mean']:+.3f} ± {stats['std']:.3f} (p={stats['p']:.2f}, "
+    return (f"{stats['mean']:+.3f} ± {stats['std']:.3f} (p={stats['p']:.2g}, "
             f"{stats['higher']}/{n})")  # fmt: skip
 
 
@@ -238,7 +238,8 @@ def main() -> None:
     minutes = (time.time() - started) / 60
     for dataset, per_variant in record["datasets"].items():
         add_paired(per_variant)
-        saved = {"command": record["command"], "minutes": minutes, "variants": per_variant}
+        saved = {"command": record["command"], "minutes": minutes, "reused": args.reuse,
+                 "variants": per_variant}  # fmt: skip
         (results_dir / f"replication_{dataset}.json").write_text(json.dumps(saved, indent=1))
     write_report(results_dir)
 
@@ -274,9 +275,10 @@ def write_report(results_dir: Path) -> None:
         dataset = file.stem[len("replication_") :]
         saved = json.loads(file.read_text())
         per_variant = saved["variants"]
-        lines += [f"## {dataset}", "", f"Command: `{saved['command']}` ({saved['minutes']:.1f} "
-                  f"minutes on the shared 2-core CPU machine, torch {torch.__version__}).",
-                  ""]  # fmt: skip
+        took = (f"assembled with --reuse from finished runs in {saved['minutes']:.1f} minutes"
+                if saved.get("reused") else f"{saved['minutes']:.1f} minutes")  # fmt: skip
+        lines += [f"## {dataset}", "", f"Command: `{saved['command']}` ({took} on the shared "
+                  f"2-core CPU machine, torch {torch.__version__}).", ""]  # fmt: skip
         n_layers = len(next(iter(per_variant.values()))["delta"][0])
         layer_cols = " | ".join(f"Δ decorrelation L{i}" for i in range(n_layers))
         rule = " | ".join("---" for _ in range(n_layers))
