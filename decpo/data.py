@@ -213,10 +213,18 @@ def read_pairs(path: str | Path, tokenizer: Any | None = None) -> list[Preferenc
 
 # ------------------------------------------------------------------ demo task
 
+_REQUESTS = [
+    "Say something about", "Write a short note about", "Tell me about", "Give me your view of",
+    "Describe",
+]  # fmt: skip
 _SUBJECTS = [
     "the garden", "my bike", "a recipe", "the weather", "our trip", "this book", "the song",
     "a movie", "the class", "my plan", "the project", "a letter", "the game", "our team",
     "the city", "a puzzle", "the market", "my code", "the river", "a lesson",
+]  # fmt: skip
+_AUDIENCES = [
+    "my friend", "my boss", "the kids", "a neighbor", "my teacher", "the team", "a stranger",
+    "my sister",
 ]  # fmt: skip
 _GOOD = [
     "kind", "clear", "helpful", "honest", "careful", "patient", "bright", "calm", "gentle",
@@ -229,17 +237,21 @@ _BAD = [
 
 
 def synthetic_pairs(n: int, seed: int) -> list[PreferencePair]:
-    """The demo task: HH-style prompts asking for a note about a subject; the chosen
-    answer is built from considerate words, the rejected one from rude words, in
-    the same sentence frame. A tiny model learns it in a few hundred steps, and the
-    held-out pairs use word combinations never seen in training."""
+    """The demo task: HH-style prompts asking for a note about a subject for someone
+    (5 requests x 20 subjects x 8 audiences = 800 distinct prompts); the chosen answer
+    is built from considerate words, the rejected one from rude words, in the same
+    sentence frame. A tiny model learns it in a few hundred steps. Prompts repeat
+    (2,000 pairs hold about 730 of them), so hold out by prompt (split_by_prompt) to
+    evaluate on prompts never seen in training."""
     rng = random.Random(seed)
     pairs = []
     for _ in range(n):
+        request = rng.choice(_REQUESTS)
         subject = rng.choice(_SUBJECTS)
+        audience = rng.choice(_AUDIENCES)
         good = rng.sample(_GOOD, 2)
         bad = rng.sample(_BAD, 2)
-        prompt = f"\n\nHuman: Say something about {subject}.{HH_ASSISTANT}"
+        prompt = f"\n\nHuman: {request} {subject} for {audience}.{HH_ASSISTANT}"
         frame = " I think {s} is {a} and {b}."
         pairs.append(
             PreferencePair(
@@ -249,6 +261,40 @@ def synthetic_pairs(n: int, seed: int) -> list[PreferencePair]:
             )
         )
     return pairs
+
+
+def split_by_prompt(
+    pairs: Sequence[PreferencePair], eval_fraction: float, seed: int
+) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """(train, eval) with whole prompts held out: no eval pair's prompt text occurs in
+    a training pair (pairs sharing a prompt, such as several responses to one HH
+    question, stay together). The distinct prompts are shuffled by a generator of
+    their own, seeded with the string "decpo-split:<seed>" (so the split never
+    shares a stream with the training seed's generators), and taken into eval until
+    it holds at least max(1, int(eval_fraction * len(pairs))) pairs; at least one
+    prompt always stays in training. Both lists keep the input order."""
+    if not 0 < eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+    groups: dict[str, list[int]] = {}
+    for i, pair in enumerate(pairs):
+        groups.setdefault(pair.prompt, []).append(i)
+    if len(groups) < 2:
+        raise ValueError(
+            f"pairs: {len(groups)} distinct prompt(s); a split held out by prompt needs at least 2"
+        )
+    prompts = list(groups)
+    random.Random(f"decpo-split:{seed}").shuffle(prompts)
+    target = max(1, int(len(pairs) * eval_fraction))
+    held: set[str] = set()
+    count = 0
+    for prompt in prompts[:-1]:
+        if count >= target:
+            break
+        held.add(prompt)
+        count += len(groups[prompt])
+    train = [p for p in pairs if p.prompt not in held]
+    evaluation = [p for p in pairs if p.prompt in held]
+    return train, evaluation
 
 
 def demo_corpus() -> list[str]:

@@ -334,20 +334,22 @@ class DecorrelationHooks:
     def official_regularizer(self) -> torch.Tensor:
         """PAPER-CODE COMPATIBILITY, for ablations only (docs/design.md, "DecPO
         objective"): what the official DecPO code (hanqi-qi/Revisit_monosemanticity,
-        2da99fb) adds, namely mean(A A^T - I) with A = |h[0::2, -1]|: position -1 of
-        the right-padded batch (often a pad token), rows 0::2 (a mix of chosen and
-        rejected), abs(), no normalization, signed rather than squared. Averaged over
-        hooked layers; the official weight is 0.001. decpo's correct regularizer is
-        penalty()."""
+        2da99fb) adds, namely
+        mean(A A^T - I) with A = |h[0::2, -1]|: position -1 of the right-padded batch
+        (often a pad token), rows 0::2 (a mix of chosen and rejected), abs(), no
+        normalization, signed rather than squared, and of the FIRST hooked layer only
+        (the official code stacks the hooked layers and reads index 0; the others
+        are hooked but unused). The official weight is 0.001. decpo's correct
+        regularizer is penalty()."""
         if len(self.outputs) != len(self.modules):
             raise RuntimeError("run exactly one policy forward inside capture() first")
 
         def regularizer(outputs: list[torch.Tensor]) -> torch.Tensor:
-            values = []
-            for out in outputs:
-                a = out[0::2, -1].float().abs()  # (B', D)
-                eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
-                values.append((a @ a.T - eye).mean())
-            return torch.stack(values).mean()
+            a = outputs[0][0::2, -1].float().abs()  # (B', D), lowest hooked layer
+            eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+            # The unused layers enter with an empty slice (a zero gradient) so that a
+            # reentrant checkpoint's deferred gradient is defined for every hooked layer.
+            unused = sum(out[:0].float().sum() for out in outputs[1:])
+            return (a @ a.T - eye).mean() + unused
 
         return self._scalar(regularizer)

@@ -95,6 +95,25 @@ def add_lora(
     return get_peft_model(model, config)
 
 
+# The official DecPO script (hanqi-qi/Revisit_monosemanticity, scripts/train_dpo.sh:
+# --act_layers "10") regularizes one layer, 10 of Llama-2-7B's 32 decoder layers.
+OFFICIAL_DEC_LAYER, OFFICIAL_N_LAYERS = 10, 32
+
+
+def default_dec_layers(n_layers: int) -> list[int]:
+    """The decoder layer decpo.train regularizes by default in a real model: one layer
+    at the official script's relative depth 10/32, rounded half up (layer 10 of 32;
+    4 of 12, 8 of 24, 9 of 28, 13 of 40, 25 of 80)."""
+    if n_layers < 1:
+        raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+    return [
+        min(
+            n_layers - 1,
+            (2 * OFFICIAL_DEC_LAYER * n_layers + OFFICIAL_N_LAYERS) // (2 * OFFICIAL_N_LAYERS),
+        )
+    ]
+
+
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The transformer blocks of a (peft-wrapped) Hugging Face causal LM: the
     ModuleList with num_hidden_layers entries (model.layers for Llama, transformer.h

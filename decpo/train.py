@@ -159,7 +159,12 @@ class Config:
         False,
         "add --dec-weight x the decorrelation penalty to any --loss (--loss decpo is dpo with it)",
     )
-    dec_layers: str = option("all", 'decoder layers to hook: "all" or indices like "2,3"')
+    dec_layers: str = option(
+        "auto",
+        'decoder layers to hook: "auto" (every layer of the tiny demo model; for --model DIR '
+        "one layer at the paper code's depth, 10 of 32: decpo.models.default_dec_layers), "
+        '"all", or indices like "2,3"',
+    )
     dec_module: str = option(
         "mlp.up_proj", "module inside each decoder layer whose output is decorrelated"
     )
@@ -229,7 +234,15 @@ class Config:
         "start over in an --output-dir that holds another "
         "decpo.train run (its checkpoints and metrics are deleted)",
     )
-    seed: int = option(0, "seed for the model, LoRA init, data split and data order")
+    seed: int = option(
+        0, "seed for the model, LoRA init and data order (not the split: --split-seed)"
+    )
+    split_seed: int = option(
+        0,
+        "seed of the held-out split by prompt (no eval prompt occurs in training) and of the "
+        "synthetic demo pairs; independent of --seed, so runs with different --seed share one "
+        "split",
+    )
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     fsdp: bool = option(
         False,
@@ -312,11 +325,11 @@ def check_values(cfg: Config) -> None:
     if not 0 < cfg.eval_fraction < 1:
         raise bad("eval_fraction", "must be in (0, 1)")
     check_losses(cfg, bad)
-    if cfg.dec_layers != "all":
+    if cfg.dec_layers not in ("all", "auto"):
         try:
             indices = [int(x) for x in cfg.dec_layers.split(",")]
         except ValueError:
-            raise bad("dec_layers", 'must be "all" or comma-separated layer indices') from None
+            raise bad("dec_layers", 'must be "auto", "all" or layer indices like 2,3') from None
         if len(set(indices)) != len(indices):
             raise bad("dec_layers", "lists a layer twice")
     if not cfg.dec_module.strip():
@@ -696,8 +709,11 @@ def build_model(
 
 def hooked_layers(cfg: Config, model: torch.nn.Module) -> list[int] | None:
     """--dec-layers as indices, checked with --dec-module against the model."""
-    layers = None if cfg.dec_layers == "all" else [int(x) for x in cfg.dec_layers.split(",")]
     n_layers = len(models.decoder_layers(model))
+    if cfg.dec_layers == "auto":
+        layers = None if cfg.model == "tiny" else models.default_dec_layers(n_layers)
+    else:
+        layers = None if cfg.dec_layers == "all" else [int(x) for x in cfg.dec_layers.split(",")]
     if layers is not None and any(not 0 <= i < n_layers for i in layers):
         raise TrainError(f"--dec-layers {cfg.dec_layers}: the model has {n_layers} decoder "
                          f"layers (0 to {n_layers - 1})")  # fmt: skip
@@ -710,9 +726,10 @@ def hooked_layers(cfg: Config, model: torch.nn.Module) -> list[int] | None:
 
 def load_data(cfg: Config, tokenizer: Any) -> tuple[list, list, int]:
     """(train pairs, eval pairs, pairs skipped by truncation), tokenized; the eval
-    split is a seeded random eval_fraction of the pairs."""
+    split holds out whole prompts, about eval_fraction of the pairs, seeded by
+    --split-seed (data_lib.split_by_prompt)."""
     if cfg.data is None:
-        pairs = data_lib.synthetic_pairs(cfg.demo_pairs, cfg.seed)
+        pairs = data_lib.synthetic_pairs(cfg.demo_pairs, cfg.split_seed)
     else:
         try:
             with warnings.catch_warnings(record=True) as caught:
@@ -725,15 +742,16 @@ def load_data(cfg: Config, tokenizer: Any) -> tuple[list, list, int]:
                 warn(str(w.message))
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    tokenized, skipped = data_lib.tokenize_pairs(pairs, tokenizer, cfg.max_length)
-    if len(tokenized) < 2:
-        raise TrainError(f"only {len(tokenized)} pairs fit --max-length {cfg.max_length}")
-    order = list(range(len(tokenized)))
-    random.Random(cfg.seed).shuffle(order)
-    n_eval = max(1, int(len(order) * cfg.eval_fraction))
-    eval_set = [tokenized[i] for i in order[:n_eval]]
-    train_set = [tokenized[i] for i in order[n_eval:]]
-    return train_set, eval_set, skipped
+    try:
+        train_pairs, eval_pairs = data_lib.split_by_prompt(pairs, cfg.eval_fraction, cfg.split_seed)
+    except ValueError as exc:
+        raise TrainError(f"--data: {exc}") from None
+    train_set, skipped = data_lib.tokenize_pairs(train_pairs, tokenizer, cfg.max_length)
+    eval_set, eval_skipped = data_lib.tokenize_pairs(eval_pairs, tokenizer, cfg.max_length)
+    if not train_set or not eval_set:
+        raise TrainError(f"{len(train_set)} training and {len(eval_set)} held-out pairs fit "
+                         f"--max-length {cfg.max_length}; both need at least 1")  # fmt: skip
+    return train_set, eval_set, skipped + eval_skipped
 
 
 def micro_batches(train_set: list, cfg: Config, world: int, rank: int, step: int) -> list[list]:

@@ -189,3 +189,87 @@ def test_truncation_keeps_responses_and_cuts_the_prompt_from_the_left():
 def test_synthetic_task_is_seeded():
     assert data.synthetic_pairs(5, 1) == data.synthetic_pairs(5, 1)
     assert data.synthetic_pairs(5, 1) != data.synthetic_pairs(5, 2)
+
+
+def test_synthetic_task_has_many_prompts():
+    pairs = data.synthetic_pairs(2000, 0)
+    assert len({p.prompt for p in pairs}) > 500  # 800 possible; the split holds whole prompts out
+
+
+# ------------------------------------------------------------------ held-out split
+
+
+def _no_shared_prompt(train: list, held: list) -> bool:
+    return not {p.prompt for p in train} & {p.prompt for p in held}
+
+
+def test_split_holds_out_whole_prompts():
+    p = data.PreferencePair
+    pairs = [p("a", "1", "2"), p("b", "1", "2"), p("a", "3", "4"), p("c", "1", "2"),
+             p("a", "5", "6"), p("d", "1", "2")]  # fmt: skip
+    for seed in range(20):
+        train, held = data.split_by_prompt(pairs, 0.2, seed)
+        assert _no_shared_prompt(train, held)
+        assert sorted(map(repr, train + held)) == sorted(map(repr, pairs))
+        assert len(held) >= 1 and len(train) >= 1
+        assert [x for x in pairs if x in held] == held  # input order kept
+    # Prompt "a" (3 of 6 pairs) is held out together or not at all.
+    held_sizes = {len(data.split_by_prompt(pairs, 0.2, s)[1]) for s in range(20)}
+    assert held_sizes == {1, 3}
+
+
+def test_split_of_the_synthetic_task_and_its_fraction():
+    pairs = data.synthetic_pairs(2000, 0)
+    train, held = data.split_by_prompt(pairs, 0.1, 0)
+    assert _no_shared_prompt(train, held)
+    assert not set(train) & set(held)  # hence no identical pair either
+    assert 200 <= len(held) < 200 + 12  # stops at the first prompt reaching 10%
+    assert len({x.prompt for x in held}) > 50
+
+
+@pytest.mark.skipif(not SHARED_HH.is_file(), reason="needs ../shared/data (HH)")
+def test_split_of_hh_has_no_eval_prompt_in_training():
+    pairs = data.read_pairs(SHARED_HH)
+    train, held = data.split_by_prompt(pairs, 0.1, 0)
+    assert _no_shared_prompt(train, held)
+    assert len(held) >= len(pairs) // 10
+
+
+def test_split_refuses_a_single_prompt_and_bad_fractions():
+    same = [data.PreferencePair("q", "1", "2"), data.PreferencePair("q", "3", "4")]
+    with pytest.raises(ValueError, match="distinct prompt"):
+        data.split_by_prompt(same, 0.5, 0)
+    with pytest.raises(ValueError, match="eval_fraction"):
+        data.split_by_prompt(same, 1.0, 0)
+
+
+def test_train_split_depends_on_split_seed_not_on_seed():
+    from decpo import models, train
+
+    tokenizer = models.build_tokenizer(data.demo_corpus()[:300], vocab_size=300)
+
+    def held_prompts(**kwargs):
+        cfg = train.Config(demo_pairs=300, max_length=64, **kwargs)
+        train_set, eval_set, _ = train.load_data(cfg, tokenizer)
+        prompts = [tuple(x.chosen_ids[: x.prompt_len]) for x in eval_set]
+        assert not set(prompts) & {tuple(x.chosen_ids[: x.prompt_len]) for x in train_set}
+        return prompts
+
+    assert held_prompts(seed=0) == held_prompts(seed=7)
+    assert held_prompts(seed=0) != held_prompts(seed=0, split_seed=1)
+
+
+def test_default_hooked_layers_follow_the_official_depth():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from decpo import models, train
+
+    # The official script hooks layer 10 of Llama-2-7B's 32; other depths scale with it.
+    assert models.default_dec_layers(32) == [10]
+    assert [models.default_dec_layers(n)[0] for n in (1, 12, 24, 28, 40)] == [0, 4, 8, 9, 13]
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=12,
+                                         num_attention_heads=2, vocab_size=20))  # fmt: skip
+    assert train.hooked_layers(train.Config(model="/some/model"), model) == [4]
+    assert train.hooked_layers(train.Config(), model) is None  # the tiny demo: every layer
+    assert train.hooked_layers(train.Config(model="/m", dec_layers="all"), model) is None
+    assert train.hooked_layers(train.Config(model="/m", dec_layers="2,3"), model) == [2, 3]

@@ -236,7 +236,16 @@ class DecPOConfig(DPOConfig):
         default=None,
         metadata={
             "help": "'official' reproduces the paper code's regularizer (ablations only; "
-            "see DecorrelationHooks.official_regularizer). None: decpo's correct penalty."
+            "see DecorrelationHooks.official_regularizer: first hooked layer only). None: "
+            "decpo's correct penalty."
+        },
+    )
+    average_log_prob: bool = field(
+        default=False,
+        metadata={
+            "help": "Score each response by its mean per-token log-prob, as the paper code "
+            "does (average_log_prob=True): runs TRL's loss_type 'sigmoid_norm', the sigmoid "
+            "DPO loss of length-averaged log-probs. Needs loss_type 'sigmoid'."
         },
     )
 
@@ -251,7 +260,16 @@ class DecPOConfig(DPOConfig):
             )
         if self.dec_weight < 0:
             raise ValueError(f"dec_weight must be >= 0, got {self.dec_weight}")
-        super().__post_init__()
+        super().__post_init__()  # loss_type becomes a list
+        if self.average_log_prob:
+            # sigmoid_norm divides each response's summed log-ratio by its completion
+            # length, which policy and reference share: beta (mean log pi_c - mean
+            # log ref_c - mean log pi_r + mean log ref_r), the paper code's DPO logits.
+            if self.loss_type not in (["sigmoid"], ["sigmoid_norm"]):
+                raise ValueError(
+                    f"average_log_prob needs loss_type 'sigmoid', got {self.loss_type}"
+                )
+            self.loss_type = ["sigmoid_norm"]
 
 
 class DecPOTrainer(DPOTrainer):
