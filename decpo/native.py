@@ -3,6 +3,12 @@
 The library exposes a plain C ABI and is called through ctypes with tensor data
 pointers, so it never links against libtorch and works with any installed torch.
 Set DECPO_NATIVE_LIB to a library path to override where it is looked for.
+
+Every kernel is built for several instruction sets (ISAS: baseline x86-64, avx2 =
+x86-64-v3, avx512 = x86-64-v4, avx512bf16 = x86-64-v4 with bf16 dot products) and the
+best one this CPU runs is used. DECPO_NATIVE_ISA=<name> (read when the library is
+loaded) or select_isa() forces a lesser one, so one machine can test and measure what
+a CPU with less would run; naming one the CPU cannot run is an error.
 """
 
 from __future__ import annotations
@@ -17,7 +23,12 @@ from pathlib import Path
 import torch
 
 LIBRARY_NAME = "libdecpo_native.so"
-ABI_VERSION = 4
+ABI_VERSION = 5
+# Instruction-set variants of the kernels, in the library's numbering.
+ISAS = ("baseline", "avx2", "avx512", "avx512bf16")
+# decpo_cpu_features() bits.
+CPU_FEATURES = {"avx2": 1, "avx512": 2, "avx512_bf16": 4, "amx_bf16": 8}
+ISA_ENV = "DECPO_NATIVE_ISA"
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 # Dtypes the native kernels read and write.
@@ -56,6 +67,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
             errors.append(f"{path}: ABI version {lib.decpo_abi_version()} != {ABI_VERSION}")
             continue
         _declare(lib)
+        if forced := os.environ.get(ISA_ENV):
+            _select(lib, forced, f"{ISA_ENV}={forced}")
         return lib, str(path)
     reason = "; ".join(errors) or (
         f"{LIBRARY_NAME} not found (build it with `pip install -e .` or "
@@ -76,6 +89,14 @@ def _declare(lib: ctypes.CDLL) -> None:
         # local_targets, m, s_other, s_target, target_logit, stats, rescale
         "decpo_online_softmax_tile": [ptr, i32, i64, i64, i64, ptr, f32, f32, f32] + [ptr] * 7,
     }
+    signatures["decpo_decorrelation_penalty"] = (
+        # hidden, dtype, L, N, D, layer_stride, row_stride, rows, offsets, n_groups,
+        # normalize, offdiag, grad_scale, p_sum, grad
+        [ptr, i32, i64, i64, i64, i64, i64, ptr, ptr, i64, i32, i32, f32, ptr, ptr]
+    )
+    signatures["decpo_select_isa"] = [i32]
+    for name in ("decpo_cpu_features", "decpo_compiled_isas", "decpo_active_isa"):
+        signatures[name] = []
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
         fn.restype = ctypes.c_int
@@ -99,6 +120,60 @@ def library() -> ctypes.CDLL:
     if lib is None:
         raise RuntimeError(f"decpo native library unavailable: {reason}")
     return lib
+
+
+def _select(lib: ctypes.CDLL, name: str, what: str) -> None:
+    if name not in ISAS:
+        raise ValueError(f"{what}: the native ISA must be one of {ISAS}")
+    if lib.decpo_select_isa(ISAS.index(name)) != 0:
+        have = [isa for isa in ISAS if isa_runs(isa, lib)]
+        raise ValueError(f"{what}: this CPU or library cannot run {name!r} (it runs {have})")
+
+
+def cpu_features() -> dict[str, bool]:
+    """What this CPU can do, from the native library's own detection (cpuid and the
+    OS-enabled register state): avx2 (x86-64-v3), avx512 (x86-64-v4), avx512_bf16
+    (bf16 dot products), amx_bf16 (AMX tiles, used by PyTorch's oneDNN matmuls)."""
+    bits = library().decpo_cpu_features()
+    return {name: bool(bits & bit) for name, bit in CPU_FEATURES.items()}
+
+
+def isa_runs(isa: str, lib: ctypes.CDLL | None = None) -> bool:
+    """True when the library has the `isa` variant and this CPU can run it."""
+    lib = lib or library()
+    index = ISAS.index(isa)
+    if not lib.decpo_compiled_isas() & (1 << index):
+        return False
+    bits = lib.decpo_cpu_features()
+    need = {"baseline": 0, "avx2": 1, "avx512": 2, "avx512bf16": 4}[isa]
+    return bits & need == need
+
+
+def active_isa() -> str:
+    """The kernel variant the native library runs now."""
+    return ISAS[library().decpo_active_isa()]
+
+
+def select_isa(isa: str | None) -> str:
+    """Run the `isa` variant of every kernel from now on (None: the best this CPU
+    runs); returns the previous one. ValueError naming the argument when the CPU or
+    the library cannot run it."""
+    previous = active_isa()
+    if isa is None:
+        library().decpo_select_isa(-1)
+    else:
+        _select(library(), isa, f"isa={isa!r}")
+    return previous
+
+
+def native_bf16_dot() -> bool:
+    """Whether bf16 products run at bf16 speed here: the CPU has AVX512_BF16 or AMX,
+    and the kernel variant in use is not forced below avx512bf16 (a forced variant
+    stands for a CPU without them, whose bf16 matmuls crawl: about 0.5 GFLOP/s in
+    PyTorch on AVX2, against 120 GFLOP/s in fp32)."""
+    features = cpu_features()
+    has_dot = features["avx512_bf16"] or features["amx_bf16"]
+    return has_dot and active_isa() == "avx512bf16"
 
 
 @functools.cache
@@ -211,3 +286,41 @@ def online_softmax_tile(
     )  # fmt: skip
     assert status == 0, f"decpo_online_softmax_tile returned {status}"
     return rescale
+
+
+def decorrelation_penalty(
+    hidden: torch.Tensor,
+    rows: torch.Tensor | None,
+    sizes: list[int],
+    normalize: bool,
+    offdiag: bool,
+    grad_scale: float,
+    grad: torch.Tensor | None,
+) -> torch.Tensor:
+    """Per-layer sums over groups of sum over counted pairs (G_ij - delta_ij)^2, (L,)
+    float64, for hidden (L, N, D) fp32 or bf16 on CPU with unit stride along D.
+
+    rows: the selected row indices sorted by group (None: rows 0 .. sum(sizes) - 1 in
+    order), sizes: each group's row count. grad: None, or (L, N, D) contiguous in
+    hidden's dtype; the groups' rows are overwritten with grad_scale * dP/dh.
+    """
+    assert hidden.dim() == 3 and hidden.device.type == "cpu" and hidden.dtype in _DTYPE_CODES
+    if hidden.stride(2) != 1:
+        hidden = hidden.contiguous()
+    n_layers, n, dim = hidden.shape
+    offsets = torch.zeros(len(sizes) + 1, dtype=torch.int64)
+    offsets[1:] = torch.tensor(sizes, dtype=torch.int64).cumsum(0)
+    if rows is not None:
+        rows = rows.to(torch.int64).contiguous()
+    assert grad is None or (grad.is_contiguous() and grad.dtype == hidden.dtype)
+    p_sum = torch.empty(n_layers, dtype=torch.float64)
+    status = library().decpo_decorrelation_penalty(
+        hidden.data_ptr(), _DTYPE_CODES[hidden.dtype], n_layers, n, dim, hidden.stride(0),
+        hidden.stride(1), None if rows is None else rows.data_ptr(), offsets.data_ptr(),
+        len(sizes), int(normalize), int(offdiag), grad_scale, p_sum.data_ptr(),
+        None if grad is None else grad.data_ptr(),
+    )  # fmt: skip
+    if status == 4:
+        raise MemoryError("decpo_decorrelation_penalty: out of memory for its workspace")
+    assert status == 0, f"decpo_decorrelation_penalty returned {status}"
+    return p_sum

@@ -1,0 +1,504 @@
+// Decorrelation penalty on CPU: loss and gradient of every (layer, group) in one call.
+//
+// Per group of n selected rows of one layer, Z (n, D) (rows scaled to unit norm
+// when normalize), the penalty is P = sum over counted pairs (G_ij - delta_ij)^2 with
+// G = Z Z^T, and dP/dz_i = 4 sum_j E_ij z_j with E = G - I (diagonal zeroed for
+// offdiag). Two exact paths, as in the torch backend, the cheaper per group:
+//
+// - Gram, n <= D: G = Z Z^T (upper tiles only: n^2 D multiply-adds), E in place,
+//   then Y = E Z (n^2 D). The (n, n) matrix is no larger than Z.
+// - Covariance, n > D: C = Z^T Z (upper tiles: n D^2), then Y = Z (C - cI) + c Z
+//   (n D^2) with c = tr C / D; only (D, D) is held, never (n, n), and
+//   P = ||C - cI||_F^2 + (s - D)^2 / D + (n - D) (full) or
+//   P = ||C - cI||_F^2 + s^2 / D - sum ||z_i||^4 (offdiag), s = sum ||z_i||^2, a sum of
+//   non-negative terms for the full penalty (nothing cancels when n is close to D).
+//
+// Total 3 n D min(n, D) FLOPs per group, against n D reads and n D writes: at
+// D = 4096, n = 512 that is 3.2 GFLOP for 8 MB (bf16), about 400 FLOP per byte, so
+// every path is bound by the multiply-add rate, never by memory. The rows are read
+// and normalized once into one buffer reused by both products and the epilogue;
+// the gradient's epilogue (the normalization's backward, through z = h / max(||h||,
+// eps): dh = (y - b z) 4 scale / max(||h||, eps) with b = a + [||h|| > eps] (y . z -
+// a ||z||^2), a = 0 on the Gram path, 1 or ||z||^2 on the covariance path) runs on
+// each row of Y while it is in cache, and writes dh in the input dtype.
+//
+// Products: register-tiled GEMMs Y (MR x NR tiles) += A B with A's scalars broadcast
+// and B's rows loaded as vectors, over K blocks of KC that keep B's panel in L2.
+// bf16 input on a CPU with AVX512_BF16 (the avx512bf16 variant): operands rounded to
+// bf16 and multiplied with vdpbf16ps (32 multiply-adds per instruction, fp32
+// accumulation; pairs along K interleaved, the layout the instruction reads), E and
+// C - cI rounded only after the identity is subtracted in fp32. Everything else:
+// fp32 FMAs on fp32 operands (bf16 input converted while the rows are normalized).
+//
+// Parallelism: OpenMP across (layer, group) units when there are enough to share
+// evenly between the threads, otherwise across the output tiles of each product.
+// Either way each output element is summed by one thread in a fixed order: the
+// results are bitwise the same run to run.
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "isa.h"
+#include "vec_math.h"
+
+namespace decpo::DECPO_ISA {
+namespace {
+
+constexpr float kEps = 1e-6f;  // the clamp of the row norm, as in every backend
+
+#if defined(__AVX512F__)
+constexpr int W = 16;  // fp32 lanes
+constexpr int MR = 6;  // rows of A per register tile (broadcast)
+constexpr int NV = 4;  // vectors of B per register tile: 24 accumulators of 32 registers
+#elif defined(__AVX2__)
+constexpr int W = 8;
+constexpr int MR = 6;
+constexpr int NV = 2;  // 12 accumulators of 16 registers
+#else
+constexpr int W = 4;
+constexpr int MR = 4;
+constexpr int NV = 2;  // SSE: 8 accumulators of 16 registers
+#endif
+constexpr int NR = W * NV;  // columns per register tile
+constexpr int64_t KC = 256;  // K block: an MR x KC panel of A stays in L1
+constexpr int64_t NC = 1024;  // column block: B's KC x NC panel stays in L2
+
+#if defined(__AVX512BF16__)
+constexpr bool kBf16Dot = true;
+#else
+constexpr bool kBf16Dot = false;
+#endif
+
+typedef float vf __attribute__((vector_size(W * 4)));
+typedef float vfu __attribute__((vector_size(W * 4), aligned(4)));
+
+inline vf vload(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+inline void vstore(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+
+inline vf vfma(vf a, vf b, vf c) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__AVX2__)
+  return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Y[MR x NR] (+)= A[MR x kc] B[kc x NR], fp32.
+void micro_f32(const float* a, int64_t lda, const float* b, int64_t ldb, float* y, int64_t ldy,
+               int64_t kc, bool accumulate) {
+  vf acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? vload(y + r * ldy + v * W) : vf{};
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    vf bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = vload(b + k * ldb + v * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const vf av = vf{} + a[r * lda + k];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = vfma(av, bv[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) vstore(y + r * ldy + v * W, acc[r][v]);
+  }
+}
+
+#if defined(__AVX512BF16__)
+// Y[MR x NR] (+)= A B over kc pairs along K: a and b hold bf16 pairs (k even in the
+// low half, k + 1 in the high half) as uint32; vdpbf16ps adds both products per lane.
+void micro_bf16(const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb, float* y,
+                int64_t ldy, int64_t kc, bool accumulate) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      acc[r][v] = accumulate ? _mm512_loadu_ps(y + r * ldy + v * W) : _mm512_setzero_ps();
+    }
+  }
+  for (int64_t p = 0; p < kc; ++p) {
+    __m512i bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_si512(b + p * ldb + v * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512i av = _mm512_set1_epi32(static_cast<int>(a[r * lda + p]));
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)av, (__m512bh)bv[v]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(y + r * ldy + v * W, acc[r][v]);
+  }
+}
+#endif
+
+// Y (m x n) = A (m x k) B (k x n), fp32 out; m a multiple of MR, n of NR, k >= 1 (in
+// units of T: floats, or bf16 pairs). upper: only tiles touching j >= i (Y symmetric;
+// the caller mirrors).
+template <typename T>
+void gemm(const T* a, int64_t lda, const T* b, int64_t ldb, float* y, int64_t ldy, int64_t m,
+          int64_t n, int64_t k, bool upper, bool parallel) {
+  for (int64_t jc = 0; jc < n; jc += NC) {
+    const int64_t col_tiles = ((n - jc < NC) ? (n - jc) : NC) / NR;
+    const int64_t tiles = (m / MR) * col_tiles;
+    for (int64_t pc = 0; pc < k; pc += KC) {
+      const int64_t kc = (k - pc < KC) ? (k - pc) : KC;
+#pragma omp parallel for schedule(dynamic, 4) if (parallel)
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t ir = (t / col_tiles) * MR;
+        const int64_t jr = jc + (t % col_tiles) * NR;
+        if (upper && jr + NR <= ir) continue;
+        if constexpr (std::is_same_v<T, float>) {
+          micro_f32(a + ir * lda + pc, lda, b + pc * ldb + jr, ldb, y + ir * ldy + jr, ldy, kc,
+                    pc > 0);
+        } else {
+#if defined(__AVX512BF16__)
+          micro_bf16(a + ir * lda + pc, lda, b + pc * ldb + jr, ldb, y + ir * ldy + jr, ldy, kc,
+                     pc > 0);
+#endif
+        }
+      }
+    }
+  }
+}
+
+// Copies the upper triangle of the leading (n x n) block of y into the lower one.
+void mirror(float* y, int64_t ldy, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = 0; j < i; ++j) y[i * ldy + j] = y[j * ldy + i];
+  }
+}
+
+inline uint32_t bf16_pair(float lo, float hi) {
+  return static_cast<uint32_t>(float_to_bf16(lo)) | (static_cast<uint32_t>(float_to_bf16(hi)) << 16);
+}
+
+// out[p][j] = (x[2p][j], x[2p + 1][j]) as bf16 pairs for p < pairs, j < cols; rows
+// past `rows` read as 0. x: fp32 with row stride ldx; out: row stride ldo.
+void pack_pairs(const float* x, int64_t ldx, int64_t rows, int64_t cols, uint32_t* out,
+                int64_t ldo, int64_t pairs, bool parallel) {
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t p = 0; p < pairs; ++p) {
+    const float* lo = x + 2 * p * ldx;
+    const float* hi = lo + ldx;
+    const bool has_hi = 2 * p + 1 < rows;
+    uint32_t* o = out + p * ldo;
+    for (int64_t j = 0; j < cols; ++j) o[j] = bf16_pair(lo[j], has_hi ? hi[j] : 0.0f);
+  }
+}
+
+// out[j][i] = x[i][j] for i < rows, j < cols (uint32 or float), blocked for the caches.
+template <typename T>
+void transpose(const T* x, int64_t ldx, int64_t rows, int64_t cols, T* out, int64_t ldo,
+               bool parallel) {
+  constexpr int64_t B = 32;
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t jb = 0; jb < cols; jb += B) {
+    for (int64_t ib = 0; ib < rows; ib += B) {
+      const int64_t i_end = (ib + B < rows) ? ib + B : rows;
+      const int64_t j_end = (jb + B < cols) ? jb + B : cols;
+      for (int64_t j = jb; j < j_end; ++j) {
+        for (int64_t i = ib; i < i_end; ++i) out[j * ldo + i] = x[i * ldx + j];
+      }
+    }
+  }
+}
+
+// Zeroed scratch, released when the unit is done (malloc: no std containers in the
+// per-variant code, whose inline copies would be shared between variants).
+struct Scratch {
+  void* ptrs[12] = {};  // at most 9 buffers per unit
+  int used = 0;
+  bool failed = false;
+  template <typename T>
+  T* take(int64_t count, bool zero = true) {
+    const size_t bytes = static_cast<size_t>(count > 0 ? count : 1) * sizeof(T);
+    void* p = zero ? std::calloc(1, bytes) : std::malloc(bytes);
+    if (p == nullptr) failed = true;
+    ptrs[used++] = p;
+    return static_cast<T*>(p);
+  }
+  ~Scratch() {
+    for (int i = 0; i < used; ++i) std::free(ptrs[i]);
+  }
+};
+
+struct Unit {
+  int64_t n, dim;
+  bool normalize, offdiag;
+  float grad_scale;
+  bool parallel;
+};
+
+template <typename T>
+inline float load_elem(const T* p, int64_t j) {
+  return to_float(p[j]);
+}
+
+// Rows of one group into z (fp32, row stride ldz, zero padding past dim): normalized
+// when asked; denom = max(||h||, eps) (1 without normalize), sq = ||z||^2.
+template <typename T>
+void load_rows(const T* h, int64_t row_stride, const int64_t* rows, int64_t first, const Unit& u,
+               float* z, int64_t ldz, float* denom, float* sq) {
+#pragma omp parallel for schedule(static) if (u.parallel)
+  for (int64_t i = 0; i < u.n; ++i) {
+    const T* src = h + (rows != nullptr ? rows[i] : first + i) * row_stride;
+    float* zi = z + i * ldz;
+    float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t j = 0; j < u.dim; ++j) {
+      const float x = load_elem(src, j);
+      zi[j] = x;
+      ss += x * x;
+    }
+    float d = 1.0f;
+    if (u.normalize) {
+      d = std::sqrt(ss);
+      d = d > kEps ? d : kEps;
+      float s2 = 0.0f;
+#pragma omp simd reduction(+ : s2)
+      for (int64_t j = 0; j < u.dim; ++j) {
+        zi[j] = zi[j] / d;
+        s2 += zi[j] * zi[j];
+      }
+      ss = s2;
+    }
+    denom[i] = d;
+    sq[i] = ss;
+  }
+}
+
+// dh_i = (y_i - b z_i) 4 scale / denom_i with b = a_i + [denom > eps] (y . z - a_i ||z||^2)
+// (b = a_i without normalize), written to out rows in T. y = Y + c z first.
+template <typename T>
+void epilogue(const float* y, int64_t ldy, const float* z, int64_t ldz, const float* denom,
+              const float* sq, float c, bool a_is_sq, float a_const, const Unit& u,
+              const int64_t* rows, int64_t first, T* grad) {
+#pragma omp parallel for schedule(static) if (u.parallel)
+  for (int64_t i = 0; i < u.n; ++i) {
+    const float* yi = y + i * ldy;
+    const float* zi = z + i * ldz;
+    T* out = grad + (rows != nullptr ? rows[i] : first + i) * u.dim;
+    const float a = a_is_sq ? sq[i] : a_const;
+    float b = a;
+    if (u.normalize) {
+      float yz = 0.0f;
+#pragma omp simd reduction(+ : yz)
+      for (int64_t j = 0; j < u.dim; ++j) yz += (yi[j] + c * zi[j]) * zi[j];
+      if (denom[i] > kEps) b = a + (yz - a * sq[i]);
+    }
+    const float scale = 4.0f * u.grad_scale / denom[i];
+#pragma omp simd
+    for (int64_t j = 0; j < u.dim; ++j) {
+      store(out, j, ((yi[j] + c * zi[j]) - b * zi[j]) * scale);
+    }
+  }
+}
+
+// One (layer, group): returns P (the group's sum over counted pairs), NaN on
+// allocation failure (flagged in *failed).
+template <typename T>
+double group_penalty(const T* h, int64_t row_stride, const int64_t* rows, int64_t first,
+                     const Unit& u, T* grad, bool* failed) {
+  const int64_t n = u.n, dim = u.dim;
+  const bool bf16_dot = kBf16Dot && std::is_same_v<T, uint16_t>;
+  const int64_t dp = round_up(dim, NR);  // padded columns (even)
+  Scratch s;
+  const int64_t z_rows = round_up(n, MR) + 1;
+  float* z = s.take<float>(z_rows * dp);
+  float* denom = s.take<float>(n);
+  float* sq = s.take<float>(n);
+  if (s.failed) return *failed = true, 0.0;
+  load_rows(h, row_stride, rows, first, u, z, dp, denom, sq);
+
+  double p = 0.0;
+  if (n <= dim) {
+    // Gram path: G = Z Z^T (mp x np), E in place, then Y = E Z.
+    const int64_t mp = round_up(n, MR), np = round_up(n, NR);
+    float* g = s.take<float>(mp * np);
+    float* y = grad != nullptr ? s.take<float>(mp * dp, false) : nullptr;  // all written
+    if (s.failed) return *failed = true, 0.0;
+    if (bf16_dot) {
+      // A = z as bf16 pairs along D (mp x dp/2); B = its transpose (dp/2 x np).
+      uint32_t* a = s.take<uint32_t>(mp * (dp / 2));
+      uint32_t* b = s.take<uint32_t>((dp / 2) * np);
+      if (s.failed) return *failed = true, 0.0;
+#pragma omp parallel for schedule(static) if (u.parallel)
+      for (int64_t i = 0; i < n; ++i) {
+        for (int64_t q = 0; q < dp / 2; ++q) {
+          a[i * (dp / 2) + q] = bf16_pair(z[i * dp + 2 * q], z[i * dp + 2 * q + 1]);
+        }
+      }
+      transpose(a, dp / 2, n, dp / 2, b, np, u.parallel);
+      gemm(a, dp / 2, b, np, g, np, mp, np, dp / 2, true, u.parallel);
+    } else {
+      float* b = s.take<float>(dp * np);
+      if (s.failed) return *failed = true, 0.0;
+      transpose(z, dp, n, dim, b, np, u.parallel);
+      gemm(z, dp, b, np, g, np, mp, np, dim, true, u.parallel);
+    }
+    mirror(g, np, n);
+    for (int64_t i = 0; i < n; ++i) {
+      g[i * np + i] = u.offdiag ? 0.0f : g[i * np + i] - 1.0f;
+      double row = 0.0;
+      for (int64_t j = 0; j < n; ++j) row += static_cast<double>(g[i * np + j]) * g[i * np + j];
+      p += row;
+    }
+    if (y != nullptr) {
+      if (bf16_dot) {
+        const int64_t kp = (n + 1) / 2;  // pairs along K = n (E's padded column is 0)
+        uint32_t* ea = s.take<uint32_t>(mp * kp);
+        uint32_t* zb = s.take<uint32_t>(kp * dp);
+        if (s.failed) return *failed = true, 0.0;
+        for (int64_t i = 0; i < n; ++i) {
+          for (int64_t q = 0; q < kp; ++q) {
+            ea[i * kp + q] = bf16_pair(g[i * np + 2 * q], 2 * q + 1 < n ? g[i * np + 2 * q + 1] : 0.0f);
+          }
+        }
+        pack_pairs(z, dp, n, dp, zb, dp, kp, u.parallel);
+        gemm(ea, kp, zb, dp, y, dp, mp, dp, kp, false, u.parallel);
+      } else {
+        gemm(g, np, z, dp, y, dp, mp, dp, n, false, u.parallel);
+      }
+      epilogue(y, dp, z, dp, denom, sq, 0.0f, false, 0.0f, u, rows, first, grad);
+    }
+  } else {
+    // Covariance path: C = Z^T Z (dm x dp), then Y = Z (C - cI), y = Y + c z.
+    const int64_t dm = round_up(dim, MR) + 1;
+    float* cov = s.take<float>(dm * dp);
+    if (s.failed) return *failed = true, 0.0;
+    if (bf16_dot) {
+      const int64_t kp = (n + 1) / 2;  // pairs along K = n
+      uint32_t* b = s.take<uint32_t>(kp * dp);
+      uint32_t* a = s.take<uint32_t>(dm * kp);
+      if (s.failed) return *failed = true, 0.0;
+      pack_pairs(z, dp, n, dp, b, dp, kp, u.parallel);
+      transpose(b, dp, kp, dim, a, kp, u.parallel);  // rows >= dim of a stay 0
+      gemm(a, kp, b, dp, cov, dp, round_up(dim, MR), dp, kp, true, u.parallel);
+    } else {
+      float* a = s.take<float>(dm * n);
+      if (s.failed) return *failed = true, 0.0;
+      transpose(z, dp, n, dim, a, n, u.parallel);
+      gemm(a, n, z, dp, cov, dp, round_up(dim, MR), dp, n, true, u.parallel);
+    }
+    mirror(cov, dp, dim);
+    double ssum = 0.0, quad = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      ssum += sq[i];
+      quad += static_cast<double>(sq[i]) * sq[i];
+    }
+    const float c = static_cast<float>(ssum / static_cast<double>(dim));
+    double frob = 0.0;
+    for (int64_t i = 0; i < dim; ++i) {
+      cov[i * dp + i] -= c;
+      for (int64_t j = 0; j < dim; ++j) frob += static_cast<double>(cov[i * dp + j]) * cov[i * dp + j];
+    }
+    const double d = static_cast<double>(dim);
+    p = frob + (u.offdiag ? ssum * ssum / d - quad : (ssum - d) * (ssum - d) / d + (n - d));
+    if (grad != nullptr) {
+      const int64_t mp = round_up(n, MR);
+      float* y = s.take<float>(mp * dp, false);  // all written
+      if (s.failed) return *failed = true, 0.0;
+      if (bf16_dot) {
+        const int64_t kp = (dim + 1) / 2;  // pairs along K = dim
+        uint32_t* za = s.take<uint32_t>(mp * kp);
+        uint32_t* cb = s.take<uint32_t>(kp * dp);
+        if (s.failed) return *failed = true, 0.0;
+#pragma omp parallel for schedule(static) if (u.parallel)
+        for (int64_t i = 0; i < n; ++i) {
+          for (int64_t q = 0; q < kp; ++q) {
+            za[i * kp + q] = bf16_pair(z[i * dp + 2 * q], z[i * dp + 2 * q + 1]);
+          }
+        }
+        pack_pairs(cov, dp, dim, dp, cb, dp, kp, u.parallel);
+        gemm(za, kp, cb, dp, y, dp, mp, dp, kp, false, u.parallel);
+      } else {
+        gemm(z, dp, cov, dp, y, dp, mp, dp, dim, false, u.parallel);
+      }
+      epilogue(y, dp, z, dp, denom, sq, c, u.offdiag, 1.0f, u, rows, first, grad);
+    }
+  }
+  return p;
+}
+
+template <typename T>
+int run(const T* hidden, int64_t n_layers, int64_t n_rows, int64_t dim, int64_t layer_stride,
+        int64_t row_stride, const int64_t* rows, const int64_t* offsets, int64_t n_groups,
+        bool normalize, bool offdiag, float grad_scale, double* p_sum, T* grad) {
+  const int64_t units = n_layers * n_groups;
+  int threads = 1;
+#ifdef _OPENMP
+  threads = omp_get_max_threads();
+#endif
+  // Across units when they share evenly (or are many), else inside each product.
+  const bool outer = threads > 1 && units >= threads && (units % threads == 0 || units >= 4 * threads);
+  double* p_unit = static_cast<double*>(std::calloc(static_cast<size_t>(units > 0 ? units : 1), sizeof(double)));
+  if (p_unit == nullptr) return 4;
+  bool failed = false;
+#pragma omp parallel for schedule(dynamic, 1) if (outer)
+  for (int64_t t = 0; t < units; ++t) {
+    const int64_t layer = t / n_groups, group = t % n_groups;
+    const int64_t first = offsets[group], n = offsets[group + 1] - offsets[group];
+    if (n == 0 || (offdiag && n == 1)) continue;
+    const Unit u{n, dim, normalize, offdiag, grad_scale, !outer && threads > 1};
+    bool unit_failed = false;
+    p_unit[t] = group_penalty(hidden + layer * layer_stride, row_stride,
+                              rows != nullptr ? rows + first : nullptr, first, u,
+                              grad != nullptr ? grad + layer * n_rows * dim : nullptr,
+                              &unit_failed);
+    if (unit_failed) {
+#pragma omp atomic write
+      failed = true;
+    }
+  }
+  for (int64_t l = 0; l < n_layers; ++l) {
+    double total = 0.0;
+    for (int64_t g = 0; g < n_groups; ++g) total += p_unit[l * n_groups + g];
+    p_sum[l] = total;
+  }
+  std::free(p_unit);
+  return failed ? 4 : 0;
+}
+
+}  // namespace
+
+int decorrelation(const void* hidden, int dtype, int64_t n_layers, int64_t n_rows, int64_t dim,
+                  int64_t layer_stride, int64_t row_stride, const int64_t* rows,
+                  const int64_t* offsets, int64_t n_groups, bool normalize, bool offdiag,
+                  float grad_scale, double* p_sum, void* grad) {
+  if (dtype == 0) {
+    return run(static_cast<const float*>(hidden), n_layers, n_rows, dim, layer_stride, row_stride,
+               rows, offsets, n_groups, normalize, offdiag, grad_scale, p_sum,
+               static_cast<float*>(grad));
+  }
+  return run(static_cast<const uint16_t*>(hidden), n_layers, n_rows, dim, layer_stride,
+             row_stride, rows, offsets, n_groups, normalize, offdiag, grad_scale, p_sum,
+             static_cast<uint16_t*>(grad));
+}
+
+}  // namespace decpo::DECPO_ISA
