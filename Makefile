@@ -16,7 +16,8 @@ native:
 	cmake -S . -B build/native -DCMAKE_BUILD_TYPE=Release && cmake --build build/native -j
 
 bench:
-	python -m pytest bench/test_ops.py --benchmark-enable -q && python -m bench.train_step
+	python -m pytest bench/test_ops.py --benchmark-enable -q && python -m bench.train_step \
+		&& python -m bench.render
 
 clean:
-	rm -rf build dist *.egg-info .pytest_cache .ruff_cache decpo/*.so
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache decpo/native_backend/*.so

@@ -34,7 +34,7 @@ class Case:
     name: str  # shape label
     dims: dict[str, int]
     providers: tuple[str, ...]
-    target: str = ""  # the DESIGN section 5 target this case speaks to
+    target: str = ""  # the docs/design.md "Performance targets" item this case speaks to
     modes: tuple[str, ...] = MODES
     extra: dict[str, Any] = field(default_factory=dict)
 

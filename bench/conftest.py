@@ -1,14 +1,13 @@
-"""Collects the op benchmark rows, prints ratios, writes bench/results/ and renders
-bench/README.md at the end of a benchmark session."""
+"""Collects the op benchmark rows, prints ratios and writes bench/results/ at the end
+of a benchmark session. bench/README.md is rendered from those files by an explicit
+`python -m bench.render`, never as a side effect of running benchmarks."""
 
 from __future__ import annotations
 
 import datetime
 import json
 
-import torch
-
-from bench.render import RESULTS_DIR, environment, render, summarize
+from bench.render import RESULTS_DIR, environment, summarize
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
@@ -35,6 +34,4 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     path = RESULTS_DIR / f"ops-{DEVICE}-{stamp:%Y%m%d-%H%M%S}.json"
     path.write_text(json.dumps(record, indent=1))
     (RESULTS_DIR / f"ops-{DEVICE}-partial.jsonl").unlink(missing_ok=True)
-    write(f"results written to {path}")
-    if torch.cuda.is_available() or config.getoption("--benchmark-enable"):
-        write(f"rendered {render()}")
+    write(f"results written to {path}; `python -m bench.render` updates bench/README.md")

@@ -18,6 +18,7 @@ python3 -m bench.kernel_stats --roofline 2>&1 | tee "$OUT/roofline.txt"
 timeout 420 python3 -m pytest bench/test_ops.py --benchmark-enable -q -p no:cacheprovider \
   --benchmark-columns=median 2>&1 | tee "$OUT/ops.log" | tail -60
 timeout 160 python3 -m bench.train_step --device cuda 2>&1 | tee "$OUT/train_step.log"
+python3 -m bench.render
 # Final results, or the partial ones a time limit left (at most 8 files come back).
 cp bench/results/*-cuda-*.json bench/results/ops-cuda.png bench/results/*cuda*partial* \
   bench/README.md "$OUT/" 2>/dev/null

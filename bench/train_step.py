@@ -182,7 +182,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_one(args.one, args.device)))
         return
-    from bench.render import RESULTS_DIR, environment, render
+    from bench.render import RESULTS_DIR, environment
 
     results = {}
     for name in TRAINERS:
@@ -218,7 +218,7 @@ def main() -> None:
     path = RESULTS_DIR / f"train-step-{args.device}-{stamp:%Y%m%d-%H%M%S}.json"
     path.write_text(json.dumps(record, indent=1))
     (RESULTS_DIR / f"train-step-{args.device}.partial.json").unlink(missing_ok=True)
-    print(f"results written to {path}; rendered {render()}")
+    print(f"results written to {path}; `python -m bench.render` updates bench/README.md")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """decpo: fast, trustworthy DecPO (DPO + feature decorrelation) training.
 
-Public API (DESIGN section 2): decorrelation_penalty, token_logprobs,
+Public API (docs/design.md, "Public API"): decorrelation_penalty, token_logprobs,
 logprobs_from_logits, dpo_loss; plus sequence_logprobs (per-sequence sum and mean).
 Every op takes backend="auto" | "torch" | "triton" | "native".
 """

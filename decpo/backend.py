@@ -1,60 +1,102 @@
-"""Backend selection for the public ops.
+"""The backend registry: which backend implements which op, when it can run, and
+where its code is. It drives both backend choice and dispatch.
 
-backend="auto" picks the best implementation available for the tensors' device;
-a backend asked for by name that is unavailable raises BackendUnavailableError,
-never a silent swap. Each backend module registers the ops it implements in
-IMPLEMENTED; "auto" walks PREFERENCE for the device and takes the first one.
+Every backend is a package decpo/<name>_backend/ with one module per op family,
+the same file stem in every backend (OPS[op].stem): the module defines a function
+named after the op and, for ops whose backward is a separate pass, `<op>_backward`.
+Modules are imported on first use, so a backend that is not installed costs nothing
+until it is asked for.
+
+backend="auto" walks PREFERENCE for the tensors' device and takes the first
+backend that can run; a backend asked for by name that cannot run raises
+BackendUnavailableError with the reason, never a silent swap.
 """
 
 from __future__ import annotations
 
-import os
+import importlib
+from collections.abc import Callable, Set
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton", "native")
+from decpo.numerics import interpreting
 
-# Which ops each backend implements today. Backends add themselves here as they land.
-IMPLEMENTED: dict[str, set[str]] = {
-    "torch": {"decorrelation_penalty", "token_logprobs", "logprobs_from_logits"},
-    "triton": {"decorrelation_penalty", "token_logprobs", "logprobs_from_logits"},
-    "native": {"logprobs_from_logits", "token_logprobs"},
+
+@dataclass(frozen=True)
+class OpSpec:
+    """Where an op lives: its module's file stem in every backend package, and the
+    backends that implement it."""
+
+    stem: str
+    backends: Set[str]
+
+
+ALL = frozenset({"torch", "triton", "native"})
+
+# op -> backends implementing it. Add a backend here when its module lands.
+OPS: dict[str, OpSpec] = {
+    "decorrelation_penalty": OpSpec("decorrelation", ALL),
+    "token_logprobs": OpSpec("logprobs", ALL),
+    "logprobs_from_logits": OpSpec("logprobs", ALL),
 }
+
+BACKENDS = ("auto", "torch", "triton", "native")
 
 # Order in which "auto" tries backends, per device type.
 PREFERENCE = {"cuda": ("triton", "torch"), "cpu": ("native", "torch")}
+
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class BackendUnavailableError(RuntimeError):
     """A backend asked for by name cannot run this op on these tensors."""
 
 
+def _torch_unavailable(device: torch.device, dtype: torch.dtype) -> str:
+    return ""
+
+
+def _triton_unavailable(device: torch.device, dtype: torch.dtype) -> str:
+    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+        return "Triton kernels need a CUDA device (or CPU tensors with TRITON_INTERPRET=1)"
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not installed ({exc})"
+    if dtype not in TRITON_DTYPES:
+        return f"the Triton kernels read float32, bfloat16 and float16, got {dtype}"
+    return ""
+
+
+def _native_unavailable(device: torch.device, dtype: torch.dtype) -> str:
+    if device.type != "cpu":
+        return "the native library runs on CPU tensors only"
+    from decpo.native_backend import library
+
+    if not library.is_available():
+        return library.unavailable_reason()
+    if dtype not in library.DTYPES:
+        return f"the native kernels read {', '.join(map(str, library.DTYPES))}, got {dtype}"
+    return ""
+
+
+# backend -> (device, dtype) -> '' when it can run there, else the reason.
+AVAILABILITY: dict[str, Callable[[torch.device, torch.dtype], str]] = {
+    "torch": _torch_unavailable,
+    "triton": _triton_unavailable,
+    "native": _native_unavailable,
+}
+
+
 @torch.compiler.assume_constant_result
 def _why_unavailable(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """'' when `backend` can run `op` on `device`, else the reason. Under torch.compile
     this is evaluated once while tracing, never traced into (it loads libraries)."""
-    if op not in IMPLEMENTED[backend]:
+    if backend not in OPS[op].backends:
         return f"decpo has no {backend} implementation of {op} yet"
-    if backend == "triton":
-        interpret = os.environ.get("TRITON_INTERPRET") == "1"
-        if device.type != "cuda" and not (device.type == "cpu" and interpret):
-            return "Triton kernels need a CUDA device (or CPU tensors with TRITON_INTERPRET=1)"
-        try:
-            import triton  # noqa: F401
-        except ImportError as exc:
-            return f"triton is not installed ({exc})"
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            return f"the Triton kernels read float32, bfloat16 and float16, got {dtype}"
-    if backend == "native":
-        if device.type != "cpu":
-            return "the native library runs on CPU tensors only"
-        from decpo import native
-
-        if not native.is_available():
-            return native.unavailable_reason()
-        if dtype not in native.DTYPES:
-            return f"the native kernels read {', '.join(map(str, native.DTYPES))}, got {dtype}"
-    return ""
+    return AVAILABILITY[backend](device, dtype)
 
 
 def resolve_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -73,16 +115,27 @@ def resolve_backend(op: str, backend: str, device: torch.device, dtype: torch.dt
     for candidate in PREFERENCE.get(device.type, ("torch",)):
         if not _why_unavailable(op, candidate, device, dtype):
             return candidate
-        fallback = candidate == "native" and op in IMPLEMENTED["native"]
+        fallback = candidate == "native" and "native" in OPS[op].backends
         if fallback and _native_missing() and not torch.compiler.is_compiling():
-            from decpo import native
+            from decpo.native_backend import library
 
-            native.warn_fallback(op)
+            library.warn_fallback(op)
     return "torch"
 
 
 @torch.compiler.assume_constant_result
 def _native_missing() -> bool:
-    from decpo import native
+    from decpo.native_backend import library
 
-    return not native.is_available()
+    return not library.is_available()
+
+
+def implementation(op: str, backend: str, backward: bool = False) -> Callable[..., Any]:
+    """The function of `backend` that runs `op` (its separate backward pass with
+    backward=True): decpo.<backend>_backend.<stem>.<op>[_backward]. Called inside the
+    custom ops, on a backend resolve_backend returned."""
+    spec = OPS[op]
+    if backend not in spec.backends:
+        raise BackendUnavailableError(f"decpo has no {backend} implementation of {op}")
+    module = importlib.import_module(f"decpo.{backend}_backend.{spec.stem}")
+    return getattr(module, f"{op}_backward" if backward else op)

@@ -289,12 +289,13 @@ class DecorrelationHooks:
         return self._scalar(penalty)
 
     def official_regularizer(self) -> torch.Tensor:
-        """PAPER-CODE COMPATIBILITY, for ablations only (DESIGN section 1): what the
-        official DecPO code (hanqi-qi/Revisit_monosemanticity, 2da99fb) adds, namely
-        mean(A A^T - I) with A = |h[0::2, -1]|: position -1 of the right-padded batch
-        (often a pad token), rows 0::2 (a mix of chosen and rejected), abs(), no
-        normalization, signed rather than squared. Averaged over hooked layers; the
-        official weight is 0.001. decpo's correct regularizer is penalty()."""
+        """PAPER-CODE COMPATIBILITY, for ablations only (docs/design.md, "DecPO
+        objective"): what the official DecPO code (hanqi-qi/Revisit_monosemanticity,
+        2da99fb) adds, namely mean(A A^T - I) with A = |h[0::2, -1]|: position -1 of
+        the right-padded batch (often a pad token), rows 0::2 (a mix of chosen and
+        rejected), abs(), no normalization, signed rather than squared. Averaged over
+        hooked layers; the official weight is 0.001. decpo's correct regularizer is
+        penalty()."""
         if len(self.outputs) != len(self.modules):
             raise RuntimeError("run exactly one policy forward inside capture() first")
 

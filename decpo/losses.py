@@ -1,4 +1,4 @@
-"""Preference losses on sequence log-probs (DESIGN section 1, "Preference losses")."""
+"""Preference losses on sequence log-probs (docs/design.md, "Preference losses")."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from decpo import checks
+from decpo.numerics import accumulation_dtype
 
 LOSS_TYPES = (
     "sigmoid",
@@ -277,7 +278,7 @@ def dpo_loss(
             )
     checks.same_device(**present)
 
-    cdt = torch.float64 if policy_chosen_logps.dtype == torch.float64 else torch.float32
+    cdt = accumulation_dtype(policy_chosen_logps.dtype)
     pi_c, pi_r = policy_chosen_logps.to(cdt), policy_rejected_logps.to(cdt)
     zero = torch.zeros((), dtype=cdt, device=pi_c.device)
     has_reference = reference_chosen_logps is not None and reference_rejected_logps is not None

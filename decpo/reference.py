@@ -1,19 +1,20 @@
 """Pure-PyTorch references, shared by tests and benchmarks.
 
 Two kinds:
-- *_reference: the DESIGN formulas written as plainly as possible, run in float64
-  (callers pass float64 tensors), differentiable through autograd. They hold the
-  full N x N Gram and N x V logits, so keep shapes small.
+- *_reference: the formulas of docs/design.md ("The math") written as plainly as
+  possible, run in float64 (callers pass float64 tensors), differentiable through
+  autograd. They hold the full N x N Gram and N x V logits, so keep shapes small.
 - eager_*: what a user writes in PyTorch at the input dtype, with autograd. Tests
   use them to measure PyTorch's own rounding error at a dtype; benchmarks use them
-  (and torch.compile of them) as baselines.
+  (and torch.compile of them) as baselines. The log-prob ones are the references
+  with the logits formed at the input dtype and the softmax taken in fp32.
 """
 
 from __future__ import annotations
 
 import torch
 
-EPS = 1e-6
+from decpo.numerics import EPS
 
 
 def decorrelation_penalty_reference(
@@ -65,10 +66,11 @@ def final_logits_reference(
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
-    logits = logits * logit_scale
+    if logit_scale != 1.0:
+        logits = logits * logit_scale
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
-    return logits / temperature
+    return logits / temperature if temperature != 1.0 else logits
 
 
 def token_logprobs_reference(
@@ -114,6 +116,7 @@ def token_stats_reference(
 def logprobs_from_logits_reference(
     logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, temperature: float = 1.0
 ) -> torch.Tensor:
+    """log_softmax(logits / T) at targets in the logits' dtype; 0 at ignore_index."""
     valid = targets != ignore_index
     logp = torch.log_softmax(logits / temperature, dim=-1)
     picked = logp.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
@@ -140,13 +143,7 @@ def eager_token_logprobs(
 ) -> torch.Tensor:
     """hidden @ weight.T at the input dtype (scale and softcap there too, as the model
     code does), then fp32 log_softmax and gather."""
-    logits = hidden @ weight.T
-    if bias is not None:
-        logits = logits + bias
-    if logit_scale != 1.0:
-        logits = logits * logit_scale
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
+    logits = final_logits_reference(hidden, weight, bias, 1.0, softcap, logit_scale)
     return eager_logprobs_from_logits(logits, targets, ignore_index, temperature)
 
 
@@ -154,7 +151,4 @@ def eager_logprobs_from_logits(
     logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, temperature: float = 1.0
 ) -> torch.Tensor:
     """float log_softmax then gather, as TRL and most trainers do."""
-    valid = targets != ignore_index
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    picked = logp.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
-    return picked * valid
+    return logprobs_from_logits_reference(logits.float(), targets, ignore_index, temperature)

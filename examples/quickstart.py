@@ -3,7 +3,7 @@
 import torch
 
 import decpo
-from decpo import native
+from decpo import native_backend
 
 torch.manual_seed(0)
 batch, seq_len, dim, vocab = 4, 64, 256, 8000
@@ -31,4 +31,4 @@ print(f"DPO loss      {losses.mean().item():.4f}")
 print(f"penalty       {penalty.item():.4f}")
 print(f"reward margin {(chosen_rewards - rejected_rewards).mean().item():.4f}")
 print(f"|grad hidden| {hidden.grad.norm().item():.4f}")
-print(f"native library available: {native.is_available()}")
+print(f"native library available: {native_backend.is_available()}")

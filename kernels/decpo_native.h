@@ -81,3 +81,8 @@ DECPO_API int decpo_decorrelation_penalty(const void* hidden, int dtype, int64_t
                                           const int64_t* offsets, int64_t n_groups,
                                           int normalize, int offdiag, float grad_scale,
                                           double* p_sum, void* grad);
+
+// The exp-throughput probe behind the log-prob floors: every OpenMP thread sums the
+// kernels' vectorized exp over x (n floats, n a multiple of 64, kept in L1) reps
+// times. out[0] = the sum (so nothing is optimized away), out[1] = exps computed.
+DECPO_API void decpo_exp_probe(const float* x, int64_t n, int64_t reps, double* out);

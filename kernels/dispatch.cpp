@@ -27,7 +27,8 @@ constexpr int kCompiled = 1 << decpo::kBaseline;
 const KernelTable* table_for(int isa) {
 #define DECPO_TABLE(ns)                                                                     \
   static const KernelTable ns##_table = {decpo::ns::logits_fwd, decpo::ns::logits_bwd,     \
-                                         decpo::ns::softmax_tile, decpo::ns::decorrelation}; \
+                                         decpo::ns::softmax_tile, decpo::ns::decorrelation, \
+                                         decpo::ns::exp_probe};                            \
   return &ns##_table
   switch (isa) {
 #ifdef DECPO_X86_VARIANTS
@@ -182,4 +183,8 @@ DECPO_API int decpo_decorrelation_penalty(const void* hidden, int dtype, int64_t
   return active().decorrelation(hidden, dtype, n_layers, n_rows, dim, layer_stride, row_stride, rows,
                                 offsets, n_groups, normalize != 0, offdiag != 0, grad_scale,
                                 p_sum, grad);
+}
+
+DECPO_API void decpo_exp_probe(const float* x, int64_t n, int64_t reps, double* out) {
+  active().exp_probe(x, n, reps, out);
 }

@@ -28,6 +28,7 @@ struct KernelTable {
                        int64_t layer_stride, int64_t row_stride, const int64_t* rows,
                        const int64_t* offsets, int64_t n_groups, bool normalize, bool offdiag,
                        float grad_scale, double* p_sum, void* grad);
+  void (*exp_probe)(const float* x, int64_t n, int64_t reps, double* out);
 };
 
 #define DECPO_DECLARE_VARIANT(isa)                                                           \
@@ -41,6 +42,7 @@ struct KernelTable {
   int decorrelation(const void*, int, int64_t, int64_t, int64_t, int64_t, int64_t,              \
                     const int64_t*,                                                          \
                     const int64_t*, int64_t, bool, bool, float, double*, void*);              \
+  void exp_probe(const float*, int64_t, int64_t, double*);                                   \
   }
 
 DECPO_DECLARE_VARIANT(baseline)

@@ -1,4 +1,4 @@
-// Row-wise log-softmax-and-gather over materialized logits (DESIGN section 1).
+// Row-wise log-softmax-and-gather over materialized logits (docs/design.md, "logprobs_from_logits").
 //
 // Forward, one read of each row: the row is consumed in blocks of BLOCK elements
 // whose max and sum of exponentials are merged into a running (max, sum), the
@@ -157,6 +157,24 @@ void logits_bwd(const float* grad_logp, const void* logits, int dtype, int64_t n
     backward(grad_logp, static_cast<const uint16_t*>(logits), n_rows, n_vocab, row_stride,
              targets, ignore_index, inv_t, lse, static_cast<uint16_t*>(grad_logits));
   }
+}
+
+void exp_probe(const float* x, int64_t n, int64_t reps, double* out) {
+  double total = 0.0, count = 0.0;
+#pragma omp parallel reduction(+ : total, count)
+  {
+    vf acc0 = vf{}, acc1 = vf{};
+    for (int64_t r = 0; r < reps; ++r) {
+      for (int64_t j = 0; j + 2 * kLanes <= n; j += 2 * kLanes) {
+        acc0 += vexp(vload(x + j));
+        acc1 += vexp(vload(x + j + kLanes));
+      }
+    }
+    total += hsum(acc0 + acc1);
+    count += static_cast<double>(n / (2 * kLanes) * 2 * kLanes) * static_cast<double>(reps);
+  }
+  out[0] = total;
+  out[1] = count;
 }
 
 }  // namespace decpo::DECPO_ISA

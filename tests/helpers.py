@@ -1,10 +1,47 @@
-"""Shared test helpers: tolerances of DESIGN section 6 and error measures."""
+"""Shared test helpers: the backend matrix and its skips, the tolerances of
+docs/design.md ("Numerics contract"), and error measures."""
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
-# Relative Frobenius error allowed against a float64 reference (DESIGN section 6).
+from decpo import backend
+
+CPU = torch.device("cpu")
+# Set in CI: the native library must build and load (tests/test_native.py fails
+# instead of skipping).
+NATIVE_REQUIRED = os.environ.get("DECPO_REQUIRE_NATIVE") == "1"
+
+
+def unavailable(name: str, dtype: torch.dtype = torch.float32) -> str:
+    """Why backend `name` cannot run on CPU tensors of `dtype` here ('' when it can).
+    Triton runs on CPU under TRITON_INTERPRET=1, which tests/conftest.py sets when
+    there is no GPU."""
+    return backend.AVAILABILITY[name](CPU, dtype)
+
+
+def backends(op: str) -> list:
+    """pytest parameters: every backend the registry lists for `op`, in the order
+    torch, native, triton, each skipped (with the reason) where it cannot run here."""
+    params = []
+    for name in ("torch", "native", "triton"):
+        if name in backend.OPS[op].backends:
+            reason = unavailable(name)
+            params.append(pytest.param(name, marks=pytest.mark.skipif(bool(reason), reason=reason)))
+    return params
+
+
+def skip_unless_runs(name: str, dtype: torch.dtype) -> None:
+    """Inside a test: skip when backend `name` does not read `dtype` (or cannot run)."""
+    if reason := unavailable(name, dtype):
+        pytest.skip(f"{name}: {reason}")
+
+
+# Relative Frobenius error allowed against a float64 reference (docs/design.md,
+# "Numerics contract").
 TOL = {
     torch.float64: 1e-9,
     torch.float32: 1e-4,

@@ -50,3 +50,26 @@ def test_render_writes_tables(tmp_path, monkeypatch):
     assert "| token_logprobs c | fwd+bwd | **decpo** | 1.00 | 2.00x | 1.50x | 50% | 1.0 |" in text
     assert text.endswith("tail\n") and "old" not in text
     assert (tmp_path / "ops-cpu.png").is_file()
+
+
+def test_a_benchmark_session_writes_results_but_never_the_readme(tmp_path, monkeypatch):
+    """bench/conftest.py records results; only `python -m bench.render` edits the README."""
+    from bench import conftest, measure, test_ops
+
+    monkeypatch.setattr(conftest, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(measure, "peaks", lambda device: {"bf16_matmul_flops": 1.0})
+    row = {"op": "token_logprobs", "case": "c", "provider": "eager", "mode": "fwd",
+           "median_ms": 2.0, "pct_of_floor": 10.0}  # fmt: skip
+    monkeypatch.setattr(test_ops, "RESULTS", [row])
+    readme = render.BENCH / "README.md"
+    before = readme.read_bytes()
+    lines: list[str] = []
+
+    class Reporter:
+        write_line = staticmethod(lines.append)
+
+    conftest.pytest_terminal_summary(Reporter(), 0, None)
+    assert readme.read_bytes() == before
+    (written,) = tmp_path.glob("ops-*.json")
+    assert json.loads(written.read_text())["results"][0]["median_ms"] == 2.0
+    assert "python -m bench.render" in lines[-1]

@@ -1,4 +1,5 @@
-"""dpo_loss against the formulas of DESIGN section 1, written out in float64."""
+"""dpo_loss against the formulas of docs/design.md ("Preference losses"), written out in
+float64."""
 
 from __future__ import annotations
 

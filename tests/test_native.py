@@ -3,24 +3,22 @@ the float64 reference."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from decpo import native
+from decpo import native_backend
+from decpo.native_backend import logprobs as native_logprobs
 from decpo.reference import logprobs_from_logits_reference
-from tests.helpers import assert_close
+from tests.helpers import NATIVE_REQUIRED, assert_close
 
-if not native.is_available() and os.environ.get("DECPO_REQUIRE_NATIVE") != "1":
-    pytest.skip(
-        f"native library unavailable: {native.unavailable_reason()}", allow_module_level=True
-    )
+if not native_backend.is_available() and not NATIVE_REQUIRED:
+    reason = native_backend.unavailable_reason()
+    pytest.skip(f"native library unavailable: {reason}", allow_module_level=True)
 
 
 def test_library_loads():
-    assert native.is_available(), native.unavailable_reason()
-    assert native.unavailable_reason() == ""
+    assert native_backend.is_available(), native_backend.unavailable_reason()
+    assert native_backend.unavailable_reason() == ""
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -30,7 +28,7 @@ def test_logsumexp_gather_matches_reference(shape, dtype, temperature):
     logits = (torch.randn(shape) * 4).to(dtype)
     targets = torch.randint(0, shape[1], shape[:1])
     targets[torch.rand(shape[0]) < 0.2] = -100
-    logp, lse = native.logprobs_from_logits_fwd(logits, targets, -100, temperature)
+    logp, lse = native_logprobs.logprobs_from_logits(logits, targets, -100, temperature)
     ref = logprobs_from_logits_reference(logits.double(), targets, temperature=temperature)
     assert logp.dtype == torch.float32
     assert_close(logp, ref, dtype if dtype == torch.float32 else torch.float32, "logp")
@@ -44,7 +42,7 @@ def test_strided_rows():
     base = torch.randn(10, 300)
     logits = base[::2, :257]  # row stride 600, unit column stride
     targets = torch.randint(0, 257, (5,))
-    logp, _ = native.logprobs_from_logits_fwd(logits, targets, -100, 1.0)
+    logp, _ = native_logprobs.logprobs_from_logits(logits, targets, -100, 1.0)
     ref = logprobs_from_logits_reference(logits.double(), targets)
     assert_close(logp, ref, torch.float32, "logp")
 
@@ -56,7 +54,7 @@ def test_special_values():
     logits[2, 20] = float("inf")
     logits[3, :512] = float("-inf")  # a whole block of -inf, then finite values
     targets = torch.tensor([599, 3, 4, 550])
-    logp, _ = native.logprobs_from_logits_fwd(logits, targets, -100, 1.0)
+    logp, _ = native_logprobs.logprobs_from_logits(logits, targets, -100, 1.0)
     assert logp[0] == 0.0
     assert torch.isnan(logp[1]) and torch.isnan(logp[2])
     torch.testing.assert_close(logp[3], torch.log_softmax(logits[3], -1)[550])
@@ -64,4 +62,4 @@ def test_special_values():
 
 def test_bad_target_is_rejected_before_reading():
     with pytest.raises(ValueError, match="targets"):
-        native.logprobs_from_logits_fwd(torch.randn(3, 5), torch.tensor([0, 5, 1]), -100, 1.0)
+        native_logprobs.logprobs_from_logits(torch.randn(3, 5), torch.tensor([0, 5, 1]), -100, 1.0)

@@ -1,9 +1,9 @@
 """decorrelation_penalty: the DecPO feature-decorrelation regularizer.
 
-Layers: backend kernels (decpo.torch_backend.decorrelation, later Triton and native)
--> the custom op decpo::decorrelation_penalty (loss and gradient in one forward)
--> its autograd formula (backward scales the stored gradient by grad_output)
--> the public function (validation, backend choice).
+Layers: backend kernels (decpo.<backend>_backend.decorrelation for torch and triton,
+chosen through decpo.backend's registry) -> the custom op decpo::decorrelation_penalty
+(loss and gradient in one forward) -> its autograd formula (backward scales the stored
+gradient by grad_output) -> the public function (validation, backend choice).
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ import torch
 from torch import Tensor
 
 from decpo import checks
-from decpo.backend import resolve_backend
-from decpo.torch_backend import decorrelation as torch_impl
+from decpo.backend import implementation, resolve_backend
+from decpo.numerics import accumulation_dtype, grad_dtype
+from decpo.ops import Inputs, input_grads
 
 REDUCTIONS = ("mean", "sum")
 
 
-@torch.library.custom_op("decpo::decorrelation_penalty", mutates_args=())
-def _decorrelation_op(
+def _decorrelation(
     hidden: torch.Tensor,
     mask: torch.Tensor | None,
     segment_ids: torch.Tensor | None,
@@ -32,39 +32,30 @@ def _decorrelation_op(
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss 0-dim, d loss / d hidden or an empty tensor) for hidden (L, N, D)."""
-    if backend == "triton":
-        from decpo.triton_backend import decorrelation as triton_impl
-
-        return triton_impl.decorrelation_penalty(
-            hidden, mask, segment_ids, normalize, offdiag, reduction, compute_grad
-        )
-    assert backend == "torch", backend
-    return torch_impl.decorrelation_penalty(
+    return implementation("decorrelation_penalty", backend)(
         hidden, mask, segment_ids, normalize, offdiag, reduction, compute_grad
     )
 
 
+_INPUTS = Inputs(_decorrelation)
+_decorrelation_op = torch.library.custom_op(
+    "decpo::decorrelation_penalty", _decorrelation, mutates_args=()
+)
+
+
 @_decorrelation_op.register_fake
-def _(
-    hidden: Tensor,
-    mask: Tensor | None,
-    segment_ids: Tensor | None,
-    normalize: bool,
-    offdiag: bool,
-    reduction: str,
-    backend: str,
-    compute_grad: bool,
-) -> tuple[Tensor, Tensor]:
-    out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    grad_dtype = torch_impl.grad_dtype(hidden.dtype)
-    grad = hidden.new_empty(hidden.shape, dtype=grad_dtype) if compute_grad else hidden.new_empty(0)
-    return hidden.new_empty((), dtype=out_dtype), grad
+def _(*args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+    a = _INPUTS.bind(args, kwargs)
+    hidden = a.hidden
+    gdt = grad_dtype(hidden.dtype)
+    grad = hidden.new_empty(hidden.shape, dtype=gdt) if a.compute_grad else hidden.new_empty(0)
+    return hidden.new_empty((), dtype=accumulation_dtype(hidden.dtype)), grad
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(output[1])
-    ctx.hidden_dtype = inputs[0].dtype
+    ctx.hidden_dtype = _INPUTS.bind(inputs).hidden.dtype
 
 
 def _backward(ctx: Any, grad_loss: Tensor, _grad_of_grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -77,7 +68,7 @@ def _backward(ctx: Any, grad_loss: Tensor, _grad_of_grad: Tensor) -> tuple[Tenso
     # The gradient was computed in the forward; scale it by the upstream gradient in
     # fp32 or better.
     scaled = grad.to(torch.promote_types(grad.dtype, torch.float32)) * grad_loss
-    return scaled.to(ctx.hidden_dtype), None, None, None, None, None, None, None
+    return input_grads(ctx, scaled.to(ctx.hidden_dtype))
 
 
 _decorrelation_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,9 +1,9 @@
 """token_logprobs and logprobs_from_logits: per-token log p(y_t | context).
 
-Layers: backend kernels (decpo.torch_backend.logprobs, decpo.native, later Triton)
--> custom ops decpo::token_logprobs / decpo::logprobs_from_logits and their
-backward ops -> autograd formulas -> the public functions (validation, flattening
-to 2-D, backend choice).
+Layers: backend kernels (decpo.<backend>_backend.logprobs for torch, triton and
+native, chosen through decpo.backend's registry) -> custom ops decpo::token_logprobs
+/ decpo::logprobs_from_logits and their backward ops -> autograd formulas -> the
+public functions (validation, flattening to 2-D, backend choice).
 """
 
 from __future__ import annotations
@@ -13,14 +13,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from decpo import checks, native
-from decpo.backend import resolve_backend
-from decpo.torch_backend import logprobs as torch_impl
-
-
-def _out_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
+from decpo import checks
+from decpo.backend import implementation, resolve_backend
+from decpo.numerics import accumulation_dtype
+from decpo.ops import Inputs, input_grads
 
 # ---------------------------------------------------------------- token_logprobs
 
@@ -48,8 +44,7 @@ class TokenStats(NamedTuple):
     log_sum_p2: torch.Tensor
 
 
-@torch.library.custom_op("decpo::token_logprobs", mutates_args=())
-def _token_logprobs_op(
+def _token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
@@ -65,50 +60,34 @@ def _token_logprobs_op(
     """(logp (N,), lse (N,), d logp / d hidden (N, D) if frozen_grad else empty,
     stats (N, 4) [entropy, logit_sum, argmax_match, log_sum_p2] if with_stats else empty)."""
     checks.targets_in_range(targets, weight.shape[0], ignore_index)
-    if backend == "triton":
-        from decpo.triton_backend import logprobs as triton_impl
-
-        return triton_impl.token_logprobs(
-            hidden, weight, targets, bias, ignore_index, temperature, softcap, logit_scale,
-            frozen_grad, with_stats,
-        )  # fmt: skip
-    # "native": the same tiling with PyTorch's matmuls and the native fused tile epilogue.
-    epilogue = native.online_softmax_tile if backend == "native" else None
-    assert backend in ("torch", "native"), backend
-    return torch_impl.token_logprobs(
+    return implementation("token_logprobs", backend)(
         hidden, weight, targets, bias, ignore_index, temperature, softcap, logit_scale,
-        frozen_grad, with_stats, epilogue,
+        frozen_grad, with_stats,
     )  # fmt: skip
 
 
+_TOKEN_INPUTS = Inputs(_token_logprobs)
+_token_logprobs_op = torch.library.custom_op(
+    "decpo::token_logprobs", _token_logprobs, mutates_args=()
+)
+
+
 @_token_logprobs_op.register_fake
-def _(
-    hidden: Tensor,
-    weight: Tensor,
-    targets: Tensor,
-    bias: Tensor | None,
-    ignore_index: int,
-    temperature: float,
-    softcap: float,
-    logit_scale: float,
-    backend: str,
-    frozen_grad: bool,
-    with_stats: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    n = hidden.shape[0]
-    out_dtype = _out_dtype(hidden.dtype)
-    grad = hidden.new_empty(hidden.shape) if frozen_grad else hidden.new_empty(0)
-    stats = hidden.new_empty((n, 4) if with_stats else (0,), dtype=out_dtype)
+def _(*args: Any, **kwargs: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    a = _TOKEN_INPUTS.bind(args, kwargs)
+    n = a.hidden.shape[0]
+    out_dtype = accumulation_dtype(a.hidden.dtype)
+    grad = a.hidden.new_empty(a.hidden.shape if a.frozen_grad else (0,))
+    stats = a.hidden.new_empty((n, 4) if a.with_stats else (0,), dtype=out_dtype)
     return (
-        hidden.new_empty(n, dtype=out_dtype),
-        hidden.new_empty(n, dtype=out_dtype),
+        a.hidden.new_empty(n, dtype=out_dtype),
+        a.hidden.new_empty(n, dtype=out_dtype),
         grad,
         stats,
     )
 
 
-@torch.library.custom_op("decpo::token_logprobs_backward", mutates_args=())
-def _token_logprobs_backward_op(
+def _token_logprobs_backward(
     grad_logp: torch.Tensor,
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -124,59 +103,40 @@ def _token_logprobs_backward_op(
     need_weight: bool,
     need_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend == "triton":
-        from decpo.triton_backend import logprobs as triton_impl
-
-        return triton_impl.token_logprobs_backward(
-            grad_logp, hidden, weight, targets, bias, lse, ignore_index, temperature,
-            softcap, logit_scale, need_hidden, need_weight, need_bias,
-        )  # fmt: skip
-    # The native backend's trainable-head backward recomputes tiles with torch ops.
-    assert backend in ("torch", "native"), backend
-    return torch_impl.token_logprobs_backward(
+    """(d hidden, d weight, d bias) for a trainable head, each empty when not needed."""
+    return implementation("token_logprobs", backend, backward=True)(
         grad_logp, hidden, weight, targets, bias, lse, ignore_index, temperature,
         softcap, logit_scale, need_hidden, need_weight, need_bias,
     )  # fmt: skip
 
 
+_TOKEN_BACKWARD_INPUTS = Inputs(_token_logprobs_backward)
+_token_logprobs_backward_op = torch.library.custom_op(
+    "decpo::token_logprobs_backward", _token_logprobs_backward, mutates_args=()
+)
+
+
 @_token_logprobs_backward_op.register_fake
-def _(
-    grad_logp: Tensor,
-    hidden: Tensor,
-    weight: Tensor,
-    targets: Tensor,
-    bias: Tensor | None,
-    lse: Tensor,
-    ignore_index: int,
-    temperature: float,
-    softcap: float,
-    logit_scale: float,
-    backend: str,
-    need_hidden: bool,
-    need_weight: bool,
-    need_bias: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    d_hidden = hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0)
-    d_weight = weight.new_empty(weight.shape) if need_weight else weight.new_empty(0)
-    d_bias = bias.new_empty(bias.shape) if (need_bias and bias is not None) else weight.new_empty(0)
+def _(*args: Any, **kwargs: Any) -> tuple[Tensor, Tensor, Tensor]:
+    a = _TOKEN_BACKWARD_INPUTS.bind(args, kwargs)
+    d_hidden = a.hidden.new_empty(a.hidden.shape if a.need_hidden else (0,))
+    d_weight = a.weight.new_empty(a.weight.shape if a.need_weight else (0,))
+    has_d_bias = a.need_bias and a.bias is not None
+    d_bias = a.bias.new_empty(a.bias.shape) if has_d_bias else a.weight.new_empty(0)
     return d_hidden, d_weight, d_bias
 
 
 def _token_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-    (hidden, weight, targets, bias, ignore_index, temperature, softcap, logit_scale, backend,
-     frozen_grad, _with_stats) = inputs  # fmt: skip
+    a = _TOKEN_INPUTS.bind(inputs)
     _logp, lse, grad, stats = output
     ctx.mark_non_differentiable(lse, grad, stats)
-    ctx.frozen_grad = frozen_grad
-    ctx.args = (ignore_index, temperature, softcap, logit_scale, backend)
-    ctx.has_bias = bias is not None
-    if frozen_grad:
+    ctx.frozen_grad = a.frozen_grad
+    ctx.args = (a.ignore_index, a.temperature, a.softcap, a.logit_scale, a.backend)
+    ctx.has_bias = a.bias is not None
+    if a.frozen_grad:
         ctx.save_for_backward(grad)
     else:
-        ctx.save_for_backward(hidden, weight, targets, bias, lse)
-
-
-_N_TOKEN_INPUTS = 11
+        ctx.save_for_backward(a.hidden, a.weight, a.targets, a.bias, lse)
 
 
 def _token_backward(
@@ -192,20 +152,21 @@ def _token_backward(
                 "(create_graph=True): its gradient is computed in the forward pass"
             )
         (grad,) = ctx.saved_tensors
-        d_hidden = (grad.to(grad_logp.dtype) * grad_logp[:, None]).to(grad.dtype)
-        return (d_hidden,) + (None,) * (_N_TOKEN_INPUTS - 1)
+        return input_grads(ctx, (grad.to(grad_logp.dtype) * grad_logp[:, None]).to(grad.dtype))
     hidden, weight, targets, bias, lse = ctx.saved_tensors
     need_hidden, need_weight, _, need_bias = ctx.needs_input_grad[:4]
+    need_bias = need_bias and ctx.has_bias
     d_hidden, d_weight, d_bias = _token_logprobs_backward_op(
         grad_logp.contiguous(), hidden, weight, targets, bias, lse, *ctx.args,
-        need_hidden, need_weight, need_bias and ctx.has_bias,
+        need_hidden, need_weight, need_bias,
     )  # fmt: skip
-    return (
+    return input_grads(
+        ctx,
         d_hidden if need_hidden else None,
         d_weight if need_weight else None,
         None,
-        d_bias if (need_bias and ctx.has_bias) else None,
-    ) + (None,) * (_N_TOKEN_INPUTS - 4)
+        d_bias if need_bias else None,
+    )
 
 
 _token_logprobs_op.register_autograd(_token_backward, setup_context=_token_setup_context)
@@ -303,33 +264,30 @@ def _finite_float(name: str, value: Any) -> float:
 # ---------------------------------------------------------- logprobs_from_logits
 
 
-@torch.library.custom_op("decpo::logprobs_from_logits", mutates_args=())
-def _logits_op(
+def _logprobs_from_logits(
     logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, temperature: float, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logp (N,), lse (N,)) for logits (N, V)."""
     checks.targets_in_range(targets, logits.shape[1], ignore_index)
-    if backend == "native":
-        return native.logprobs_from_logits_fwd(logits, targets, ignore_index, temperature)
-    if backend == "triton":
-        from decpo.triton_backend import logprobs as triton_impl
+    return implementation("logprobs_from_logits", backend)(
+        logits, targets, ignore_index, temperature
+    )
 
-        return triton_impl.logprobs_from_logits(logits, targets, ignore_index, temperature)
-    assert backend == "torch", backend
-    return torch_impl.logprobs_from_logits(logits, targets, ignore_index, temperature)
+
+_LOGITS_INPUTS = Inputs(_logprobs_from_logits)
+_logits_op = torch.library.custom_op(
+    "decpo::logprobs_from_logits", _logprobs_from_logits, mutates_args=()
+)
 
 
 @_logits_op.register_fake
-def _(
-    logits: Tensor, targets: Tensor, ignore_index: int, temperature: float, backend: str
-) -> tuple[Tensor, Tensor]:
-    n = logits.shape[0]
-    out_dtype = _out_dtype(logits.dtype)
+def _(*args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+    logits = _LOGITS_INPUTS.bind(args, kwargs).logits
+    n, out_dtype = logits.shape[0], accumulation_dtype(logits.dtype)
     return logits.new_empty(n, dtype=out_dtype), logits.new_empty(n, dtype=out_dtype)
 
 
-@torch.library.custom_op("decpo::logprobs_from_logits_backward", mutates_args=())
-def _logits_backward_op(
+def _logprobs_from_logits_backward(
     grad_logp: torch.Tensor,
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -338,46 +296,36 @@ def _logits_backward_op(
     temperature: float,
     backend: str,
 ) -> torch.Tensor:
-    if backend == "native":
-        return native.logprobs_from_logits_bwd(
-            grad_logp, logits, targets, lse, ignore_index, temperature
-        )
-    if backend == "triton":
-        from decpo.triton_backend import logprobs as triton_impl
-
-        return triton_impl.logprobs_from_logits_backward(
-            grad_logp, logits, targets, lse, ignore_index, temperature
-        )
-    assert backend == "torch", backend
-    return torch_impl.logprobs_from_logits_backward(
+    """d logits (N, V), contiguous in the logits' dtype."""
+    return implementation("logprobs_from_logits", backend, backward=True)(
         grad_logp, logits, targets, lse, ignore_index, temperature
     )
 
 
+_LOGITS_BACKWARD_INPUTS = Inputs(_logprobs_from_logits_backward)
+_logits_backward_op = torch.library.custom_op(
+    "decpo::logprobs_from_logits_backward", _logprobs_from_logits_backward, mutates_args=()
+)
+
+
 @_logits_backward_op.register_fake
-def _(
-    grad_logp: Tensor,
-    logits: Tensor,
-    targets: Tensor,
-    lse: Tensor,
-    ignore_index: int,
-    temperature: float,
-    backend: str,
-) -> Tensor:
+def _(*args: Any, **kwargs: Any) -> Tensor:
+    logits = _LOGITS_BACKWARD_INPUTS.bind(args, kwargs).logits
     return logits.new_empty(logits.shape)  # contiguous, as every backend returns
 
 
 def _logits_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-    logits, targets, ignore_index, temperature, backend = inputs
+    a = _LOGITS_INPUTS.bind(inputs)
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(logits, targets, output[1])
-    ctx.args = (ignore_index, temperature, backend)
+    ctx.save_for_backward(a.logits, a.targets, output[1])
+    ctx.args = (a.ignore_index, a.temperature, a.backend)
 
 
 def _logits_backward(ctx: Any, grad_logp: Tensor, _g_lse: Tensor) -> tuple[Tensor | None, ...]:
     logits, targets, lse = ctx.saved_tensors
-    d_logits = _logits_backward_op(grad_logp.contiguous(), logits, targets, lse, *ctx.args)
-    return d_logits, None, None, None, None
+    return input_grads(
+        ctx, _logits_backward_op(grad_logp.contiguous(), logits, targets, lse, *ctx.args)
+    )
 
 
 _logits_op.register_autograd(_logits_backward, setup_context=_logits_setup_context)

@@ -2,7 +2,8 @@
 
 Per group of n selected rows Z (n, D) (normalized rows when normalize=True) the
 penalty is P_sum = sum over counted pairs (G_ij - delta_ij)^2 with G = Z Z^T.
-Two exact paths; the cheaper is chosen per group (DESIGN section 1):
+Two exact paths; the cheaper is chosen per group (docs/design.md,
+"decorrelation_penalty" under "Algorithms and budgets"):
 
 - Gram path, n <= D: G = Z Z^T costs n^2 D multiply-adds, dZ = 4 (G - I) Z another
   n^2 D; the (n, n) matrix is no larger than Z itself.
@@ -25,15 +26,7 @@ from __future__ import annotations
 
 import torch
 
-EPS = 1e-6
-
-
-def grad_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the stored, pre-scaled gradient: the input's, except fp32 for fp16,
-    whose range would flush entries of size ~1/pairs to zero before grad_output (a
-    loss scale, say) multiplies them."""
-    return torch.float32 if dtype == torch.float16 else dtype
-
+from decpo.numerics import EPS, accumulation_dtype, bucket_rows, grad_dtype
 
 # Rows per chunk on the covariance path: bounds the fp32 working copy to
 # ROW_CHUNK x D per layer. Groups whose whole fp32 copy is at most KEEP_BYTES are
@@ -160,19 +153,6 @@ def _covariance_group(
     return p_sum.to(compute_dtype)
 
 
-def bucket_rows(
-    n: int, mask: torch.Tensor | None, segment_ids: torch.Tensor | None, device: torch.device
-) -> tuple[torch.Tensor, list[int]]:
-    """The selected rows sorted by group (stable, on the device) and each group's size:
-    the one host sync of the op, none per group."""
-    rows = torch.arange(n, device=device) if mask is None else mask.nonzero().squeeze(1)
-    if segment_ids is None:
-        return rows, ([rows.numel()] if rows.numel() else [])
-    seg_sorted, order = torch.sort(segment_ids[rows], stable=True)
-    counts = torch.unique_consecutive(seg_sorted, return_counts=True)[1]
-    return rows[order], counts.tolist()
-
-
 def _groups(
     n: int, mask: torch.Tensor | None, segment_ids: torch.Tensor | None, device: torch.device
 ) -> list[torch.Tensor | None]:
@@ -198,7 +178,7 @@ def decorrelation_penalty(
     scaled for the reduction and the layer mean, or an empty tensor).
     """
     n_layers, n, dim = hidden.shape
-    compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    compute_dtype = accumulation_dtype(hidden.dtype)
     groups = _groups(n, mask, segment_ids, hidden.device)
     sizes = [n if rows is None else rows.numel() for rows in groups]
     pairs = sum(s * (s - 1) if offdiag else s * s for s in sizes)

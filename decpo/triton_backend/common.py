@@ -18,10 +18,7 @@ from typing import Any
 import triton
 import triton.language as tl
 
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+from decpo.numerics import interpreting
 
 
 @dataclass(frozen=True)

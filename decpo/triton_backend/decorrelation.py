@@ -102,11 +102,10 @@ import torch
 import triton
 import triton.language as tl
 
-from decpo.torch_backend.decorrelation import bucket_rows, grad_dtype
+from decpo.numerics import bucket_rows, grad_dtype, interpreting
 from decpo.triton_backend import common
-from decpo.triton_backend.common import KernelConfig, cast, dot, interpreting
+from decpo.triton_backend.common import KernelConfig, cast, dot
 
-EPS = 1e-6
 PAD = 16  # feature padding of the packed rows: 16-byte aligned rows for cp.async
 
 # ------------------------------------------------------------------ jit helpers
@@ -228,7 +227,7 @@ def _pack_kernel(
                 other=0.0,
             ).to(tl.float32)
             acc += tl.sum(h * h, 1)
-        inv = 1.0 / tl.maximum(tl.sqrt(acc), 1e-6)
+        inv = 1.0 / tl.maximum(tl.sqrt(acc), 1e-6)  # decpo.numerics.EPS
         sqx = acc * inv * inv
     z_rows = z_ptr + (layer * S + r) * DP
     sq = tl.zeros([BLOCK_R], tl.float32)
@@ -1181,7 +1180,7 @@ def headline_costs() -> list[dict[str, float | str]]:
     for name, sizes, dim, layers in cases:
         detail = decorrelation_cost_detail(sizes, dim, torch.bfloat16, layers=layers)
         groups, n = sizes
-        useful = 3.0 * groups * n * dim * min(n, dim) * layers  # DESIGN's 3 n D min(n, D)
+        useful = 3.0 * groups * n * dim * min(n, dim) * layers  # docs/design.md: 3 n D min(n, D)
         out.append({"case": name, **detail["total"], "useful_flops": useful})
     return out
 

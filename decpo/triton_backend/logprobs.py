@@ -54,12 +54,11 @@ import torch
 import triton
 import triton.language as tl
 
-from decpo.torch_backend.logprobs import _valid_rows, head_ok
+from decpo.numerics import head_ok, interpreting, valid_rows
 from decpo.triton_backend.common import (
     KernelConfig,
     cast,
     dot,
-    interpreting,
     launch,
     launch_tuned,
 )
@@ -879,7 +878,7 @@ def token_logprobs(
     stats = (
         hidden.new_zeros((n, N_STATS), dtype=torch.float32) if with_stats else hidden.new_empty(0)
     )
-    rows = _valid_rows(targets, ignore_index)
+    rows = valid_rows(targets, ignore_index)
     h = (hidden if rows is None else hidden[rows]).contiguous()  # (M, D)
     t = (targets if rows is None else targets[rows]).contiguous()  # (M,)
     m_rows = h.shape[0]
@@ -992,7 +991,7 @@ def token_logprobs_backward(
     bias = bias.contiguous() if bias is not None else None
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
     need_bias = need_bias and bias is not None
-    rows = _valid_rows(targets, ignore_index)
+    rows = valid_rows(targets, ignore_index)
     h = (hidden if rows is None else hidden[rows]).contiguous()  # (M, D)
     t = (targets if rows is None else targets[rows]).contiguous()
     g = (grad_logp if rows is None else grad_logp[rows]).float().contiguous()

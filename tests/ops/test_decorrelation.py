@@ -10,27 +10,17 @@ from hypothesis import strategies as st
 import decpo
 from decpo.reference import decorrelation_penalty_reference
 from decpo.torch_backend import decorrelation as torch_impl
-from tests.helpers import TOL, assert_close, rel_err
+from tests.helpers import TOL, assert_close, backends, rel_err, skip_unless_runs
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def _has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-BACKENDS = [
-    pytest.param("torch"),
-    pytest.param("triton", marks=pytest.mark.skipif(not _has_triton(), reason="no triton")),
-]
+BACKENDS = backends("decorrelation_penalty")
 
 
 def _check(hidden, dtype, upstream=-1.7, backend="torch", **options):
     """Value and gradient of decpo against the float64 reference on the same rounded input."""
+    skip_unless_runs(backend, dtype)
     h = hidden.detach().to(dtype).clone().requires_grad_(True)
     loss = decpo.decorrelation_penalty(h, backend=backend, **options)
     assert loss.dim() == 0

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import decpo
-from decpo import native
 from decpo.reference import (
     eager_logprobs_from_logits,
     eager_token_logprobs,
@@ -16,27 +15,13 @@ from decpo.reference import (
     token_stats_reference,
 )
 from decpo.torch_backend import logprobs as torch_impl
-from tests.helpers import assert_close, upstream_like
+from tests.helpers import assert_close, backends, skip_unless_runs, upstream_like
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def _triton_missing() -> str:
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:
-        return f"triton not installed: {exc}"
-    return ""
-
-
-BACKENDS = [
-    pytest.param("torch"),
-    pytest.param(
-        "native",
-        marks=pytest.mark.skipif(not native.is_available(), reason="native library unavailable"),
-    ),
-    pytest.param("triton", marks=pytest.mark.skipif(bool(_triton_missing()), reason="no triton")),
-]
+BACKENDS = backends("token_logprobs")
+LOGITS_BACKENDS = backends("logprobs_from_logits")
 
 
 @pytest.fixture
@@ -56,8 +41,7 @@ def _check_token_logprobs(
     lead, dim, vocab, dtype, *, bias=False, temperature=1.0, train_weight=False,
     train_bias=False, backend="torch", softcap=None, logit_scale=1.0, hidden_scale=1.0,
 ):  # fmt: skip
-    if backend == "native" and dtype not in native.DTYPES:
-        pytest.skip(f"native kernels do not read {dtype}")
+    skip_unless_runs(backend, dtype)
     hidden = (torch.randn(*lead, dim) * hidden_scale / dim**0.25).to(dtype).requires_grad_(True)
     weight = (torch.randn(vocab, dim) / dim**0.25).to(dtype).requires_grad_(train_weight)
     b = (torch.randn(vocab) * 0.5).to(dtype).requires_grad_(train_bias) if bias else None
@@ -279,8 +263,7 @@ def _eager_stats(hidden, weight, bias, targets, temperature, softcap, logit_scal
     ],
 )
 def test_token_logprobs_stats(lead, dim, vocab, cap, dtype, backend, request):
-    if backend == "native" and dtype not in native.DTYPES:
-        pytest.skip(f"native kernels do not read {dtype}")
+    skip_unless_runs(backend, dtype)
     if vocab < 8192:
         request.getfixturevalue("small_tiles")
     if backend == "triton" and vocab > 1031:
@@ -363,13 +346,12 @@ def test_token_logprobs_bad_softcap_and_scale():
 # ---------------------------------------------------------- logprobs_from_logits
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LOGITS_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (1, 7), (37, 101), (3, 5, 67), (4, 2053)])
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_logprobs_from_logits(shape, dtype, temperature, backend, small_tiles):
-    if backend == "native" and dtype not in native.DTYPES:
-        pytest.skip(f"native kernels do not read {dtype}")
+    skip_unless_runs(backend, dtype)
     logits = (torch.randn(shape) * 3).to(dtype).requires_grad_(True)
     targets = _targets(shape[:-1], shape[-1])
     out = decpo.logprobs_from_logits(logits, targets, temperature=temperature, backend=backend)
@@ -389,7 +371,7 @@ def test_logprobs_from_logits(shape, dtype, temperature, backend, small_tiles):
     assert_close(logits.grad, l64.grad, dtype, "d logits", eager=le.grad)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LOGITS_BACKENDS)
 def test_logprobs_from_logits_strided_input(backend):
     base = torch.randn(6, 40, 3)
     logits = base[::2, :37, 1].requires_grad_(False)  # strides (240, 3): no unit stride
@@ -408,7 +390,7 @@ def test_logprobs_from_logits_gradcheck_float64():
     )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LOGITS_BACKENDS)
 def test_logprobs_from_logits_special_values(backend):
     logits = torch.randn(5, 6)
     logits[0, 2] = float("-inf")  # a masked-out vocabulary entry is fine
@@ -425,7 +407,7 @@ def test_logprobs_from_logits_special_values(backend):
     assert torch.isfinite(out[4])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LOGITS_BACKENDS)
 def test_logprobs_from_logits_ignored_rows_are_never_read(backend):
     logits = torch.randn(3, 5, requires_grad=True)
     with torch.no_grad():
@@ -456,7 +438,7 @@ def test_logprobs_from_logits_compile_and_opcheck():
     )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LOGITS_BACKENDS)
 def test_results_are_bit_identical_run_to_run(backend):
     hidden = torch.randn(2, 19, 24, dtype=torch.bfloat16)
     weight = torch.randn(67, 24, dtype=torch.bfloat16, requires_grad=True)
@@ -473,7 +455,7 @@ def test_results_are_bit_identical_run_to_run(backend):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LOGITS_BACKENDS)
 def test_token_logprobs_strided_bias_and_weight(backend):
     hidden = torch.randn(7, 16)
     weight = torch.randn(16, 80).T  # (80, 16), column-major

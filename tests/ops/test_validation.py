@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import decpo
+from tests.helpers import backends
 
 H = torch.randn(6, 4)
 W = torch.randn(9, 4)
@@ -100,9 +101,6 @@ def test_devices_must_match():
 
 # ---------------------------------------------------------------- hostile numerics
 
-CPU_BACKENDS = ["torch", pytest.param("native", marks=pytest.mark.skipif(
-    not decpo.native.is_available(), reason="native library not built"))]  # fmt: skip
-
 
 def test_zero_features_raise_value_error_naming_hidden():
     with pytest.raises(ValueError, match="hidden"):
@@ -119,7 +117,7 @@ def test_an_ignore_index_beyond_int64_raises_value_error(ignore_index):
         decpo.logprobs_from_logits(torch.randn(6, 9), T, ignore_index=ignore_index)
 
 
-@pytest.mark.parametrize("backend", [*CPU_BACKENDS, "triton"])  # triton: the interpreter
+@pytest.mark.parametrize("backend", backends("token_logprobs"))
 def test_a_minus_inf_bias_masks_its_vocabulary_entry(backend):
     """A vocabulary mask as a -inf bias entry: softmax gives it p = 0, every row stays
     finite (a target at the masked entry gets -inf), gradients match float64."""
@@ -146,7 +144,7 @@ def test_a_minus_inf_bias_masks_its_vocabulary_entry(backend):
     assert decpo.token_logprobs(h, w, t, bias=poisoned, backend=backend).isnan().all()
 
 
-@pytest.mark.parametrize("backend", [*CPU_BACKENDS, "triton"])
+@pytest.mark.parametrize("backend", backends("logprobs_from_logits"))
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_logits_far_from_zero_keep_their_accuracy(backend, temperature):
     """Logits offset by 1e6: log-probs and gradients as accurate as float64 gives from

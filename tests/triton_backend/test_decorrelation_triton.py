@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import decpo
+from decpo.numerics import bucket_rows
 from decpo.reference import decorrelation_penalty_reference
 from tests.helpers import assert_close
 
@@ -21,7 +22,7 @@ from decpo.triton_backend import decorrelation as dec
 
 
 def _sizes(n: int, mask, segment_ids) -> list[int]:
-    _rows, sizes = dec.bucket_rows(n, mask, segment_ids, torch.device("cpu"))
+    _rows, sizes = bucket_rows(n, mask, segment_ids, torch.device("cpu"))
     return sizes
 
 
