@@ -187,6 +187,70 @@ void gemm(const T* a, int64_t lda, const T* b, int64_t ldb, float* y, int64_t ld
   }
 }
 
+// The Gram product as dot products: G[i][j] = sum_k a[i][k] a[j][k] over rows of one
+// row-major operand, no transposed copy. A 4 x 4 register tile holds 16 vector
+// accumulators (8 loads per 16 multiply-adds), reduced across lanes once per K block
+// of KCD elements (four rows of each operand stay in L1). Only tiles on and above
+// the diagonal are computed (the caller mirrors). m: rows (a multiple of 4); k: a
+// multiple of the vector width (the padding is zero).
+constexpr int64_t KCD = 2048;
+
+template <typename T>
+inline vf dot_step(vf acc, const T* x, const T* y);
+
+template <>
+inline vf dot_step<float>(vf acc, const float* x, const float* y) {
+  return vfma(*reinterpret_cast<const vfu*>(x), *reinterpret_cast<const vfu*>(y), acc);
+}
+
+#if defined(__AVX512BF16__)
+template <>
+inline vf dot_step<uint32_t>(vf acc, const uint32_t* x, const uint32_t* y) {
+  return (vf)_mm512_dpbf16_ps((__m512)acc, (__m512bh)_mm512_loadu_si512(x),
+                              (__m512bh)_mm512_loadu_si512(y));
+}
+#endif
+
+template <typename T>
+void gram_nt(const T* a, int64_t lda, float* g, int64_t ldg, int64_t m, int64_t k, bool parallel) {
+  const int64_t tiles = m / 4;
+  const int64_t pairs = tiles * (tiles + 1) / 2;
+  for (int64_t pc = 0; pc < k; pc += KCD) {
+    const int64_t kc = (k - pc < KCD) ? (k - pc) : KCD;
+#pragma omp parallel for schedule(dynamic, 1) if (parallel)
+    for (int64_t t = 0; t < pairs; ++t) {
+      int64_t ti = 0, rest = t;  // t -> (ti, tj) with tj >= ti
+      while (rest >= tiles - ti) rest -= tiles - ti++;
+      const int64_t tj = ti + rest;
+      const T* ra = a + 4 * ti * lda + pc;
+      const T* rb = a + 4 * tj * lda + pc;
+      vf acc[4][4];
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) {
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) acc[r][c] = vf{};
+      }
+      for (int64_t q = 0; q < kc; q += W) {
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r) {
+#pragma GCC unroll 4
+          for (int c = 0; c < 4; ++c) {
+            acc[r][c] = dot_step<T>(acc[r][c], ra + r * lda + q, rb + c * lda + q);
+          }
+        }
+      }
+      for (int r = 0; r < 4; ++r) {
+        for (int c = 0; c < 4; ++c) {
+          float sum = 0.0f;
+          for (int l = 0; l < W; ++l) sum += acc[r][c][l];
+          float* out = g + (4 * ti + r) * ldg + 4 * tj + c;
+          *out = pc == 0 ? sum : *out + sum;
+        }
+      }
+    }
+  }
+}
+
 // Copies the upper triangle of the leading (n x n) block of y into the lower one.
 void mirror(float* y, int64_t ldy, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
@@ -229,22 +293,35 @@ void transpose(const T* x, int64_t ldx, int64_t rows, int64_t cols, T* out, int6
   }
 }
 
-// Zeroed scratch, released when the unit is done (malloc: no std containers in the
-// per-variant code, whose inline copies would be shared between variants).
+// Per-thread workspace, kept between calls: buffer k of a unit reuses slot k when it
+// is large enough, so a training loop calling the op with the same shapes allocates
+// (and page-faults in) its buffers once, not on every call (fresh multi-MB buffers
+// cost as much as the products at small n). Contents are not zeroed: every reader
+// reads only what was written (the padding that matters is zeroed where it is made).
+// malloc, not std containers: their inline copies would be shared between variants.
 struct Scratch {
-  void* ptrs[12] = {};  // at most 9 buffers per unit
+  static constexpr int kSlots = 12;  // at most 9 buffers per unit
+  struct Slot {
+    void* ptr;
+    size_t bytes;
+  };
+  static Slot* slots() {
+    static thread_local Slot cache[kSlots];
+    return cache;
+  }
   int used = 0;
   bool failed = false;
   template <typename T>
-  T* take(int64_t count, bool zero = true) {
+  T* take(int64_t count) {
     const size_t bytes = static_cast<size_t>(count > 0 ? count : 1) * sizeof(T);
-    void* p = zero ? std::calloc(1, bytes) : std::malloc(bytes);
-    if (p == nullptr) failed = true;
-    ptrs[used++] = p;
-    return static_cast<T*>(p);
-  }
-  ~Scratch() {
-    for (int i = 0; i < used; ++i) std::free(ptrs[i]);
+    Slot& slot = slots()[used++];
+    if (slot.bytes < bytes) {
+      std::free(slot.ptr);
+      slot.ptr = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+      slot.bytes = slot.ptr != nullptr ? bytes : 0;
+      if (slot.ptr == nullptr) failed = true;
+    }
+    return static_cast<T*>(slot.ptr);
   }
 };
 
@@ -288,6 +365,7 @@ void load_rows(const T* h, int64_t row_stride, const int64_t* rows, int64_t firs
       }
       ss = s2;
     }
+    for (int64_t j = u.dim; j < ldz; ++j) zi[j] = 0.0f;  // padding: read as K by the products
     denom[i] = d;
     sq[i] = ss;
   }
@@ -326,41 +404,43 @@ template <typename T>
 double group_penalty(const T* h, int64_t row_stride, const int64_t* rows, int64_t first,
                      const Unit& u, T* grad, bool* failed) {
   const int64_t n = u.n, dim = u.dim;
-  const bool bf16_dot = kBf16Dot && std::is_same_v<T, uint16_t>;
+  constexpr bool bf16_dot = kBf16Dot && std::is_same_v<T, uint16_t>;
   const int64_t dp = round_up(dim, NR);  // padded columns (even)
+  // Row strides of long rows get 64 extra bytes: a stride that is a multiple of 4 KiB
+  // maps every row of a tile onto the same L1 sets (the transposes ran 5x slower).
+  const int64_t ldz = dp + 16;
   Scratch s;
-  const int64_t z_rows = round_up(n, MR) + 1;
-  float* z = s.take<float>(z_rows * dp);
+  const int64_t z_rows = round_up(n, 12) + 1;  // whole MR = 6 and 4 x 4 tiles
+  float* z = s.take<float>(z_rows * ldz);
   float* denom = s.take<float>(n);
   float* sq = s.take<float>(n);
   if (s.failed) return *failed = true, 0.0;
-  load_rows(h, row_stride, rows, first, u, z, dp, denom, sq);
+  load_rows(h, row_stride, rows, first, u, z, ldz, denom, sq);
+  // Rows past n feed only output rows that are never read; zeros keep them cheap.
+  std::memset(z + n * ldz, 0, sizeof(float) * (z_rows - n) * ldz);
 
   double p = 0.0;
   if (n <= dim) {
-    // Gram path: G = Z Z^T (mp x np), E in place, then Y = E Z.
+    // Gram path: G = Z Z^T (np x np: dot products of z's rows), E in place, Y = E Z.
     const int64_t mp = round_up(n, MR), np = round_up(n, NR);
-    float* g = s.take<float>(mp * np);
-    float* y = grad != nullptr ? s.take<float>(mp * dp, false) : nullptr;  // all written
+    float* g = s.take<float>(np * np);
+    float* y = grad != nullptr ? s.take<float>(mp * ldz) : nullptr;  // all written
     if (s.failed) return *failed = true, 0.0;
-    if (bf16_dot) {
-      // A = z as bf16 pairs along D (mp x dp/2); B = its transpose (dp/2 x np).
-      uint32_t* a = s.take<uint32_t>(mp * (dp / 2));
-      uint32_t* b = s.take<uint32_t>((dp / 2) * np);
+    const int64_t gm = round_up(n, 4);  // rows of the 4 x 4 tiles
+    if constexpr (bf16_dot) {
+      // z as bf16 pairs along D (rows up to gm, dp / 2 pairs).
+      const int64_t lda = dp / 2 + 16;
+      uint32_t* a = s.take<uint32_t>(gm * lda);
       if (s.failed) return *failed = true, 0.0;
 #pragma omp parallel for schedule(static) if (u.parallel)
-      for (int64_t i = 0; i < n; ++i) {
+      for (int64_t i = 0; i < gm; ++i) {
         for (int64_t q = 0; q < dp / 2; ++q) {
-          a[i * (dp / 2) + q] = bf16_pair(z[i * dp + 2 * q], z[i * dp + 2 * q + 1]);
+          a[i * lda + q] = bf16_pair(z[i * ldz + 2 * q], z[i * ldz + 2 * q + 1]);
         }
       }
-      transpose(a, dp / 2, n, dp / 2, b, np, u.parallel);
-      gemm(a, dp / 2, b, np, g, np, mp, np, dp / 2, true, u.parallel);
+      gram_nt(a, lda, g, np, gm, dp / 2, u.parallel);
     } else {
-      float* b = s.take<float>(dp * np);
-      if (s.failed) return *failed = true, 0.0;
-      transpose(z, dp, n, dim, b, np, u.parallel);
-      gemm(z, dp, b, np, g, np, mp, np, dim, true, u.parallel);
+      gram_nt(z, ldz, g, np, gm, dp, u.parallel);
     }
     mirror(g, np, n);
     for (int64_t i = 0; i < n; ++i) {
@@ -371,42 +451,44 @@ double group_penalty(const T* h, int64_t row_stride, const int64_t* rows, int64_
     }
     if (y != nullptr) {
       if (bf16_dot) {
-        const int64_t kp = (n + 1) / 2;  // pairs along K = n (E's padded column is 0)
+        const int64_t kp = (n + 1) / 2;  // pairs along K = n (an odd n pads with 0)
         uint32_t* ea = s.take<uint32_t>(mp * kp);
-        uint32_t* zb = s.take<uint32_t>(kp * dp);
+        uint32_t* zb = s.take<uint32_t>(kp * ldz);
         if (s.failed) return *failed = true, 0.0;
         for (int64_t i = 0; i < n; ++i) {
           for (int64_t q = 0; q < kp; ++q) {
-            ea[i * kp + q] = bf16_pair(g[i * np + 2 * q], 2 * q + 1 < n ? g[i * np + 2 * q + 1] : 0.0f);
+            const float hi = 2 * q + 1 < n ? g[i * np + 2 * q + 1] : 0.0f;
+            ea[i * kp + q] = bf16_pair(g[i * np + 2 * q], hi);
           }
         }
-        pack_pairs(z, dp, n, dp, zb, dp, kp, u.parallel);
-        gemm(ea, kp, zb, dp, y, dp, mp, dp, kp, false, u.parallel);
+        pack_pairs(z, ldz, n, dp, zb, ldz, kp, u.parallel);
+        gemm(ea, kp, zb, ldz, y, ldz, mp, dp, kp, false, u.parallel);
       } else {
-        gemm(g, np, z, dp, y, dp, mp, dp, n, false, u.parallel);
+        gemm(g, np, z, ldz, y, ldz, mp, dp, n, false, u.parallel);
       }
-      epilogue(y, dp, z, dp, denom, sq, 0.0f, false, 0.0f, u, rows, first, grad);
+      epilogue(y, ldz, z, ldz, denom, sq, 0.0f, false, 0.0f, u, rows, first, grad);
     }
   } else {
     // Covariance path: C = Z^T Z (dm x dp), then Y = Z (C - cI), y = Y + c z.
     const int64_t dm = round_up(dim, MR) + 1;
-    float* cov = s.take<float>(dm * dp);
+    float* cov = s.take<float>(dm * ldz);
     if (s.failed) return *failed = true, 0.0;
     if (bf16_dot) {
-      const int64_t kp = (n + 1) / 2;  // pairs along K = n
-      uint32_t* b = s.take<uint32_t>(kp * dp);
-      uint32_t* a = s.take<uint32_t>(dm * kp);
+      const int64_t kp = (n + 1) / 2, lda = kp + 16;  // pairs along K = n
+      uint32_t* b = s.take<uint32_t>(kp * ldz);
+      uint32_t* a = s.take<uint32_t>(dm * lda);
       if (s.failed) return *failed = true, 0.0;
-      pack_pairs(z, dp, n, dp, b, dp, kp, u.parallel);
-      transpose(b, dp, kp, dim, a, kp, u.parallel);  // rows >= dim of a stay 0
-      gemm(a, kp, b, dp, cov, dp, round_up(dim, MR), dp, kp, true, u.parallel);
+      pack_pairs(z, ldz, n, dp, b, ldz, kp, u.parallel);
+      transpose(b, ldz, kp, dim, a, lda, u.parallel);
+      gemm(a, lda, b, ldz, cov, ldz, round_up(dim, MR), dp, kp, true, u.parallel);
     } else {
-      float* a = s.take<float>(dm * n);
+      const int64_t lda = n + 16;
+      float* a = s.take<float>(dm * lda);
       if (s.failed) return *failed = true, 0.0;
-      transpose(z, dp, n, dim, a, n, u.parallel);
-      gemm(a, n, z, dp, cov, dp, round_up(dim, MR), dp, n, true, u.parallel);
+      transpose(z, ldz, n, dim, a, lda, u.parallel);
+      gemm(a, lda, z, ldz, cov, ldz, round_up(dim, MR), dp, n, true, u.parallel);
     }
-    mirror(cov, dp, dim);
+    mirror(cov, ldz, dim);
     double ssum = 0.0, quad = 0.0;
     for (int64_t i = 0; i < n; ++i) {
       ssum += sq[i];
@@ -415,32 +497,34 @@ double group_penalty(const T* h, int64_t row_stride, const int64_t* rows, int64_
     const float c = static_cast<float>(ssum / static_cast<double>(dim));
     double frob = 0.0;
     for (int64_t i = 0; i < dim; ++i) {
-      cov[i * dp + i] -= c;
-      for (int64_t j = 0; j < dim; ++j) frob += static_cast<double>(cov[i * dp + j]) * cov[i * dp + j];
+      cov[i * ldz + i] -= c;
+      for (int64_t j = 0; j < dim; ++j) {
+        frob += static_cast<double>(cov[i * ldz + j]) * cov[i * ldz + j];
+      }
     }
     const double d = static_cast<double>(dim);
     p = frob + (u.offdiag ? ssum * ssum / d - quad : (ssum - d) * (ssum - d) / d + (n - d));
     if (grad != nullptr) {
       const int64_t mp = round_up(n, MR);
-      float* y = s.take<float>(mp * dp, false);  // all written
+      float* y = s.take<float>(mp * ldz);  // all written
       if (s.failed) return *failed = true, 0.0;
       if (bf16_dot) {
-        const int64_t kp = (dim + 1) / 2;  // pairs along K = dim
-        uint32_t* za = s.take<uint32_t>(mp * kp);
-        uint32_t* cb = s.take<uint32_t>(kp * dp);
+        const int64_t kp = (dim + 1) / 2, lda = kp + 16;  // pairs along K = dim
+        uint32_t* za = s.take<uint32_t>(mp * lda);
+        uint32_t* cb = s.take<uint32_t>(kp * ldz);
         if (s.failed) return *failed = true, 0.0;
 #pragma omp parallel for schedule(static) if (u.parallel)
-        for (int64_t i = 0; i < n; ++i) {
+        for (int64_t i = 0; i < mp; ++i) {
           for (int64_t q = 0; q < kp; ++q) {
-            za[i * kp + q] = bf16_pair(z[i * dp + 2 * q], z[i * dp + 2 * q + 1]);
+            za[i * lda + q] = bf16_pair(z[i * ldz + 2 * q], z[i * ldz + 2 * q + 1]);
           }
         }
-        pack_pairs(cov, dp, dim, dp, cb, dp, kp, u.parallel);
-        gemm(za, kp, cb, dp, y, dp, mp, dp, kp, false, u.parallel);
+        pack_pairs(cov, ldz, dim, dp, cb, ldz, kp, u.parallel);
+        gemm(za, lda, cb, ldz, y, ldz, mp, dp, kp, false, u.parallel);
       } else {
-        gemm(z, dp, cov, dp, y, dp, mp, dp, dim, false, u.parallel);
+        gemm(z, ldz, cov, ldz, y, ldz, mp, dp, dim, false, u.parallel);
       }
-      epilogue(y, dp, z, dp, denom, sq, c, u.offdiag, 1.0f, u, rows, first, grad);
+      epilogue(y, ldz, z, ldz, denom, sq, c, u.offdiag, 1.0f, u, rows, first, grad);
     }
   }
   return p;
