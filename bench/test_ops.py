@@ -64,8 +64,10 @@ def test_op(benchmark, case, provider, mode):
     flops, nbytes = work(case, mode, case.dtype_bytes)
     peak = peaks(DEVICE)
     floor = floor_seconds(case, mode, peak)
-    # Peak memory of the headline mode, from a fresh process on CPU.
-    memory = peak_memory(case.key, provider, mode, DEVICE) if mode == "fwd+bwd" else {}
+    # Peak memory of the headline mode, from a fresh process on CPU (DECPO_BENCH_MEMORY=0
+    # skips it: bench/isa_sweep.py measures speed per variant, memory does not change).
+    measure = mode == "fwd+bwd" and os.environ.get("DECPO_BENCH_MEMORY") != "0"
+    memory = peak_memory(case.key, provider, mode, DEVICE) if measure else {}
     row = {
         "op": case.op, "case": case.name, "provider": provider, "mode": mode,
         "median_ms": seconds * 1e3, "flops": flops, "bytes": nbytes,

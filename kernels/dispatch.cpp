@@ -2,6 +2,11 @@
 // argument checks shared by every variant (so a bad target is refused the same way
 // whichever variant would run).
 #include <atomic>
+#include <cstddef>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #include "decpo_native.h"
 #include "isa.h"
@@ -105,6 +110,24 @@ std::atomic<int> g_active{best_isa()};
 
 const KernelTable& active() { return *table_for(g_active.load(std::memory_order_relaxed)); }
 
+// A large output written once (the N x V gradient of logprobs_from_logits, usually a
+// fresh allocation) spends more time in first-touch page faults than in the kernel:
+// 4 KiB pages cost ~180 ms per 262 MB on one core, as long as the exps themselves.
+// Asking for transparent huge pages (where the system allows them on request) cuts
+// the faults 512-fold. Only whole 2 MiB pages inside the buffer are advised.
+void advise_huge_pages(void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  if (bytes < 4 * kHuge) return;
+  const uintptr_t start = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (end > start) madvise(reinterpret_cast<void*>(start), end - start, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
+
 bool targets_ok(const int64_t* targets, int64_t n_rows, int64_t n_vocab, int64_t ignore_index) {
   for (int64_t i = 0; i < n_rows; ++i) {
     const int64_t y = targets[i];
@@ -152,6 +175,7 @@ DECPO_API int decpo_logprobs_from_logits_bwd(const float* grad_logp, const void*
                                              const float* lse, void* grad_logits) {
   if (dtype != 0 && dtype != 1) return 1;
   if (!targets_ok(targets, n_rows, n_vocab, ignore_index)) return 2;
+  advise_huge_pages(grad_logits, static_cast<size_t>(n_rows * n_vocab) * (dtype == 0 ? 4 : 2));
   active().logits_bwd(grad_logp, logits, dtype, n_rows, n_vocab, row_stride, targets,
                       ignore_index, inv_temperature, lse, grad_logits);
   return 0;
