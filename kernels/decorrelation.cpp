@@ -159,27 +159,51 @@ void micro_bf16(const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb, 
 
 // Y (m x n) = A (m x k) B (k x n), fp32 out; m a multiple of MR, n of NR, k >= 1 (in
 // units of T: floats, or bf16 pairs). upper: only tiles touching j >= i (Y symmetric;
-// the caller mirrors).
+// the caller mirrors). Each KC x NC block of B is first packed into NR-wide column
+// panels (KC rows of NR contiguous values each): the register tile then streams one
+// contiguous panel instead of KC rows a whole row stride apart, one page each when
+// rows are long (a TLB miss per row at D = 4096).
 template <typename T>
 void gemm(const T* a, int64_t lda, const T* b, int64_t ldb, float* y, int64_t ldy, int64_t m,
           int64_t n, int64_t k, bool upper, bool parallel) {
+  static thread_local T* packed = nullptr;  // this thread's panel buffer, kept
+  static thread_local int64_t packed_count = 0;
+  const int64_t need = KC * NC;
+  if (packed_count < need) {
+    std::free(packed);
+    packed = static_cast<T*>(std::aligned_alloc(64, sizeof(T) * need));
+    packed_count = packed != nullptr ? need : 0;
+  }
+  T* const panels = packed;
   for (int64_t jc = 0; jc < n; jc += NC) {
-    const int64_t col_tiles = ((n - jc < NC) ? (n - jc) : NC) / NR;
+    const int64_t nc = (n - jc < NC) ? (n - jc) : NC;
+    const int64_t col_tiles = nc / NR;
     const int64_t tiles = (m / MR) * col_tiles;
     for (int64_t pc = 0; pc < k; pc += KC) {
       const int64_t kc = (k - pc < KC) ? (k - pc) : KC;
+      if (panels != nullptr) {
+#pragma omp parallel for schedule(static) if (parallel)
+        for (int64_t ct = 0; ct < col_tiles; ++ct) {
+          for (int64_t q = 0; q < kc; ++q) {
+            std::memcpy(panels + (ct * kc + q) * NR, b + (pc + q) * ldb + jc + ct * NR,
+                        sizeof(T) * NR);
+          }
+        }
+      }
 #pragma omp parallel for schedule(dynamic, 4) if (parallel)
       for (int64_t t = 0; t < tiles; ++t) {
         const int64_t ir = (t / col_tiles) * MR;
-        const int64_t jr = jc + (t % col_tiles) * NR;
+        const int64_t ct = t % col_tiles;
+        const int64_t jr = jc + ct * NR;
         if (upper && jr + NR <= ir) continue;
+        // Unpacked B (no memory for the panels): the same product, strided.
+        const T* bp = panels != nullptr ? panels + ct * kc * NR : b + pc * ldb + jr;
+        const int64_t ldbp = panels != nullptr ? NR : ldb;
         if constexpr (std::is_same_v<T, float>) {
-          micro_f32(a + ir * lda + pc, lda, b + pc * ldb + jr, ldb, y + ir * ldy + jr, ldy, kc,
-                    pc > 0);
+          micro_f32(a + ir * lda + pc, lda, bp, ldbp, y + ir * ldy + jr, ldy, kc, pc > 0);
         } else {
 #if defined(__AVX512BF16__)
-          micro_bf16(a + ir * lda + pc, lda, b + pc * ldb + jr, ldb, y + ir * ldy + jr, ldy, kc,
-                     pc > 0);
+          micro_bf16(a + ir * lda + pc, lda, bp, ldbp, y + ir * ldy + jr, ldy, kc, pc > 0);
 #endif
         }
       }
@@ -194,6 +218,12 @@ void gemm(const T* a, int64_t lda, const T* b, int64_t ldb, float* y, int64_t ld
 // the diagonal are computed (the caller mirrors). m: rows (a multiple of 4); k: a
 // multiple of the vector width (the padding is zero).
 constexpr int64_t KCD = 2048;
+#if defined(__AVX512F__)
+constexpr int TR = 4;  // 16 accumulators + 8 operands of 32 registers
+#else
+constexpr int TR = 2;  // 8 accumulators + 6 operands of 16 registers (4 x 4 would spill)
+#endif
+constexpr int TC = 4;
 
 template <typename T>
 inline vf dot_step(vf acc, const T* x, const T* y);
@@ -213,6 +243,7 @@ inline vf dot_step<uint32_t>(vf acc, const uint32_t* x, const uint32_t* y) {
 
 template <typename T>
 void gram_nt(const T* a, int64_t lda, float* g, int64_t ldg, int64_t m, int64_t k, bool parallel) {
+  // Square blocks of 4 rows; each is TR x TC register tiles (TR = 2: two of them).
   const int64_t tiles = m / 4;
   const int64_t pairs = tiles * (tiles + 1) / 2;
   for (int64_t pc = 0; pc < k; pc += KCD) {
@@ -222,29 +253,32 @@ void gram_nt(const T* a, int64_t lda, float* g, int64_t ldg, int64_t m, int64_t 
       int64_t ti = 0, rest = t;  // t -> (ti, tj) with tj >= ti
       while (rest >= tiles - ti) rest -= tiles - ti++;
       const int64_t tj = ti + rest;
-      const T* ra = a + 4 * ti * lda + pc;
-      const T* rb = a + 4 * tj * lda + pc;
-      vf acc[4][4];
+      for (int half = 0; half < 4 / TR; ++half) {
+        const int64_t row0 = 4 * ti + half * TR;
+        const T* ra = a + row0 * lda + pc;
+        const T* rb = a + 4 * tj * lda + pc;
+        vf acc[TR][TC];
 #pragma GCC unroll 4
-      for (int r = 0; r < 4; ++r) {
+        for (int r = 0; r < TR; ++r) {
 #pragma GCC unroll 4
-        for (int c = 0; c < 4; ++c) acc[r][c] = vf{};
-      }
-      for (int64_t q = 0; q < kc; q += W) {
+          for (int c = 0; c < TC; ++c) acc[r][c] = vf{};
+        }
+        for (int64_t q = 0; q < kc; q += W) {
 #pragma GCC unroll 4
-        for (int r = 0; r < 4; ++r) {
+          for (int r = 0; r < TR; ++r) {
 #pragma GCC unroll 4
-          for (int c = 0; c < 4; ++c) {
-            acc[r][c] = dot_step<T>(acc[r][c], ra + r * lda + q, rb + c * lda + q);
+            for (int c = 0; c < TC; ++c) {
+              acc[r][c] = dot_step<T>(acc[r][c], ra + r * lda + q, rb + c * lda + q);
+            }
           }
         }
-      }
-      for (int r = 0; r < 4; ++r) {
-        for (int c = 0; c < 4; ++c) {
-          float sum = 0.0f;
-          for (int l = 0; l < W; ++l) sum += acc[r][c][l];
-          float* out = g + (4 * ti + r) * ldg + 4 * tj + c;
-          *out = pc == 0 ? sum : *out + sum;
+        for (int r = 0; r < TR; ++r) {
+          for (int c = 0; c < TC; ++c) {
+            float sum = 0.0f;
+            for (int l = 0; l < W; ++l) sum += acc[r][c][l];
+            float* out = g + (row0 + r) * ldg + 4 * tj + c;
+            *out = pc == 0 ? sum : *out + sum;
+          }
         }
       }
     }
