@@ -332,9 +332,12 @@ void transpose(const T* x, int64_t ldx, int64_t rows, int64_t cols, T* out, int6
 // (and page-faults in) its buffers once, not on every call (fresh multi-MB buffers
 // cost as much as the products at small n). Contents are not zeroed: every reader
 // reads only what was written (the padding that matters is zeroed where it is made).
+// Buffers above kKeepBytes are released after the unit: a one-off huge group does not
+// pin its workspace for the life of the thread.
 // malloc, not std containers: their inline copies would be shared between variants.
 struct Scratch {
   static constexpr int kSlots = 12;  // at most 9 buffers per unit
+  static constexpr size_t kKeepBytes = size_t{64} << 20;
   struct Slot {
     void* ptr;
     size_t bytes;
@@ -356,6 +359,15 @@ struct Scratch {
       if (slot.ptr == nullptr) failed = true;
     }
     return static_cast<T*>(slot.ptr);
+  }
+  ~Scratch() {
+    for (int i = 0; i < used; ++i) {
+      Slot& slot = slots()[i];
+      if (slot.bytes > kKeepBytes) {
+        std::free(slot.ptr);
+        slot = Slot{nullptr, 0};
+      }
+    }
   }
 };
 
