@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,7 +44,11 @@ CASES = ("logprobs_from_logits/N=4096", "logprobs_from_logits/fp32", "decorrelat
 
 
 def run_variant(isa: str, root: Path) -> Path:
+    # A fresh torch.compile cache per variant: Inductor's cache key does not include
+    # the capped CPU capability, and a kernel built under another cap crashes.
+    cache = tempfile.mkdtemp(prefix=f"decpo-inductor-{isa}-")
     env = {**os.environ, **EMULATION[isa], "DECPO_NATIVE_ISA": isa,
+           "TORCHINDUCTOR_CACHE_DIR": cache,
            "DECPO_BENCH_CASES": ",".join(CASES), "DECPO_BENCH_MODES": "fwd+bwd",
            "DECPO_BENCH_MEMORY": "0"}  # fmt: skip
     start = time.time()
