@@ -57,6 +57,26 @@ def _candidate_paths() -> list[Path]:
     return paths
 
 
+# The library's OpenMP runtime is its own (the system libgomp; PyTorch ships another),
+# and by default its idle threads spin after every parallel region, taking the cores
+# from PyTorch's threads that run next (token_logprobs alternates native tile epilogues
+# with PyTorch matmuls: the spinning threads measured as 18% of its profile). Unless
+# the user chose a policy, the runtime is started with passive waiting: idle threads
+# sleep at once. libgomp reads the setting when it loads, so it is set only around
+# loading the library and restored after.
+_WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+def _load_library(path: Path) -> ctypes.CDLL:
+    if any(name in os.environ for name in _WAIT_SETTINGS):
+        return ctypes.CDLL(str(path))
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        return ctypes.CDLL(str(path))
+    finally:
+        del os.environ["OMP_WAIT_POLICY"]
+
+
 @functools.cache
 def _load() -> tuple[ctypes.CDLL | None, str]:
     errors = []
@@ -64,7 +84,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         if not path.is_file():
             continue
         try:
-            lib = ctypes.CDLL(str(path))
+            lib = _load_library(path)
         except OSError as exc:
             errors.append(f"{path}: {exc}")
             continue
