@@ -61,8 +61,9 @@ def peaks(device: str) -> dict[str, float]:
     reps = 20 if device == "cuda" else 5
     # A CPU without bf16 dot products crawls through bf16 matmuls (~0.5 GFLOP/s):
     # a small probe first, so that measuring it does not take minutes.
-    crawls = device == "cpu" and _matmul_rate(device, torch.bfloat16, 256, 2) < 5e9
-    flops = _matmul_rate(device, torch.bfloat16, 256 if crawls else size, 2 if crawls else reps)
+    # (512: a 256 probe ran at 2.8 GFLOP/s on a busy AVX512_BF16 machine; crawling is 0.5.)
+    crawls = device == "cpu" and _matmul_rate(device, torch.bfloat16, 512, 1) < 2e9
+    flops = _matmul_rate(device, torch.bfloat16, 512 if crawls else size, 1 if crawls else reps)
     fp32_flops = _matmul_rate(device, torch.float32, size, reps)
     n = (1 << 30) if device == "cuda" else (1 << 27)  # elements of fp32: 4 GiB / 512 MiB
     src = torch.empty(n, device=dev)
