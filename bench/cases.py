@@ -37,10 +37,15 @@ class Case:
     target: str = ""  # the docs/design.md "Performance targets" item this case speaks to
     modes: tuple[str, ...] = MODES
     extra: dict[str, Any] = field(default_factory=dict)
+    dtype: torch.dtype = torch.bfloat16  # of the inputs
 
     @property
     def key(self) -> str:
         return f"{self.op}/{self.name}"
+
+    @property
+    def dtype_bytes(self) -> int:
+        return torch.finfo(self.dtype).bits // 8
 
 
 _LOGP_CPU = ("decpo", "decpo-torch", "eager", "compile", "cce-torch_compile")
@@ -63,6 +68,16 @@ CPU_CASES = [
     Case("decorrelation_penalty", "4 groups x 512 D=4096", {"G": 4, "n": 512, "D": 4096}, _DEC),
     Case("decorrelation_penalty", "last token 8 layers x 64 D=14336",
          {"G": 8, "n": 64, "D": 14336}, _DEC, extra={"layers": True}),
+    # The shape of the AVX2 report (bf16 72x slower than fp32 there), and fp32 twins:
+    # on every CPU the bf16 rows must not be slower than these.
+    Case("token_logprobs", "N=256 D=512 V=32000", {"N": 256, "D": 512, "V": 32000},
+         _LOGP_CPU, modes=("fwd+bwd",)),
+    Case("token_logprobs", "fp32 N=256 D=512 V=32000", {"N": 256, "D": 512, "V": 32000},
+         _LOGP_CPU, modes=("fwd+bwd",), dtype=torch.float32),
+    Case("logprobs_from_logits", "fp32 N=4096 V=32000", {"N": 4096, "V": 32000}, _LOGITS_CPU,
+         modes=("fwd+bwd",), dtype=torch.float32),
+    Case("decorrelation_penalty", "fp32 4 groups x 512 D=4096", {"G": 4, "n": 512, "D": 4096},
+         _DEC, modes=("fwd+bwd",), dtype=torch.float32),
 ]  # fmt: skip
 
 GPU_CASES = [
@@ -113,6 +128,34 @@ def available(provider: str, device: str) -> str:
 
 
 # ------------------------------------------------------------------ work
+
+
+def exps(case: Case, mode: str) -> float:
+    """Exponentials the case needs at least: logprobs_from_logits takes one per logit
+    in the forward and one in the backward (the softmax is not stored); elsewhere
+    they are negligible next to the matmuls (token_logprobs: N V exps against 4 N V D
+    FLOPs)."""
+    if case.op != "logprobs_from_logits":
+        return 0.0
+    nv = case.dims["N"] * case.dims["V"]
+    return float({"fwd": nv, "bwd": nv, "fwd+bwd": 2 * nv}[mode])
+
+
+def floor_seconds(case: Case, mode: str, peak: dict[str, float]) -> float:
+    """The case's floor on this device: the largest of its minimum FLOPs at the fastest
+    matmul rate its inputs allow (bf16 input: the faster of the bf16 and fp32 rates,
+    since a CPU without bf16 dot products multiplies faster in fp32; fp32 input: the
+    fp32 rate, or on CUDA the bf16 one as before), its bytes at the copy bandwidth,
+    and its exponentials at the native kernels' measured exp rate."""
+    flops, nbytes = work(case, mode, case.dtype_bytes)
+    rate = peak["bf16_matmul_flops"]
+    if "fp32_matmul_flops" in peak and "native_exp_per_s" in peak:  # CPU
+        fp32 = peak["fp32_matmul_flops"]
+        rate = max(rate, fp32) if case.dtype == torch.bfloat16 else fp32
+    floor = max(flops / rate, nbytes / peak["copy_bytes_per_s"])
+    if "native_exp_per_s" in peak:
+        floor = max(floor, exps(case, mode) / peak["native_exp_per_s"])
+    return floor
 
 
 def work(case: Case, mode: str, dtype_bytes: int = 2) -> tuple[float, float]:
@@ -231,18 +274,18 @@ def build(case: Case, provider: str, mode: str, device: str) -> tuple[Callable, 
     torch.manual_seed(0)
     dev = torch.device(device)
     d = case.dims
-    bf16 = torch.bfloat16
+    dtype = case.dtype  # of the inputs (bf16 unless the case says otherwise)
     if case.op == "token_logprobs":
-        leaf = torch.randn(d["N"], d["D"], dtype=bf16, device=dev)
-        weight = (torch.randn(d["V"], d["D"], device=dev) / d["D"] ** 0.5).to(bf16)
+        leaf = torch.randn(d["N"], d["D"], dtype=dtype, device=dev)
+        weight = (torch.randn(d["V"], d["D"], device=dev) / d["D"] ** 0.5).to(dtype)
         targets = torch.randint(0, d["V"], (d["N"],), device=dev)
         fn, args = _token_fn(provider), (weight, targets)
     elif case.op == "logprobs_from_logits":
-        leaf = torch.randn(d["N"], d["V"], dtype=bf16, device=dev)
+        leaf = torch.randn(d["N"], d["V"], dtype=dtype, device=dev)
         targets = torch.randint(0, d["V"], (d["N"],), device=dev)
         fn, args = _logits_fn(provider), (targets,)
     else:
-        leaf = torch.randn(d["G"], d["n"], d["D"], dtype=bf16, device=dev)
+        leaf = torch.randn(d["G"], d["n"], d["D"], dtype=dtype, device=dev)
         fn, args = _decorrelation_fn(provider, d["G"], case.extra.get("layers", False)), ()
     upstream: dict[str, torch.Tensor] = {}
 

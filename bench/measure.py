@@ -19,22 +19,52 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-@functools.cache
-def peaks(device: str) -> dict[str, float]:
-    """Measured bf16 matrix rate (FLOP/s) and copy bandwidth (bytes/s) of this device:
-    the denominators of every "% of limit" in the reports."""
+def _matmul_rate(device: str, dtype: torch.dtype, size: int, reps: int) -> float:
     dev = torch.device(device)
-    size = 8192 if device == "cuda" else 2048
-    a = torch.randn(size, size, device=dev, dtype=torch.bfloat16)
-    b = torch.randn(size, size, device=dev, dtype=torch.bfloat16)
-    reps = 20 if device == "cuda" else 5
+    a = torch.randn(size, size, device=dev, dtype=dtype)
+    b = torch.randn(size, size, device=dev, dtype=dtype)
     a @ b
     synchronize(device)
     start = time.perf_counter()
     for _ in range(reps):
         a @ b
     synchronize(device)
-    flops = 2 * size**3 * reps / (time.perf_counter() - start)
+    return 2 * size**3 * reps / (time.perf_counter() - start)
+
+
+def cpu_info() -> dict:
+    """The CPU's capabilities and the native kernel variant in use (from the native
+    library's own detection), and the environment that forces lesser ones: recorded
+    with every CPU result. {} when the native library is unavailable."""
+    import os
+
+    from decpo.native_backend import library
+
+    if not library.is_available():
+        return {}
+    forced = ("DECPO_NATIVE_ISA", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY",
+              "MKL_ENABLE_INSTRUCTIONS")  # fmt: skip
+    return {"cpu_features": library.cpu_features(), "native_isa": library.active_isa(),
+            "native_bf16_dot": library.native_bf16_dot(),
+            "forced": {k: os.environ[k] for k in forced if k in os.environ}}  # fmt: skip
+
+
+@functools.cache
+def peaks(device: str) -> dict[str, float]:
+    """Measured matrix rates (FLOP/s, bf16 and fp32), copy bandwidth (bytes/s) and, on
+    CPU, the native kernels' exp rate (exps/s, decpo.native_backend.library.exp_rate):
+    the denominators of every "% of floor" in the reports. Under a forced lesser CPU
+    (bench/isa_sweep.py) they are what that CPU class gets: its bf16 matmul can be
+    slower than fp32, and floors then use the faster of the two."""
+    dev = torch.device(device)
+    size = 8192 if device == "cuda" else 2048
+    reps = 20 if device == "cuda" else 5
+    # A CPU without bf16 dot products crawls through bf16 matmuls (~0.5 GFLOP/s):
+    # a small probe first, so that measuring it does not take minutes.
+    # (512: a 256 probe ran at 2.8 GFLOP/s on a busy AVX512_BF16 machine; crawling is 0.5.)
+    crawls = device == "cpu" and _matmul_rate(device, torch.bfloat16, 512, 1) < 2e9
+    flops = _matmul_rate(device, torch.bfloat16, 512 if crawls else size, 1 if crawls else reps)
+    fp32_flops = _matmul_rate(device, torch.float32, size, reps)
     n = (1 << 30) if device == "cuda" else (1 << 27)  # elements of fp32: 4 GiB / 512 MiB
     src = torch.empty(n, device=dev)
     dst = torch.empty_like(src)
@@ -45,8 +75,15 @@ def peaks(device: str) -> dict[str, float]:
         dst.copy_(src)
     synchronize(device)
     bandwidth = 2 * n * 4 * reps / (time.perf_counter() - start)
-    del src, dst, a, b
-    return {"bf16_matmul_flops": flops, "copy_bytes_per_s": bandwidth}
+    del src, dst
+    out = {"bf16_matmul_flops": flops, "fp32_matmul_flops": fp32_flops,
+           "copy_bytes_per_s": bandwidth}  # fmt: skip
+    if device == "cpu":
+        from decpo.native_backend import library
+
+        if library.is_available():
+            out["native_exp_per_s"] = library.exp_rate()
+    return out
 
 
 def cuda_time_ms(setup: Callable, run: Callable, rounds: int) -> list[float]:

@@ -14,23 +14,32 @@ bench/conftest.py.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 
 import pytest
 import torch
 
-from bench.cases import available, build, cases_for, modes_for, work
-from bench.measure import cuda_time_ms, peak_memory, peaks, synchronize
+from bench.cases import available, build, cases_for, floor_seconds, modes_for, work
+from bench.measure import cpu_info, cuda_time_ms, peak_memory, peaks, synchronize
 from bench.render import RESULTS_DIR
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RESULTS: list[dict] = []
+# Optional subsets (bench/isa_sweep.py uses them): DECPO_BENCH_CASES, comma-separated
+# substrings of the case key; DECPO_BENCH_MODES, comma-separated modes.
+_CASES = [c for c in os.environ.get("DECPO_BENCH_CASES", "").split(",") if c]
+_MODES = [m for m in os.environ.get("DECPO_BENCH_MODES", "").split(",") if m]
 PARAMS = [
     pytest.param(case, provider, mode, id=f"{case.key}|{provider}|{mode}")
     for case in cases_for(DEVICE)
+    if not _CASES or any(c in case.key for c in _CASES)
     for provider in case.providers
     for mode in modes_for(case, provider)
+    if not _MODES or mode in _MODES
 ]
+# The CPU's capabilities and the native kernel variant, recorded with every row.
+CPU = cpu_info() if DEVICE == "cpu" else {}
 
 
 @pytest.mark.parametrize("case,provider,mode", PARAMS)
@@ -52,16 +61,18 @@ def test_op(benchmark, case, provider, mode):
     seconds = benchmark.stats.stats.median
     if DEVICE == "cuda":
         seconds = statistics.median(cuda_time_ms(setup, run, rounds)) / 1e3
-    flops, nbytes = work(case, mode)
+    flops, nbytes = work(case, mode, case.dtype_bytes)
     peak = peaks(DEVICE)
-    floor = max(flops / peak["bf16_matmul_flops"], nbytes / peak["copy_bytes_per_s"])
-    # Peak memory of the headline mode, from a fresh process on CPU.
-    memory = peak_memory(case.key, provider, mode, DEVICE) if mode == "fwd+bwd" else {}
+    floor = floor_seconds(case, mode, peak)
+    # Peak memory of the headline mode, from a fresh process on CPU (DECPO_BENCH_MEMORY=0
+    # skips it: bench/isa_sweep.py measures speed per variant, memory does not change).
+    measure = mode == "fwd+bwd" and os.environ.get("DECPO_BENCH_MEMORY") != "0"
+    memory = peak_memory(case.key, provider, mode, DEVICE) if measure else {}
     row = {
         "op": case.op, "case": case.name, "provider": provider, "mode": mode,
         "median_ms": seconds * 1e3, "flops": flops, "bytes": nbytes,
         "floor_ms": floor * 1e3, "pct_of_floor": 100 * floor / seconds,
-        "tflops": flops / seconds / 1e12, **memory,
+        "tflops": flops / seconds / 1e12, **memory, **CPU,
     }  # fmt: skip
     benchmark.extra_info.update(row)
     RESULTS.append(row)

@@ -37,7 +37,7 @@ ALL = frozenset({"torch", "triton", "native"})
 
 # op -> backends implementing it. Add a backend here when its module lands.
 OPS: dict[str, OpSpec] = {
-    "decorrelation_penalty": OpSpec("decorrelation", frozenset({"torch", "triton"})),
+    "decorrelation_penalty": OpSpec("decorrelation", ALL),
     "token_logprobs": OpSpec("logprobs", ALL),
     "logprobs_from_logits": OpSpec("logprobs", ALL),
 }

@@ -3,6 +3,12 @@
 // targets are int64; results are fp32. Functions return 0 on success, 1 for an
 // unknown dtype code, 2 when a target is outside [0, V) and not ignore_index
 // (checked before any data is read, so a bad target never reads out of bounds).
+//
+// Every kernel is compiled once per instruction set (dispatch.cpp): avx512bf16
+// (x86-64-v4 + AVX512_BF16 dot products), avx512 (x86-64-v4), avx2 (x86-64-v3) and
+// baseline (x86-64, or the build target elsewhere). The best one the CPU runs is
+// active after loading; decpo_select_isa forces another, so one machine can measure
+// and test what a CPU with less would run.
 #pragma once
 #include <cstdint>
 
@@ -10,6 +16,21 @@
 
 // ABI version, bumped when a signature changes; the loader checks it.
 DECPO_API int decpo_abi_version(void);
+
+// CPU capability bits, from cpuid and the OS-enabled register state (xgetbv):
+// 1 = x86-64-v3 (AVX2, FMA, F16C, BMI1/2), 2 = x86-64-v4 (AVX-512 F/BW/CD/DQ/VL),
+// 4 = AVX512_BF16 (bf16 dot products), 8 = AMX-BF16 (tiles; used by PyTorch's
+// oneDNN matmuls, not by these kernels).
+DECPO_API int decpo_cpu_features(void);
+
+// Instruction-set variants: 0 = baseline, 1 = avx2, 2 = avx512, 3 = avx512bf16.
+// decpo_compiled_isas: bitmask (1 << isa) of the variants built into this library.
+DECPO_API int decpo_compiled_isas(void);
+// The variant the kernels run now (the best supported one after loading).
+DECPO_API int decpo_active_isa(void);
+// Run variant `isa` from now on (-1: the best this CPU supports). Returns 0, or 3
+// when the variant is not built or this CPU cannot run it (nothing changes then).
+DECPO_API int decpo_select_isa(int isa);
 
 // Row-wise log-softmax-and-gather over a block of logits (N, V):
 //   lse_i  = logsumexp_v(logits_iv * inv_temperature)
@@ -43,3 +64,25 @@ DECPO_API int decpo_online_softmax_tile(void* tile, int dtype, int64_t n_rows, i
                                         const int64_t* local_targets, float* m, float* s_other,
                                         float* s_target, float* target_logit, float* stats,
                                         float* rescale);
+
+// Decorrelation penalty of every (layer, group) of hidden (L, N, D) (see
+// decorrelation.cpp): hidden fp32 or bf16 (dtype 0 / 1) with strides layer_stride and
+// row_stride (unit stride along D). rows: the selected row indices sorted by group,
+// group g = rows[offsets[g] .. offsets[g + 1]), n_groups + 1 offsets; rows NULL means
+// row r of the single group is row r (offsets still give its size). normalize: rows
+// scaled to unit norm first; offdiag: only pairs i != j count. p_sum: (L,) doubles out,
+// sum over groups of sum over counted pairs (G_ij - delta_ij)^2. grad: NULL, or
+// (L, N, D) contiguous in the input dtype, rows of the groups written with
+// grad_scale * dP/dh (other rows untouched). Returns 0, 1 for a bad dtype, 4 when
+// an allocation fails.
+DECPO_API int decpo_decorrelation_penalty(const void* hidden, int dtype, int64_t n_layers,
+                                          int64_t n_rows, int64_t dim, int64_t layer_stride,
+                                          int64_t row_stride, const int64_t* rows,
+                                          const int64_t* offsets, int64_t n_groups,
+                                          int normalize, int offdiag, float grad_scale,
+                                          double* p_sum, void* grad);
+
+// The exp-throughput probe behind the log-prob floors: every OpenMP thread sums the
+// kernels' vectorized exp over x (n floats, n a multiple of 64, kept in L1) reps
+// times. out[0] = the sum (so nothing is optimized away), out[1] = exps computed.
+DECPO_API void decpo_exp_probe(const float* x, int64_t n, int64_t reps, double* out);

@@ -4,22 +4,21 @@
 // whose max and sum of exponentials are merged into a running (max, sum), the
 // online logsumexp: m' = max(m, m_b); s' = s exp(m - m') + s_b exp(m_b - m').
 // Backward, one read and one write of each row: d logit_v = g (1[v = y] - p_v) / T.
-// Bytes per element: 2 (bf16) read forward; 2 read + 2 written backward. FLOPs per
-// element ~ 15 for exp plus a few, far below what the bytes allow on 2 cores
-// (~16 GFLOP/s of exp per core with AVX-512 vs ~10 GB/s), so both passes are
-// bound by memory bandwidth and exp throughput, never by anything else.
+// Bytes per element: 2 (bf16) read forward; 2 read + 2 written backward; one exp
+// per element each way (vexp: 12 vector multiply-adds and ~8 other vector ops per
+// kLanes elements). Which of the two bounds a pass depends on the CPU: bench/cases.py
+// counts both, with the exp rate measured on the machine (bench/measure.py).
 // NaN and +Inf propagate: a NaN element makes its block sum NaN, +Inf gives
 // exp(inf - inf) = NaN. Rows that are all -Inf give lse = -Inf.
 #include <cmath>
 #include <limits>
 
-#include "decpo_native.h"
+#include "isa.h"
 #include "vec_math.h"
 
 namespace {
 
-using decpo::exp_approx;
-using decpo::to_float;
+using namespace decpo::DECPO_ISA;
 
 constexpr int64_t BLOCK = 1024;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -36,26 +35,40 @@ struct ShiftedLse {
   float log_s;
 };
 
-// Online logsumexp of one row of n elements, each scaled by inv_t.
+// Online logsumexp of one row of n elements, each scaled by inv_t. Per block: a
+// vector max pass, then one exp per element (the block is in L1 for the second pass).
 template <typename T>
-DECPO_MULTIVERSION ShiftedLse row_logsumexp(const T* row, int64_t n, float inv_t) {
+ShiftedLse row_logsumexp(const T* row, int64_t n, float inv_t) {
   float m = kNegInf;
   float s = 0.0f;
-  float block[BLOCK];
+  const vf vinv_t = vsplat(inv_t);
   for (int64_t start = 0; start < n; start += BLOCK) {
     const int64_t len = (n - start < BLOCK) ? (n - start) : BLOCK;
-    float m_b = kNegInf;
-#pragma omp simd reduction(max : m_b)
-    for (int64_t j = 0; j < len; ++j) {
-      block[j] = to_float(row[start + j]);
-      m_b = block[j] > m_b ? block[j] : m_b;  // NaN never wins here; the sum catches it
+    const T* block = row + start;
+    vf vmax = vsplat(kNegInf);
+    int64_t j = 0;
+    for (; j + kLanes <= len; j += kLanes) {
+      const vf x = vload(block + j);
+      vmax = x > vmax ? x : vmax;  // NaN never wins here; the sum catches it
+    }
+    float m_b = hmax(vmax);
+    for (; j < len; ++j) {
+      const float x = to_float(block[j]);
+      m_b = x > m_b ? x : m_b;
     }
     const float m_new = m > m_b ? m : m_b;
     // All -inf so far: keep exp() arguments finite (exp(-inf - 0) = 0).
     const float m_safe = (m_new == kNegInf) ? 0.0f : m_new;
-    float s_b = 0.0f;
-#pragma omp simd reduction(+ : s_b)
-    for (int64_t j = 0; j < len; ++j) s_b += exp_approx((block[j] - m_safe) * inv_t);
+    const vf vm = vsplat(m_safe);
+    vf acc0 = vf{}, acc1 = vf{};  // two chains: the adds never wait on each other
+    j = 0;
+    for (; j + 2 * kLanes <= len; j += 2 * kLanes) {
+      acc0 += vexp((vload(block + j) - vm) * vinv_t);
+      acc1 += vexp((vload(block + j + kLanes) - vm) * vinv_t);
+    }
+    for (; j + kLanes <= len; j += kLanes) acc0 += vexp((vload(block + j) - vm) * vinv_t);
+    float s_b = hsum(acc0 + acc1);
+    for (; j < len; ++j) s_b += exp_approx((to_float(block[j]) - m_safe) * inv_t);
     s = s * exp_approx((m - m_safe) * inv_t) + s_b;
     m = m_new;
   }
@@ -63,8 +76,7 @@ DECPO_MULTIVERSION ShiftedLse row_logsumexp(const T* row, int64_t n, float inv_t
 }
 
 template <typename T>
-DECPO_MULTIVERSION void row_backward(const T* row, T* out, int64_t n, int64_t y, float g,
-                                     float inv_t, float lse) {
+void row_backward(const T* row, T* out, int64_t n, int64_t y, float g, float inv_t, float lse) {
   // d logit_v = g (1[v = y] - p_v) / T with p_v = exp((logit_v - m) / T - log_s); g
   // carries 1/T. m = 0 and log_s = lse unless lse is too large for that to be exact.
   float m = 0.0f;
@@ -74,12 +86,14 @@ DECPO_MULTIVERSION void row_backward(const T* row, T* out, int64_t n, int64_t y,
     m = shifted.m;
     log_s = shifted.log_s;
   }
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    decpo::store(out, j, -g * exp_approx((to_float(row[j]) - m) * inv_t - log_s));
+  const vf vm = vsplat(m), vinv_t = vsplat(inv_t), vlog_s = vsplat(log_s), vg = vsplat(-g);
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    vstore(out + j, vg * vexp((vload(row + j) - vm) * vinv_t - vlog_s));
   }
+  for (; j < n; ++j) store(out, j, -g * exp_approx((to_float(row[j]) - m) * inv_t - log_s));
   const float p_y = exp_approx((to_float(row[y]) - m) * inv_t - log_s);
-  decpo::store(out, y, g - g * p_y);
+  store(out, y, g - g * p_y);
 }
 
 template <typename T>
@@ -116,48 +130,51 @@ void backward(const float* grad_logp, const T* logits, int64_t n_rows, int64_t n
   }
 }
 
-bool targets_ok(const int64_t* targets, int64_t n_rows, int64_t n_vocab, int64_t ignore_index) {
-  for (int64_t i = 0; i < n_rows; ++i) {
-    const int64_t y = targets[i];
-    if (y != ignore_index && (y < 0 || y >= n_vocab)) return false;
-  }
-  return true;
-}
-
 }  // namespace
 
-DECPO_API int decpo_abi_version(void) { return 4; }
+namespace decpo::DECPO_ISA {
 
-DECPO_API int decpo_logprobs_from_logits_fwd(const void* logits, int dtype, int64_t n_rows,
-                                             int64_t n_vocab, int64_t row_stride,
-                                             const int64_t* targets, int64_t ignore_index,
-                                             float inv_temperature, float* logp, float* lse) {
-  if (dtype != 0 && dtype != 1) return 1;
-  // Every target is checked before any data is read, so a bad one never reads out of bounds.
-  if (!targets_ok(targets, n_rows, n_vocab, ignore_index)) return 2;
+// Targets are checked by the caller (dispatch.cpp) before any data is read.
+void logits_fwd(const void* logits, int dtype, int64_t n_rows, int64_t n_vocab, int64_t row_stride,
+                const int64_t* targets, int64_t ignore_index, float inv_t, float* logp,
+                float* lse) {
   if (dtype == 0) {
     forward(static_cast<const float*>(logits), n_rows, n_vocab, row_stride, targets,
-            ignore_index, inv_temperature, logp, lse);
+            ignore_index, inv_t, logp, lse);
   } else {
     forward(static_cast<const uint16_t*>(logits), n_rows, n_vocab, row_stride, targets,
-            ignore_index, inv_temperature, logp, lse);
+            ignore_index, inv_t, logp, lse);
   }
-  return 0;
 }
 
-DECPO_API int decpo_logprobs_from_logits_bwd(const float* grad_logp, const void* logits,
-                                             int dtype, int64_t n_rows, int64_t n_vocab,
-                                             int64_t row_stride, const int64_t* targets,
-                                             int64_t ignore_index, float inv_temperature,
-                                             const float* lse, void* grad_logits) {
-  if (dtype != 0 && dtype != 1) return 1;
-  if (!targets_ok(targets, n_rows, n_vocab, ignore_index)) return 2;
+void logits_bwd(const float* grad_logp, const void* logits, int dtype, int64_t n_rows,
+                int64_t n_vocab, int64_t row_stride, const int64_t* targets, int64_t ignore_index,
+                float inv_t, const float* lse, void* grad_logits) {
   if (dtype == 0) {
     backward(grad_logp, static_cast<const float*>(logits), n_rows, n_vocab, row_stride, targets,
-             ignore_index, inv_temperature, lse, static_cast<float*>(grad_logits));
+             ignore_index, inv_t, lse, static_cast<float*>(grad_logits));
   } else {
     backward(grad_logp, static_cast<const uint16_t*>(logits), n_rows, n_vocab, row_stride,
-             targets, ignore_index, inv_temperature, lse, static_cast<uint16_t*>(grad_logits));
+             targets, ignore_index, inv_t, lse, static_cast<uint16_t*>(grad_logits));
   }
-  return 0;
 }
+
+void exp_probe(const float* x, int64_t n, int64_t reps, double* out) {
+  double total = 0.0, count = 0.0;
+#pragma omp parallel reduction(+ : total, count)
+  {
+    vf acc0 = vf{}, acc1 = vf{};
+    for (int64_t r = 0; r < reps; ++r) {
+      for (int64_t j = 0; j + 2 * kLanes <= n; j += 2 * kLanes) {
+        acc0 += vexp(vload(x + j));
+        acc1 += vexp(vload(x + j + kLanes));
+      }
+    }
+    total += hsum(acc0 + acc1);
+    count += static_cast<double>(n / (2 * kLanes) * 2 * kLanes) * static_cast<double>(reps);
+  }
+  out[0] = total;
+  out[1] = count;
+}
+
+}  // namespace decpo::DECPO_ISA

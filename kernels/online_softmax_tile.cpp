@@ -24,13 +24,13 @@
 #include <cmath>
 #include <limits>
 
-#include "decpo_native.h"
+#include "isa.h"
 #include "vec_math.h"
 
 namespace {
 
-using decpo::exp_approx;
-using decpo::to_float;
+using decpo::DECPO_ISA::exp_approx;
+using decpo::DECPO_ISA::to_float;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -79,7 +79,7 @@ inline void exp_store(T* row, int64_t lo, int64_t hi, const Transform& f, float 
       q += e * e;
       zs += z;
     }
-    decpo::store(row, j, SOFTCAP ? e * factor : e);
+    decpo::DECPO_ISA::store(row, j, SOFTCAP ? e * factor : e);
   }
   out.s += s;
   out.x += x;
@@ -88,7 +88,7 @@ inline void exp_store(T* row, int64_t lo, int64_t hi, const Transform& f, float 
 }
 
 template <bool SOFTCAP, bool STATS, typename T>
-DECPO_MULTIVERSION void tile_row(T* row, int64_t n, const Transform& f, int64_t y, float* m,
+void tile_row(T* row, int64_t n, const Transform& f, int64_t y, float* m,
                                  float* s_other, float* s_target, float* target_logit,
                                  float* stat_x, float* stat_q, float* stat_zs,
                                  float* rescale_out) {
@@ -112,7 +112,7 @@ DECPO_MULTIVERSION void tile_row(T* row, int64_t n, const Transform& f, int64_t 
     exp_store<SOFTCAP, STATS>(row, 0, y, f, m_safe, sums);
     exp_store<SOFTCAP, STATS>(row, y + 1, n, f, m_safe, sums);
     e_y = exp_approx(z_y - m_safe);
-    decpo::store(row, y, 0.0f);
+    decpo::DECPO_ISA::store(row, y, 0.0f);
     *target_logit = z_y;
   } else {
     exp_store<SOFTCAP, STATS>(row, 0, n, f, m_safe, sums);
@@ -168,26 +168,23 @@ void dispatch(T* data, int64_t n_rows, int64_t n_cols, int64_t row_stride, const
 
 }  // namespace
 
-DECPO_API int decpo_online_softmax_tile(void* tile_data, int dtype, int64_t n_rows,
-                                        int64_t n_cols, int64_t row_stride, const float* bias,
-                                        float inv_temperature, float softcap, float logit_scale,
-                                        const int64_t* local_targets, float* m, float* s_other,
-                                        float* s_target, float* target_logit, float* stats,
-                                        float* rescale) {
-  for (int64_t i = 0; i < n_rows; ++i) {
-    if (local_targets[i] >= n_cols) return 2;
-  }
+namespace decpo::DECPO_ISA {
+
+// local_targets are checked by the caller (dispatch.cpp).
+void softmax_tile(void* tile_data, int dtype, int64_t n_rows, int64_t n_cols, int64_t row_stride,
+                  const float* bias, float inv_temperature, float softcap, float logit_scale,
+                  const int64_t* local_targets, float* m, float* s_other, float* s_target,
+                  float* target_logit, float* stats, float* rescale) {
   const bool has_softcap = softcap > 0.0f;
   Transform f{bias, has_softcap ? logit_scale / softcap : logit_scale * inv_temperature,
               has_softcap ? softcap * inv_temperature : 1.0f};
   if (dtype == 0) {
     dispatch(static_cast<float*>(tile_data), n_rows, n_cols, row_stride, f, has_softcap,
              local_targets, m, s_other, s_target, target_logit, stats, rescale);
-  } else if (dtype == 1) {
+  } else {
     dispatch(static_cast<uint16_t*>(tile_data), n_rows, n_cols, row_stride, f, has_softcap,
              local_targets, m, s_other, s_target, target_logit, stats, rescale);
-  } else {
-    return 1;
   }
-  return 0;
 }
+
+}  // namespace decpo::DECPO_ISA

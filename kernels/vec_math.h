@@ -7,14 +7,27 @@
 #include <cstring>
 #include <limits>
 
-namespace decpo {
-
-// Row kernels are compiled for several ISAs; the loader picks the best at run time.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DECPO_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
-#else
-#define DECPO_MULTIVERSION
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
 #endif
+
+#include "isa.h"
+
+// Inside the variant's namespace: each variant gets its own copy of these inline
+// functions (one shared out-of-line copy would run one variant's instructions in all).
+namespace decpo::DECPO_ISA {
+
+// a * b + c, fused where the variant has FMA (one rounding, and half the
+// instructions of the exp polynomial below). Contraction is never left to the
+// compiler (-ffp-contract=off): the same expression rounds the same way wherever it
+// appears in one variant, so exp(x / T - lse) is bitwise the same in forward and backward.
+inline float madd(float a, float b, float c) {
+#if defined(__FMA__)
+  return __builtin_fmaf(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
 
 inline float bits_to_float(uint32_t bits) {
   float out;
@@ -49,16 +62,16 @@ inline float exp_approx(float x) {
   constexpr float kHi = 88.0f;
   const float xc = x < kLo ? kLo : (x > kHi ? kHi : x);
   // Round to nearest through the 1.5 * 2^23 trick: plain adds, so the loop vectorizes.
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = xc - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
+  const float n = madd(xc, 1.44269504088896341f, 12582912.0f) - 12582912.0f;
+  float r = madd(n, -0.693359375f, xc);
+  r = madd(n, 2.12194440e-4f, r);
   float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
+  y = madd(y, r, 1.3981999507e-3f);
+  y = madd(y, r, 8.3334519073e-3f);
+  y = madd(y, r, 4.1665795894e-2f);
+  y = madd(y, r, 1.6666665459e-1f);
+  y = madd(y, r, 5.0000001201e-1f);
+  y = madd(y * r, r, r) + 1.0f;
   const float scale = bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
   float result = y * scale;
   result = x < kLo ? 0.0f : result;
@@ -66,4 +79,80 @@ inline float exp_approx(float x) {
   return (x != x) ? x : result;
 }
 
-}  // namespace decpo
+// ---- Explicit vectors (GCC vector extensions): the row kernels are written with
+// these so that every variant is vectorized at its own width, whatever the
+// auto-vectorizer decides (GCC 12 leaves exp_approx's loops scalar for AVX2 and SSE).
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX2__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+typedef float vf __attribute__((vector_size(kLanes * 4)));
+typedef int32_t vi __attribute__((vector_size(kLanes * 4)));
+typedef uint32_t vu __attribute__((vector_size(kLanes * 4)));
+typedef uint16_t vh __attribute__((vector_size(kLanes * 2)));
+typedef float vf_unaligned __attribute__((vector_size(kLanes * 4), aligned(4)));
+typedef uint16_t vh_unaligned __attribute__((vector_size(kLanes * 2), aligned(2)));
+
+inline vf vsplat(float x) { return vf{} + x; }
+
+inline vf vmadd(vf a, vf b, vf c) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__)
+  return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
+
+inline vf vload(const float* p) { return *reinterpret_cast<const vf_unaligned*>(p); }
+inline vf vload(const uint16_t* p) {
+  const vh h = *reinterpret_cast<const vh_unaligned*>(p);
+  return (vf)(__builtin_convertvector(h, vu) << 16);
+}
+inline void vstore(float* p, vf x) { *reinterpret_cast<vf_unaligned*>(p) = x; }
+// fp32 -> bf16, round to nearest even, NaN kept quiet (as float_to_bf16).
+inline void vstore(uint16_t* p, vf x) {
+  const vu bits = (vu)x;
+  const vu rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  const vu out = (x != x) ? (0x7FC0u | (bits >> 16)) : rounded;
+  *reinterpret_cast<vh_unaligned*>(p) = __builtin_convertvector(out, vh);
+}
+
+inline float hmax(vf x) {
+  float m = x[0];
+  for (int i = 1; i < kLanes; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+inline float hsum(vf x) {
+  float s = 0.0f;
+  for (int i = 0; i < kLanes; ++i) s += x[i];
+  return s;
+}
+
+// exp_approx, lane-wise, with the same operations (so the same results).
+inline vf vexp(vf x) {
+  const vf lo = vsplat(-87.33654f), hi = vsplat(88.0f);
+  vf xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  const vf n = vmadd(xc, vsplat(1.44269504088896341f), vsplat(12582912.0f)) - 12582912.0f;
+  vf r = vmadd(n, vsplat(-0.693359375f), xc);
+  r = vmadd(n, vsplat(2.12194440e-4f), r);
+  vf y = vsplat(1.9875691500e-4f);
+  y = vmadd(y, r, vsplat(1.3981999507e-3f));
+  y = vmadd(y, r, vsplat(8.3334519073e-3f));
+  y = vmadd(y, r, vsplat(4.1665795894e-2f));
+  y = vmadd(y, r, vsplat(1.6666665459e-1f));
+  y = vmadd(y, r, vsplat(5.0000001201e-1f));
+  y = vmadd(y * r, r, r) + 1.0f;
+  const vi e = __builtin_convertvector(n, vi) + 127;
+  vf result = y * (vf)(e << 23);
+  result = x < lo ? vsplat(0.0f) : result;
+  result = x > hi ? vsplat(std::numeric_limits<float>::infinity()) : result;
+  return (x != x) ? x : result;
+}
+
+}  // namespace decpo::DECPO_ISA

@@ -11,13 +11,18 @@ PyTorch's matmuls per (row chunk, vocabulary chunk) tile and the per-tile softma
 steps fused into one C++ pass over the tile (online_softmax_tile): one read and one
 write of each R x Vc tile instead of one torch op (and one pass) per step.
 A trainable head's backward recomputes tiles with the torch backend's code.
+bf16 inputs on a CPU without bf16 dot products (no AVX512_BF16, no AMX; or the
+kernels forced below the avx512bf16 variant) are multiplied as fp32 tiles, each
+weight chunk converted as it is used: PyTorch's bf16 matmul runs at ~0.5 GFLOP/s
+there against ~120 GFLOP/s in fp32 (2 cores), and the fp32 product is at least as
+accurate. library.native_bf16_dot() makes that decision.
 """
 
 from __future__ import annotations
 
 import torch
 
-from decpo.native_backend.library import DTYPE_CODES, library
+from decpo.native_backend.library import DTYPE_CODES, library, native_bf16_dot
 from decpo.torch_backend import logprobs as torch_logprobs
 
 
@@ -132,9 +137,25 @@ def token_logprobs(
     return torch_logprobs.token_logprobs(
         hidden, weight, targets, bias, ignore_index, temperature, softcap, logit_scale,
         frozen_grad, with_stats, epilogue=online_softmax_tile,
+        matmul_dtype=matmul_dtype(hidden.dtype),
     )  # fmt: skip
 
 
-# A trainable head's backward recomputes each logit tile and is bound by its matmuls,
-# which the torch backend's code already runs through PyTorch.
-token_logprobs_backward = torch_logprobs.token_logprobs_backward
+def matmul_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    """fp32 for bf16 inputs on a CPU without bf16 dot products, else None (the
+    inputs' own dtype)."""
+    return torch.float32 if dtype == torch.bfloat16 and not native_bf16_dot() else None
+
+
+def token_logprobs_backward(
+    grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+    bias: torch.Tensor | None, lse: torch.Tensor, ignore_index: int, temperature: float,
+    softcap: float, logit_scale: float, need_hidden: bool, need_weight: bool, need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """A trainable head's backward: the torch backend's (it recomputes each logit tile
+    and is bound by its matmuls, which PyTorch runs), with the same matmul dtype as
+    the forward."""
+    return torch_logprobs.token_logprobs_backward(
+        grad_logp, hidden, weight, targets, bias, lse, ignore_index, temperature, softcap,
+        logit_scale, need_hidden, need_weight, need_bias, matmul_dtype(hidden.dtype),
+    )  # fmt: skip

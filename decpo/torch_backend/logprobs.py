@@ -58,11 +58,13 @@ def _safe_max(m: torch.Tensor) -> torch.Tensor:
 def _logit_tile(
     h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, v0: int, v1: int,
     inv_t: float, compute_dtype: torch.dtype, softcap: float = 0.0, logit_scale: float = 1.0,
+    w_chunk: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """Final logits z of vocabulary rows [v0, v1) in the compute dtype: (rows, v1 - v0),
     and t = tanh(logit_scale a / softcap) when softcapping (else None), where
-    a = h W^T + b and z = softcap t / T (or logit_scale a / T without a softcap)."""
-    logits = (h @ weight[v0:v1].T).to(compute_dtype)
+    a = h W^T + b and z = softcap t / T (or logit_scale a / T without a softcap).
+    w_chunk: weight[v0:v1] already converted to h's dtype, when the caller has it."""
+    logits = (h @ (weight[v0:v1] if w_chunk is None else w_chunk).T).to(compute_dtype)
     if bias is not None:
         logits += bias[v0:v1].to(compute_dtype)
     if softcap:
@@ -85,13 +87,16 @@ def token_logprobs(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     bias: torch.Tensor | None, ignore_index: int, temperature: float, softcap: float,
     logit_scale: float, frozen_grad: bool, with_stats: bool,
-    epilogue: TileEpilogue | None = None,
+    epilogue: TileEpilogue | None = None, matmul_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Forward for hidden (N, D), weight (V, D), targets (N,).
 
     Final logits z = c(logit_scale (h W^T + b)) / T with c(x) = softcap tanh(x / softcap)
     (the identity when softcap == 0). epilogue: a fused implementation of the per-tile
     softmax steps (the native CPU library's); None runs them as torch ops.
+    matmul_dtype: the dtype the matmuls run in (None: the inputs'); each weight chunk
+    is converted as it is used, never the whole head (the native backend passes fp32
+    for bf16 inputs on CPUs without bf16 dot products, where bf16 matmuls crawl).
 
     Returns logp (N,), lse (N,) = logsumexp_v z in fp32 (float64 for float64 input; 0
     at ignored rows); if frozen_grad, d logp / d hidden (N, D) in hidden's dtype (else
@@ -122,6 +127,7 @@ def token_logprobs(
     out_logp, out_lse, out_grad, out_stats = [], [], [], []
     for r0 in range(0, m_rows, row_chunk):
         h = h_all[r0 : r0 + row_chunk]  # (R, D)
+        h_mm = h if matmul_dtype is None else h.to(matmul_dtype)  # (R, D)
         t = t_all[r0 : r0 + row_chunk]  # (R,)
         m = h.new_full((h.shape[0],), float("-inf"), dtype=cdt)  # running max
         s_other = h.new_zeros(h.shape[0], dtype=cdt)  # sum of exp(z - m) over v != y
@@ -136,8 +142,9 @@ def token_logprobs(
         for v0 in range(0, n_vocab, vocab_chunk):
             v1 = min(v0 + vocab_chunk, n_vocab)
             local, inside = _target_columns(t, v0, v1)
+            w_chunk = weight[v0:v1] if matmul_dtype is None else weight[v0:v1].to(matmul_dtype)
             if epilogue is not None:
-                p_tile = h @ weight[v0:v1].T  # (R, Vc), becomes exp(z - m_new) c' in place
+                p_tile = h_mm @ w_chunk.T  # (R, Vc), becomes exp(z - m_new) c' in place
                 rescale = epilogue(
                     p_tile, None if bias is None else bias[v0:v1], inv_t, softcap, logit_scale,
                     torch.where(inside, local.squeeze(1), -1), m, s_other, s_target,
@@ -145,7 +152,7 @@ def token_logprobs(
                 )  # fmt: skip
             else:
                 tile, tanh_tile = _logit_tile(
-                    h, weight, bias, v0, v1, inv_t, cdt, softcap, logit_scale
+                    h_mm, weight, bias, v0, v1, inv_t, cdt, softcap, logit_scale, w_chunk
                 )  # (R, Vc)
                 target_logit = torch.where(inside, tile.gather(1, local).squeeze(1), target_logit)
                 m_new = torch.maximum(m, tile.amax(1))
@@ -167,10 +174,10 @@ def token_logprobs(
                 m = m_new
                 if other_w is not None and tanh_tile is not None:
                     e.mul_(1.0 - tanh_tile.square_())  # dz / da up to logit_scale / T
-                p_tile = e.to(weight.dtype) if other_w is not None else e
+                p_tile = e.to(w_chunk.dtype) if other_w is not None else e
             if other_w is not None:
                 other_w.mul_(rescale[:, None])
-                other_w += p_tile @ weight[v0:v1]
+                other_w += p_tile @ w_chunk
         s = s_other + s_target
         log_s = torch.log(s)
         row_lse = _safe_max(m) + log_s
@@ -221,10 +228,12 @@ def token_logprobs_backward(
     grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     bias: torch.Tensor | None, lse: torch.Tensor, ignore_index: int, temperature: float,
     softcap: float, logit_scale: float, need_hidden: bool, need_weight: bool, need_bias: bool,
+    matmul_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Recompute-in-backward for a trainable head: (d hidden, d weight, d bias), each
-    an empty tensor when not needed. Vocabulary chunks outside, row chunks inside,
-    so d weight is accumulated per chunk in fp32 and every tile is computed once.
+    an empty tensor when not needed; matmul_dtype as in token_logprobs. Vocabulary
+    chunks outside, row chunks inside, so d weight is accumulated per chunk in fp32 and
+    every tile is computed once.
 
     d logp_t / d a_tv = (1[v = y_t] - p_tv) dz_tv / da_tv with a = h W^T + b and
     dz / da = logit_scale (1 - tanh^2) / T (logit_scale / T without a softcap).
@@ -250,11 +259,12 @@ def token_logprobs_backward(
         v1 = min(v0 + vocab_chunk, n_vocab)
         dw = weight.new_zeros((v1 - v0, dim), dtype=cdt) if need_weight else None
         db = weight.new_zeros(v1 - v0, dtype=cdt) if need_bias else None
+        w_chunk = weight[v0:v1] if matmul_dtype is None else weight[v0:v1].to(matmul_dtype)
         for r0 in range(0, m_rows, row_chunk):
             r1 = min(r0 + row_chunk, m_rows)
-            h = h_all[r0:r1]
+            h = h_all[r0:r1] if matmul_dtype is None else h_all[r0:r1].to(matmul_dtype)
             tile, tanh_tile = _logit_tile(
-                h, weight, bias, v0, v1, inv_t, cdt, softcap, logit_scale
+                h, weight, bias, v0, v1, inv_t, cdt, softcap, logit_scale, w_chunk
             )  # (R, Vc)
             g = g_all[r0:r1]
             # d a = g * (onehot - p) * dz/da
@@ -265,9 +275,9 @@ def token_logprobs_backward(
                 tile.mul_(1.0 - tanh_tile.square_())
             tile.mul_(dz_da)
             if d_hidden is not None:
-                d_hidden[r0:r1] += (tile.to(weight.dtype) @ weight[v0:v1]).to(cdt)
+                d_hidden[r0:r1] += (tile.to(w_chunk.dtype) @ w_chunk).to(cdt)
             if dw is not None:
-                dw += (tile.T.to(hidden.dtype) @ h).to(cdt)
+                dw += (tile.T.to(h.dtype) @ h).to(cdt)
             if db is not None:
                 db += tile.sum(0)
         if dw is not None:

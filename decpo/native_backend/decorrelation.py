@@ -1,0 +1,73 @@
+"""Decorrelation penalty on the native CPU library (kernels/decorrelation.cpp), fp32
+and bf16: loss and gradient of every (layer, group) in one call.
+
+Each group's rows are read and normalized once into a reused buffer; the Gram
+product G = Z Z^T (n <= D) or the covariance C = Z^T Z (n > D) runs on register-tiled
+C++ GEMMs (vdpbf16ps bf16 dot products for bf16 input where the CPU has
+AVX512_BF16, fp32 FMAs otherwise), only the upper tiles of the symmetric product;
+the loss is summed from E = G - I (or C - cI) in the same pass, and the gradient
+E Z (or Z (C - cI)) has the normalization's backward fused into its epilogue,
+written once in the input dtype. OpenMP runs across (layer, group) units when they
+share evenly between the threads, otherwise inside each product.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from decpo.native_backend.library import DTYPE_CODES, library
+from decpo.numerics import accumulation_dtype, bucket_rows, grad_dtype
+
+
+def decorrelation_penalty(
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    segment_ids: torch.Tensor | None,
+    normalize: bool,
+    offdiag: bool,
+    reduction: str,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Penalty and (if compute_grad) its gradient for hidden (L, N, D), fp32 or bf16
+    on CPU: (loss 0-dim fp32, grad (L, N, D) contiguous in hidden's dtype, already
+    scaled for the reduction and the layer mean, or an empty tensor), as the torch
+    backend returns them."""
+    assert hidden.device.type == "cpu" and hidden.dtype in DTYPE_CODES
+    n_layers, n, dim = hidden.shape
+    if hidden.stride(2) != 1:
+        hidden = hidden.contiguous()
+    if mask is None and segment_ids is None:
+        rows, sizes = None, [n]
+    else:
+        rows, sizes = bucket_rows(n, mask, segment_ids, hidden.device)
+        rows = rows.to(torch.int64).contiguous()
+    pairs = sum(s * (s - 1) if offdiag else s * s for s in sizes)
+    # Rows outside every group keep a zero gradient; the kernel writes the others.
+    full = rows is None or rows.numel() == n
+    grad = (
+        (torch.empty if full else torch.zeros)(hidden.shape, dtype=grad_dtype(hidden.dtype))
+        if compute_grad
+        else hidden.new_empty(0)
+    )
+    out_dtype = accumulation_dtype(hidden.dtype)
+    if pairs == 0 or n_layers == 0:
+        return hidden.new_zeros((), dtype=out_dtype), grad.zero_()
+
+    # d(loss)/d(P_sum of layer l): 1/L for the mean over layers, 1/pairs for "mean".
+    grad_scale = 1.0 / n_layers / (pairs if reduction == "mean" else 1)
+    offsets = torch.zeros(len(sizes) + 1, dtype=torch.int64)  # (G + 1,)
+    offsets[1:] = torch.tensor(sizes, dtype=torch.int64).cumsum(0)
+    p_sum = torch.empty(n_layers, dtype=torch.float64)  # (L,)
+    status = library().decpo_decorrelation_penalty(
+        hidden.data_ptr(), DTYPE_CODES[hidden.dtype], n_layers, n, dim, hidden.stride(0),
+        hidden.stride(1), None if rows is None else rows.data_ptr(), offsets.data_ptr(),
+        len(sizes), int(normalize), int(offdiag), grad_scale, p_sum.data_ptr(),
+        grad.data_ptr() if compute_grad else None,
+    )  # fmt: skip
+    if status == 4:
+        raise MemoryError("decpo_decorrelation_penalty: no memory for its workspace")
+    assert status == 0, f"decpo_decorrelation_penalty returned {status}"
+    loss = (p_sum.sum() * grad_scale).to(out_dtype)
+    # NaN or Inf anywhere in the selected rows must not come out as a finite number.
+    loss = torch.where(torch.isfinite(loss), loss, torch.full_like(loss, float("nan")))
+    return loss, grad

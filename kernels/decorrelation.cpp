@@ -1,0 +1,634 @@
+// Decorrelation penalty on CPU: loss and gradient of every (layer, group) in one call.
+//
+// Per group of n selected rows of one layer, Z (n, D) (rows scaled to unit norm
+// when normalize), the penalty is P = sum over counted pairs (G_ij - delta_ij)^2 with
+// G = Z Z^T, and dP/dz_i = 4 sum_j E_ij z_j with E = G - I (diagonal zeroed for
+// offdiag). Two exact paths, as in the torch backend, the cheaper per group:
+//
+// - Gram, n <= D: G = Z Z^T (upper tiles only: n^2 D multiply-adds), E in place,
+//   then Y = E Z (n^2 D). The (n, n) matrix is no larger than Z.
+// - Covariance, n > D: C = Z^T Z (upper tiles: n D^2), then Y = Z (C - cI) + c Z
+//   (n D^2) with c = tr C / D; only (D, D) is held, never (n, n), and
+//   P = ||C - cI||_F^2 + (s - D)^2 / D + (n - D) (full) or
+//   P = ||C - cI||_F^2 + s^2 / D - sum ||z_i||^4 (offdiag), s = sum ||z_i||^2, a sum of
+//   non-negative terms for the full penalty (nothing cancels when n is close to D).
+//
+// Total 3 n D min(n, D) FLOPs per group, against n D reads and n D writes: at
+// D = 4096, n = 512 that is 3.2 GFLOP for 8 MB (bf16), about 400 FLOP per byte, so
+// every path is bound by the multiply-add rate, never by memory. The rows are read
+// and normalized once into one buffer reused by both products and the epilogue;
+// the gradient's epilogue (the normalization's backward, through z = h / max(||h||,
+// eps): dh = (y - b z) 4 scale / max(||h||, eps) with b = a + [||h|| > eps] (y . z -
+// a ||z||^2), a = 0 on the Gram path, 1 or ||z||^2 on the covariance path) runs on
+// each row of Y while it is in cache, and writes dh in the input dtype.
+//
+// Products: register-tiled GEMMs Y (MR x NR tiles) += A B with A's scalars broadcast
+// and B's rows loaded as vectors, over K blocks of KC that keep B's panel in L2.
+// bf16 input on a CPU with AVX512_BF16 (the avx512bf16 variant): operands rounded to
+// bf16 and multiplied with vdpbf16ps (32 multiply-adds per instruction, fp32
+// accumulation; pairs along K interleaved, the layout the instruction reads), E and
+// C - cI rounded only after the identity is subtracted in fp32. Everything else:
+// fp32 FMAs on fp32 operands (bf16 input converted while the rows are normalized).
+//
+// Parallelism: OpenMP across (layer, group) units when there are enough to share
+// evenly between the threads, otherwise across the output tiles of each product.
+// Either way each output element is summed by one thread in a fixed order: the
+// results are bitwise the same run to run.
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "isa.h"
+#include "vec_math.h"
+
+namespace decpo::DECPO_ISA {
+namespace {
+
+constexpr float kEps = 1e-6f;  // the clamp of the row norm, as in every backend
+
+#if defined(__AVX512F__)
+constexpr int W = 16;  // fp32 lanes
+constexpr int MR = 6;  // rows of A per register tile (broadcast)
+constexpr int NV = 4;  // vectors of B per register tile: 24 accumulators of 32 registers
+#elif defined(__AVX2__)
+constexpr int W = 8;
+constexpr int MR = 6;
+constexpr int NV = 2;  // 12 accumulators of 16 registers
+#else
+constexpr int W = 4;
+constexpr int MR = 4;
+constexpr int NV = 2;  // SSE: 8 accumulators of 16 registers
+#endif
+constexpr int NR = W * NV;  // columns per register tile
+constexpr int64_t KC = 256;  // K block: an MR x KC panel of A stays in L1
+constexpr int64_t NC = 1024;  // column block: B's KC x NC panel stays in L2
+
+#if defined(__AVX512BF16__)
+constexpr bool kBf16Dot = true;
+#else
+constexpr bool kBf16Dot = false;
+#endif
+
+typedef float vf __attribute__((vector_size(W * 4)));
+typedef float vfu __attribute__((vector_size(W * 4), aligned(4)));
+
+inline vf vload(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+inline void vstore(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+
+inline vf vfma(vf a, vf b, vf c) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__AVX2__)
+  return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Y[MR x NR] (+)= A[MR x kc] B[kc x NR], fp32.
+void micro_f32(const float* a, int64_t lda, const float* b, int64_t ldb, float* y, int64_t ldy,
+               int64_t kc, bool accumulate) {
+  vf acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? vload(y + r * ldy + v * W) : vf{};
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    vf bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = vload(b + k * ldb + v * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const vf av = vf{} + a[r * lda + k];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = vfma(av, bv[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) vstore(y + r * ldy + v * W, acc[r][v]);
+  }
+}
+
+#if defined(__AVX512BF16__)
+// Y[MR x NR] (+)= A B over kc pairs along K: a and b hold bf16 pairs (k even in the
+// low half, k + 1 in the high half) as uint32; vdpbf16ps adds both products per lane.
+void micro_bf16(const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb, float* y,
+                int64_t ldy, int64_t kc, bool accumulate) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      acc[r][v] = accumulate ? _mm512_loadu_ps(y + r * ldy + v * W) : _mm512_setzero_ps();
+    }
+  }
+  for (int64_t p = 0; p < kc; ++p) {
+    __m512i bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_si512(b + p * ldb + v * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512i av = _mm512_set1_epi32(static_cast<int>(a[r * lda + p]));
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)av, (__m512bh)bv[v]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(y + r * ldy + v * W, acc[r][v]);
+  }
+}
+#endif
+
+// Y (m x n) = A (m x k) B (k x n), fp32 out; m a multiple of MR, n of NR, k >= 1 (in
+// units of T: floats, or bf16 pairs). upper: only tiles touching j >= i (Y symmetric;
+// the caller mirrors). Each KC x NC block of B is first packed into NR-wide column
+// panels (KC rows of NR contiguous values each): the register tile then streams one
+// contiguous panel instead of KC rows a whole row stride apart, one page each when
+// rows are long (a TLB miss per row at D = 4096).
+template <typename T>
+void gemm(const T* a, int64_t lda, const T* b, int64_t ldb, float* y, int64_t ldy, int64_t m,
+          int64_t n, int64_t k, bool upper, bool parallel) {
+  static thread_local T* packed = nullptr;  // this thread's panel buffer, kept
+  static thread_local int64_t packed_count = 0;
+  const int64_t need = KC * NC;
+  if (packed_count < need) {
+    std::free(packed);
+    packed = static_cast<T*>(std::aligned_alloc(64, sizeof(T) * need));
+    packed_count = packed != nullptr ? need : 0;
+  }
+  T* const panels = packed;
+  for (int64_t jc = 0; jc < n; jc += NC) {
+    const int64_t nc = (n - jc < NC) ? (n - jc) : NC;
+    const int64_t col_tiles = nc / NR;
+    const int64_t tiles = (m / MR) * col_tiles;
+    for (int64_t pc = 0; pc < k; pc += KC) {
+      const int64_t kc = (k - pc < KC) ? (k - pc) : KC;
+      if (panels != nullptr) {
+#pragma omp parallel for schedule(static) if (parallel)
+        for (int64_t ct = 0; ct < col_tiles; ++ct) {
+          for (int64_t q = 0; q < kc; ++q) {
+            std::memcpy(panels + (ct * kc + q) * NR, b + (pc + q) * ldb + jc + ct * NR,
+                        sizeof(T) * NR);
+          }
+        }
+      }
+#pragma omp parallel for schedule(dynamic, 4) if (parallel)
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t ir = (t / col_tiles) * MR;
+        const int64_t ct = t % col_tiles;
+        const int64_t jr = jc + ct * NR;
+        if (upper && jr + NR <= ir) continue;
+        // Unpacked B (no memory for the panels): the same product, strided.
+        const T* bp = panels != nullptr ? panels + ct * kc * NR : b + pc * ldb + jr;
+        const int64_t ldbp = panels != nullptr ? NR : ldb;
+        if constexpr (std::is_same_v<T, float>) {
+          micro_f32(a + ir * lda + pc, lda, bp, ldbp, y + ir * ldy + jr, ldy, kc, pc > 0);
+        } else {
+#if defined(__AVX512BF16__)
+          micro_bf16(a + ir * lda + pc, lda, bp, ldbp, y + ir * ldy + jr, ldy, kc, pc > 0);
+#endif
+        }
+      }
+    }
+  }
+}
+
+// The Gram product as dot products: G[i][j] = sum_k a[i][k] a[j][k] over rows of one
+// row-major operand, no transposed copy. A 4 x 4 register tile holds 16 vector
+// accumulators (8 loads per 16 multiply-adds), reduced across lanes once per K block
+// of KCD elements (four rows of each operand stay in L1). Only tiles on and above
+// the diagonal are computed (the caller mirrors). m: rows (a multiple of 4); k: a
+// multiple of the vector width (the padding is zero).
+constexpr int64_t KCD = 2048;
+#if defined(__AVX512F__)
+constexpr int TR = 4;  // 16 accumulators + 8 operands of 32 registers
+#else
+constexpr int TR = 2;  // 8 accumulators + 6 operands of 16 registers (4 x 4 would spill)
+#endif
+constexpr int TC = 4;
+
+template <typename T>
+inline vf dot_step(vf acc, const T* x, const T* y);
+
+template <>
+inline vf dot_step<float>(vf acc, const float* x, const float* y) {
+  return vfma(*reinterpret_cast<const vfu*>(x), *reinterpret_cast<const vfu*>(y), acc);
+}
+
+#if defined(__AVX512BF16__)
+template <>
+inline vf dot_step<uint32_t>(vf acc, const uint32_t* x, const uint32_t* y) {
+  return (vf)_mm512_dpbf16_ps((__m512)acc, (__m512bh)_mm512_loadu_si512(x),
+                              (__m512bh)_mm512_loadu_si512(y));
+}
+#endif
+
+template <typename T>
+void gram_nt(const T* a, int64_t lda, float* g, int64_t ldg, int64_t m, int64_t k, bool parallel) {
+  // Square blocks of 4 rows; each is TR x TC register tiles (TR = 2: two of them).
+  const int64_t tiles = m / 4;
+  const int64_t pairs = tiles * (tiles + 1) / 2;
+  for (int64_t pc = 0; pc < k; pc += KCD) {
+    const int64_t kc = (k - pc < KCD) ? (k - pc) : KCD;
+#pragma omp parallel for schedule(dynamic, 1) if (parallel)
+    for (int64_t t = 0; t < pairs; ++t) {
+      int64_t ti = 0, rest = t;  // t -> (ti, tj) with tj >= ti
+      while (rest >= tiles - ti) rest -= tiles - ti++;
+      const int64_t tj = ti + rest;
+      for (int half = 0; half < 4 / TR; ++half) {
+        const int64_t row0 = 4 * ti + half * TR;
+        const T* ra = a + row0 * lda + pc;
+        const T* rb = a + 4 * tj * lda + pc;
+        vf acc[TR][TC];
+#pragma GCC unroll 4
+        for (int r = 0; r < TR; ++r) {
+#pragma GCC unroll 4
+          for (int c = 0; c < TC; ++c) acc[r][c] = vf{};
+        }
+        for (int64_t q = 0; q < kc; q += W) {
+#pragma GCC unroll 4
+          for (int r = 0; r < TR; ++r) {
+#pragma GCC unroll 4
+            for (int c = 0; c < TC; ++c) {
+              acc[r][c] = dot_step<T>(acc[r][c], ra + r * lda + q, rb + c * lda + q);
+            }
+          }
+        }
+        for (int r = 0; r < TR; ++r) {
+          for (int c = 0; c < TC; ++c) {
+            float sum = 0.0f;
+            for (int l = 0; l < W; ++l) sum += acc[r][c][l];
+            float* out = g + (row0 + r) * ldg + 4 * tj + c;
+            *out = pc == 0 ? sum : *out + sum;
+          }
+        }
+      }
+    }
+  }
+}
+
+// Copies the upper triangle of the leading (n x n) block of y into the lower one.
+void mirror(float* y, int64_t ldy, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = 0; j < i; ++j) y[i * ldy + j] = y[j * ldy + i];
+  }
+}
+
+inline uint32_t bf16_pair(float lo, float hi) {
+  return static_cast<uint32_t>(float_to_bf16(lo)) | (static_cast<uint32_t>(float_to_bf16(hi)) << 16);
+}
+
+// out[p][j] = (x[2p][j], x[2p + 1][j]) as bf16 pairs for p < pairs, j < cols; rows
+// past `rows` read as 0. x: fp32 with row stride ldx; out: row stride ldo.
+void pack_pairs(const float* x, int64_t ldx, int64_t rows, int64_t cols, uint32_t* out,
+                int64_t ldo, int64_t pairs, bool parallel) {
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t p = 0; p < pairs; ++p) {
+    const float* lo = x + 2 * p * ldx;
+    const float* hi = lo + ldx;
+    const bool has_hi = 2 * p + 1 < rows;
+    uint32_t* o = out + p * ldo;
+    for (int64_t j = 0; j < cols; ++j) o[j] = bf16_pair(lo[j], has_hi ? hi[j] : 0.0f);
+  }
+}
+
+// out[j][i] = x[i][j] for i < rows, j < cols (uint32 or float), blocked for the caches.
+template <typename T>
+void transpose(const T* x, int64_t ldx, int64_t rows, int64_t cols, T* out, int64_t ldo,
+               bool parallel) {
+  constexpr int64_t B = 32;
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t jb = 0; jb < cols; jb += B) {
+    for (int64_t ib = 0; ib < rows; ib += B) {
+      const int64_t i_end = (ib + B < rows) ? ib + B : rows;
+      const int64_t j_end = (jb + B < cols) ? jb + B : cols;
+      for (int64_t j = jb; j < j_end; ++j) {
+        for (int64_t i = ib; i < i_end; ++i) out[j * ldo + i] = x[i * ldx + j];
+      }
+    }
+  }
+}
+
+// Per-thread workspace, kept between calls: buffer k of a unit reuses slot k when it
+// is large enough, so a training loop calling the op with the same shapes allocates
+// (and page-faults in) its buffers once, not on every call (fresh multi-MB buffers
+// cost as much as the products at small n). Contents are not zeroed: every reader
+// reads only what was written (the padding that matters is zeroed where it is made).
+// Buffers above kKeepBytes are released after the unit: a one-off huge group does not
+// pin its workspace for the life of the thread.
+// malloc, not std containers: their inline copies would be shared between variants.
+struct Scratch {
+  static constexpr int kSlots = 12;  // at most 9 buffers per unit
+  static constexpr size_t kKeepBytes = size_t{64} << 20;
+  struct Slot {
+    void* ptr;
+    size_t bytes;
+  };
+  static Slot* slots() {
+    static thread_local Slot cache[kSlots];
+    return cache;
+  }
+  int used = 0;
+  bool failed = false;
+  template <typename T>
+  T* take(int64_t count) {
+    const size_t bytes = static_cast<size_t>(count > 0 ? count : 1) * sizeof(T);
+    Slot& slot = slots()[used++];
+    if (slot.bytes < bytes) {
+      std::free(slot.ptr);
+      slot.ptr = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+      slot.bytes = slot.ptr != nullptr ? bytes : 0;
+      if (slot.ptr == nullptr) failed = true;
+    }
+    return static_cast<T*>(slot.ptr);
+  }
+  ~Scratch() {
+    for (int i = 0; i < used; ++i) {
+      Slot& slot = slots()[i];
+      if (slot.bytes > kKeepBytes) {
+        std::free(slot.ptr);
+        slot = Slot{nullptr, 0};
+      }
+    }
+  }
+};
+
+struct Unit {
+  int64_t n, dim;
+  bool normalize, offdiag;
+  float grad_scale;
+  bool parallel;
+};
+
+template <typename T>
+inline float load_elem(const T* p, int64_t j) {
+  return to_float(p[j]);
+}
+
+// Rows of one group into z (fp32, row stride ldz, zero padding past dim): normalized
+// when asked; denom = max(||h||, eps) (1 without normalize), sq = ||z||^2.
+template <typename T>
+void load_rows(const T* h, int64_t row_stride, const int64_t* rows, int64_t first, const Unit& u,
+               float* z, int64_t ldz, float* denom, float* sq) {
+#pragma omp parallel for schedule(static) if (u.parallel)
+  for (int64_t i = 0; i < u.n; ++i) {
+    const T* src = h + (rows != nullptr ? rows[i] : first + i) * row_stride;
+    float* zi = z + i * ldz;
+    float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t j = 0; j < u.dim; ++j) {
+      const float x = load_elem(src, j);
+      zi[j] = x;
+      ss += x * x;
+    }
+    float d = 1.0f;
+    if (u.normalize) {
+      d = std::sqrt(ss);
+      d = d > kEps ? d : kEps;
+      float s2 = 0.0f;
+#pragma omp simd reduction(+ : s2)
+      for (int64_t j = 0; j < u.dim; ++j) {
+        zi[j] = zi[j] / d;
+        s2 += zi[j] * zi[j];
+      }
+      ss = s2;
+    }
+    for (int64_t j = u.dim; j < ldz; ++j) zi[j] = 0.0f;  // padding: read as K by the products
+    denom[i] = d;
+    sq[i] = ss;
+  }
+}
+
+// dh_i = (y_i - b z_i) 4 scale / denom_i with b = a_i + [denom > eps] (y . z - a_i ||z||^2)
+// (b = a_i without normalize), written to out rows in T. y = Y + c z first.
+template <typename T>
+void epilogue(const float* y, int64_t ldy, const float* z, int64_t ldz, const float* denom,
+              const float* sq, float c, bool a_is_sq, float a_const, const Unit& u,
+              const int64_t* rows, int64_t first, T* grad) {
+#pragma omp parallel for schedule(static) if (u.parallel)
+  for (int64_t i = 0; i < u.n; ++i) {
+    const float* yi = y + i * ldy;
+    const float* zi = z + i * ldz;
+    T* out = grad + (rows != nullptr ? rows[i] : first + i) * u.dim;
+    const float a = a_is_sq ? sq[i] : a_const;
+    float b = a;
+    if (u.normalize) {
+      float yz = 0.0f;
+#pragma omp simd reduction(+ : yz)
+      for (int64_t j = 0; j < u.dim; ++j) yz += (yi[j] + c * zi[j]) * zi[j];
+      if (denom[i] > kEps) b = a + (yz - a * sq[i]);
+    }
+    const float scale = 4.0f * u.grad_scale / denom[i];
+#pragma omp simd
+    for (int64_t j = 0; j < u.dim; ++j) {
+      store(out, j, ((yi[j] + c * zi[j]) - b * zi[j]) * scale);
+    }
+  }
+}
+
+// One (layer, group): returns P (the group's sum over counted pairs), NaN on
+// allocation failure (flagged in *failed).
+template <typename T>
+double group_penalty(const T* h, int64_t row_stride, const int64_t* rows, int64_t first,
+                     const Unit& u, T* grad, bool* failed) {
+  const int64_t n = u.n, dim = u.dim;
+  constexpr bool bf16_dot = kBf16Dot && std::is_same_v<T, uint16_t>;
+  const int64_t dp = round_up(dim, NR);  // padded columns (even)
+  // Row strides of long rows get 64 extra bytes: a stride that is a multiple of 4 KiB
+  // maps every row of a tile onto the same L1 sets (the transposes ran 5x slower).
+  const int64_t ldz = dp + 16;
+  Scratch s;
+  const int64_t z_rows = round_up(n, 12) + 1;  // whole MR = 6 and 4 x 4 tiles
+  float* z = s.take<float>(z_rows * ldz);
+  float* denom = s.take<float>(n);
+  float* sq = s.take<float>(n);
+  if (s.failed) return *failed = true, 0.0;
+  load_rows(h, row_stride, rows, first, u, z, ldz, denom, sq);
+  // Rows past n feed only output rows that are never read; zeros keep them cheap.
+  std::memset(z + n * ldz, 0, sizeof(float) * (z_rows - n) * ldz);
+
+  double p = 0.0;
+  if (n <= dim) {
+    // Gram path: G = Z Z^T (np x np: dot products of z's rows), E in place, Y = E Z.
+    const int64_t mp = round_up(n, MR), np = round_up(n, NR);
+    float* g = s.take<float>(np * np);
+    float* y = grad != nullptr ? s.take<float>(mp * ldz) : nullptr;  // all written
+    if (s.failed) return *failed = true, 0.0;
+    const int64_t gm = round_up(n, 4);  // rows of the 4 x 4 tiles
+    if constexpr (bf16_dot) {
+      // z as bf16 pairs along D (rows up to gm, dp / 2 pairs).
+      const int64_t lda = dp / 2 + 16;
+      uint32_t* a = s.take<uint32_t>(gm * lda);
+      if (s.failed) return *failed = true, 0.0;
+#pragma omp parallel for schedule(static) if (u.parallel)
+      for (int64_t i = 0; i < gm; ++i) {
+        for (int64_t q = 0; q < dp / 2; ++q) {
+          a[i * lda + q] = bf16_pair(z[i * ldz + 2 * q], z[i * ldz + 2 * q + 1]);
+        }
+      }
+      gram_nt(a, lda, g, np, gm, dp / 2, u.parallel);
+    } else {
+      gram_nt(z, ldz, g, np, gm, dp, u.parallel);
+    }
+    mirror(g, np, n);
+    for (int64_t i = 0; i < n; ++i) {
+      g[i * np + i] = u.offdiag ? 0.0f : g[i * np + i] - 1.0f;
+      double row = 0.0;
+      for (int64_t j = 0; j < n; ++j) row += static_cast<double>(g[i * np + j]) * g[i * np + j];
+      p += row;
+    }
+    if (y != nullptr) {
+      if (bf16_dot) {
+        const int64_t kp = (n + 1) / 2;  // pairs along K = n (an odd n pads with 0)
+        uint32_t* ea = s.take<uint32_t>(mp * kp);
+        uint32_t* zb = s.take<uint32_t>(kp * ldz);
+        if (s.failed) return *failed = true, 0.0;
+        for (int64_t i = 0; i < n; ++i) {
+          for (int64_t q = 0; q < kp; ++q) {
+            const float hi = 2 * q + 1 < n ? g[i * np + 2 * q + 1] : 0.0f;
+            ea[i * kp + q] = bf16_pair(g[i * np + 2 * q], hi);
+          }
+        }
+        pack_pairs(z, ldz, n, dp, zb, ldz, kp, u.parallel);
+        gemm(ea, kp, zb, ldz, y, ldz, mp, dp, kp, false, u.parallel);
+      } else {
+        gemm(g, np, z, ldz, y, ldz, mp, dp, n, false, u.parallel);
+      }
+      epilogue(y, ldz, z, ldz, denom, sq, 0.0f, false, 0.0f, u, rows, first, grad);
+    }
+  } else {
+    // Covariance path: C = Z^T Z (dm x dp), then Y = Z (C - cI), y = Y + c z.
+    const int64_t dm = round_up(dim, MR) + 1;
+    float* cov = s.take<float>(dm * ldz);
+    if (s.failed) return *failed = true, 0.0;
+    if (bf16_dot) {
+      const int64_t kp = (n + 1) / 2, lda = kp + 16;  // pairs along K = n
+      uint32_t* b = s.take<uint32_t>(kp * ldz);
+      uint32_t* a = s.take<uint32_t>(dm * lda);
+      if (s.failed) return *failed = true, 0.0;
+      pack_pairs(z, ldz, n, dp, b, ldz, kp, u.parallel);
+      transpose(b, ldz, kp, dim, a, lda, u.parallel);
+      gemm(a, lda, b, ldz, cov, ldz, round_up(dim, MR), dp, kp, true, u.parallel);
+    } else {
+      const int64_t lda = n + 16;
+      float* a = s.take<float>(dm * lda);
+      if (s.failed) return *failed = true, 0.0;
+      transpose(z, ldz, n, dim, a, lda, u.parallel);
+      gemm(a, lda, z, ldz, cov, ldz, round_up(dim, MR), dp, n, true, u.parallel);
+    }
+    mirror(cov, ldz, dim);
+    double ssum = 0.0, quad = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      ssum += sq[i];
+      quad += static_cast<double>(sq[i]) * sq[i];
+    }
+    const float c = static_cast<float>(ssum / static_cast<double>(dim));
+    double frob = 0.0;
+    for (int64_t i = 0; i < dim; ++i) {
+      cov[i * ldz + i] -= c;
+      for (int64_t j = 0; j < dim; ++j) {
+        frob += static_cast<double>(cov[i * ldz + j]) * cov[i * ldz + j];
+      }
+    }
+    const double d = static_cast<double>(dim);
+    p = frob + (u.offdiag ? ssum * ssum / d - quad : (ssum - d) * (ssum - d) / d + (n - d));
+    if (grad != nullptr) {
+      const int64_t mp = round_up(n, MR);
+      float* y = s.take<float>(mp * ldz);  // all written
+      if (s.failed) return *failed = true, 0.0;
+      if (bf16_dot) {
+        const int64_t kp = (dim + 1) / 2, lda = kp + 16;  // pairs along K = dim
+        uint32_t* za = s.take<uint32_t>(mp * lda);
+        uint32_t* cb = s.take<uint32_t>(kp * ldz);
+        if (s.failed) return *failed = true, 0.0;
+#pragma omp parallel for schedule(static) if (u.parallel)
+        for (int64_t i = 0; i < mp; ++i) {
+          for (int64_t q = 0; q < kp; ++q) {
+            za[i * lda + q] = bf16_pair(z[i * ldz + 2 * q], z[i * ldz + 2 * q + 1]);
+          }
+        }
+        pack_pairs(cov, ldz, dim, dp, cb, ldz, kp, u.parallel);
+        gemm(za, lda, cb, ldz, y, ldz, mp, dp, kp, false, u.parallel);
+      } else {
+        gemm(z, ldz, cov, ldz, y, ldz, mp, dp, dim, false, u.parallel);
+      }
+      epilogue(y, ldz, z, ldz, denom, sq, c, u.offdiag, 1.0f, u, rows, first, grad);
+    }
+  }
+  return p;
+}
+
+template <typename T>
+int run(const T* hidden, int64_t n_layers, int64_t n_rows, int64_t dim, int64_t layer_stride,
+        int64_t row_stride, const int64_t* rows, const int64_t* offsets, int64_t n_groups,
+        bool normalize, bool offdiag, float grad_scale, double* p_sum, T* grad) {
+  const int64_t units = n_layers * n_groups;
+  int threads = 1;
+#ifdef _OPENMP
+  threads = omp_get_max_threads();
+#endif
+  // Across units when they share evenly (or are many), else inside each product.
+  const bool outer = threads > 1 && units >= threads && (units % threads == 0 || units >= 4 * threads);
+  double* p_unit = static_cast<double*>(std::calloc(static_cast<size_t>(units > 0 ? units : 1), sizeof(double)));
+  if (p_unit == nullptr) return 4;
+  bool failed = false;
+#pragma omp parallel for schedule(dynamic, 1) if (outer)
+  for (int64_t t = 0; t < units; ++t) {
+    const int64_t layer = t / n_groups, group = t % n_groups;
+    const int64_t first = offsets[group], n = offsets[group + 1] - offsets[group];
+    if (n == 0 || (offdiag && n == 1)) continue;
+    const Unit u{n, dim, normalize, offdiag, grad_scale, !outer && threads > 1};
+    bool unit_failed = false;
+    p_unit[t] = group_penalty(hidden + layer * layer_stride, row_stride,
+                              rows != nullptr ? rows + first : nullptr, first, u,
+                              grad != nullptr ? grad + layer * n_rows * dim : nullptr,
+                              &unit_failed);
+    if (unit_failed) {
+#pragma omp atomic write
+      failed = true;
+    }
+  }
+  for (int64_t l = 0; l < n_layers; ++l) {
+    double total = 0.0;
+    for (int64_t g = 0; g < n_groups; ++g) total += p_unit[l * n_groups + g];
+    p_sum[l] = total;
+  }
+  std::free(p_unit);
+  return failed ? 4 : 0;
+}
+
+}  // namespace
+
+int decorrelation(const void* hidden, int dtype, int64_t n_layers, int64_t n_rows, int64_t dim,
+                  int64_t layer_stride, int64_t row_stride, const int64_t* rows,
+                  const int64_t* offsets, int64_t n_groups, bool normalize, bool offdiag,
+                  float grad_scale, double* p_sum, void* grad) {
+  if (dtype == 0) {
+    return run(static_cast<const float*>(hidden), n_layers, n_rows, dim, layer_stride, row_stride,
+               rows, offsets, n_groups, normalize, offdiag, grad_scale, p_sum,
+               static_cast<float*>(grad));
+  }
+  return run(static_cast<const uint16_t*>(hidden), n_layers, n_rows, dim, layer_stride,
+             row_stride, rows, offsets, n_groups, normalize, offdiag, grad_scale, p_sum,
+             static_cast<uint16_t*>(grad));
+}
+
+}  // namespace decpo::DECPO_ISA

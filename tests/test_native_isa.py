@@ -1,0 +1,199 @@
+"""The native library's instruction-set variants and the CPU-capability decisions:
+every variant this CPU runs (forced through select_isa, as DECPO_NATIVE_ISA does)
+matches the float64 references, and bf16 token_logprobs takes the fp32-tile path
+exactly where the CPU has no bf16 dot product (both branches forced)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import decpo
+from decpo.native_backend import library
+from decpo.native_backend import logprobs as native_logprobs
+from decpo.reference import (
+    decorrelation_penalty_reference,
+    logprobs_from_logits_reference,
+    token_logprobs_reference,
+)
+from tests.helpers import NATIVE_REQUIRED, assert_close, rel_err
+
+if not library.is_available() and not NATIVE_REQUIRED:
+    pytest.skip(
+        f"native library unavailable: {library.unavailable_reason()}", allow_module_level=True
+    )
+
+
+@pytest.fixture(params=library.ISAS)
+def isa(request):
+    """Runs the test on one kernel variant (skipped where this CPU cannot run it)."""
+    if not library.isa_runs(request.param):
+        pytest.skip(f"this CPU or library cannot run the {request.param} variant")
+    previous = library.select_isa(request.param)
+    yield request.param
+    library.select_isa(previous)
+
+
+def test_features_and_active_variant():
+    features = library.cpu_features()
+    assert set(features) == {"avx2", "avx512", "avx512_bf16", "amx_bf16"}
+    assert not features["avx512"] or features["avx2"]
+    best = [isa for isa in library.ISAS if library.isa_runs(isa)][-1]
+    assert library.active_isa() == best
+    assert library.isa_runs("baseline")
+
+
+def test_select_isa_refuses_unknown_names():
+    with pytest.raises(ValueError, match="isa='sse9'"):
+        library.select_isa("sse9")
+
+
+def test_environment_variable_forces_the_variant():
+    code = "from decpo.native_backend import library as L; print(L.active_isa())"
+    env = {**os.environ, library.ISA_ENV: "baseline"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "baseline"
+    env[library.ISA_ENV] = "pentium"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "DECPO_NATIVE_ISA=pentium" in out.stderr
+
+
+def test_exp_rate_is_measured(isa):
+    assert library.exp_rate(seconds=0.01) > 1e6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(5, 3), (19, 1000), (8, 4099)])
+def test_logprobs_from_logits_every_variant(isa, shape, dtype):
+    """Forward and backward; V not a multiple of any vector width (scalar tails)."""
+    torch.manual_seed(1)
+    logits = (torch.randn(shape) * 3).to(dtype)
+    targets = torch.randint(0, shape[1], shape[:1])
+    targets[0] = -100
+    x = logits.clone().requires_grad_(True)
+    out = decpo.logprobs_from_logits(x, targets, temperature=0.8, backend="native")
+    upstream = torch.randn(shape[0])
+    out.backward(upstream)
+    x64 = logits.double().requires_grad_(True)
+    ref = logprobs_from_logits_reference(x64, targets, temperature=0.8)
+    ref.backward(upstream.double())
+    check = dtype if dtype == torch.float32 else torch.float32  # fp32 math on bf16 input
+    assert_close(out, ref, check, f"{isa} logp")
+    assert_close(x.grad, x64.grad, dtype, f"{isa} d logits")
+
+
+def test_logprobs_special_values_every_variant(isa):
+    logits = torch.randn(4, 600)
+    logits[0, :599] = float("-inf")
+    logits[1, 10] = float("nan")
+    logits[2, 20] = float("inf")
+    logits[3, :512] = float("-inf")
+    targets = torch.tensor([599, 3, 4, 550])
+    logp = decpo.logprobs_from_logits(logits, targets, backend="native")
+    assert logp[0] == 0.0
+    assert torch.isnan(logp[1]) and torch.isnan(logp[2])
+    torch.testing.assert_close(logp[3], torch.log_softmax(logits[3], -1)[550])
+
+
+def _eager_penalty(h: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+    """PyTorch at the input dtype (normalize and Gram in bf16 for bf16 input)."""
+    return decorrelation_penalty_reference(h, segment_ids=segment_ids).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "layers,n,dim,groups",
+    [(2, 40, 70, 2), (1, 150, 33, 1), (3, 97, 64, 3), (1, 9, 300, 1)],
+)
+@pytest.mark.parametrize("offdiag", [False, True])
+def test_decorrelation_every_variant(isa, dtype, layers, n, dim, groups, offdiag):
+    """Gram (n <= D) and covariance (n > D) groups, several layers, unsorted groups."""
+    torch.manual_seed(2)
+    hidden = torch.randn(layers, n, dim).to(dtype)
+    segment_ids = torch.randint(0, groups, (n,))
+    h = hidden.clone().requires_grad_(True)
+    loss = decpo.decorrelation_penalty(
+        h, segment_ids=segment_ids, offdiag=offdiag, backend="native"
+    )
+    loss.backward(torch.tensor(1.3))
+    h64 = hidden.double().requires_grad_(True)
+    ref = decorrelation_penalty_reference(h64, segment_ids=segment_ids, offdiag=offdiag)
+    (ref * 1.3).backward()
+    eager = None if offdiag else _eager_penalty(hidden, segment_ids)
+    assert_close(loss, ref, dtype, f"{isa} penalty", eager=eager)
+    assert h.grad.dtype == dtype
+    assert_close(h.grad, h64.grad, dtype, f"{isa} d hidden")
+
+
+def test_decorrelation_mask_without_normalize(isa):
+    torch.manual_seed(3)
+    hidden = torch.randn(50, 40) * 0.2
+    mask = torch.rand(50) < 0.7
+    h = hidden.clone().requires_grad_(True)
+    loss = decpo.decorrelation_penalty(
+        h, mask=mask, normalize=False, reduction="sum", backend="native"
+    )
+    loss.backward()
+    h64 = hidden.double().requires_grad_(True)
+    ref = decorrelation_penalty_reference(h64, mask=mask, normalize=False, reduction="sum")
+    ref.backward()
+    assert_close(loss, ref, torch.float32, "penalty")
+    assert_close(h.grad, h64.grad, torch.float32, "d hidden")
+    assert torch.all(h.grad[~mask] == 0)
+
+
+def test_decorrelation_bitwise_run_to_run():
+    hidden = torch.randn(4, 300, 96, dtype=torch.bfloat16, requires_grad=True)
+    grads = []
+    for _ in range(2):
+        hidden.grad = None
+        decpo.decorrelation_penalty(hidden, backend="native").backward()
+        grads.append(hidden.grad.clone())
+    assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("bf16_dot", [True, False])
+def test_bf16_token_logprobs_follows_the_capability(monkeypatch, bf16_dot):
+    """No bf16 dot product (forced): bf16 inputs are multiplied as fp32 tiles, at least
+    as accurately; with one: bf16 matmuls. Frozen and trainable head against float64."""
+    features = {"avx2": True, "avx512": True, "avx512_bf16": bf16_dot, "amx_bf16": False}
+    monkeypatch.setattr(library, "cpu_features", lambda: features)
+    monkeypatch.setattr(library, "active_isa", lambda: "avx512bf16")
+    expected = None if bf16_dot else torch.float32
+    assert native_logprobs.matmul_dtype(torch.bfloat16) == expected
+    assert native_logprobs.matmul_dtype(torch.float32) is None
+
+    seen = []
+    real_tile = native_logprobs.online_softmax_tile
+
+    def spy(tile, *args, **kwargs):
+        seen.append(tile.dtype)
+        return real_tile(tile, *args, **kwargs)
+
+    monkeypatch.setattr(native_logprobs, "online_softmax_tile", spy)
+    torch.manual_seed(4)
+    n, dim, vocab = 24, 48, 301
+    hidden = torch.randn(n, dim).to(torch.bfloat16)
+    weight = (torch.randn(vocab, dim) / dim**0.5).to(torch.bfloat16)
+    targets = torch.randint(0, vocab, (n,))
+    h = hidden.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    logp = decpo.token_logprobs(h, w, targets, backend="native")
+    upstream = torch.randn(n)
+    logp.backward(upstream)
+    assert seen and all(d == (torch.bfloat16 if bf16_dot else torch.float32) for d in seen)
+    h64 = hidden.double().requires_grad_(True)
+    w64 = weight.double().requires_grad_(True)
+    ref = token_logprobs_reference(h64, w64, targets)
+    ref.backward(upstream.double())
+    assert_close(logp, ref, torch.bfloat16, "logp")
+    assert_close(h.grad, h64.grad, torch.bfloat16, "d hidden")
+    assert_close(w.grad, w64.grad, torch.bfloat16, "d weight")
+    if not bf16_dot:  # fp32 tiles: no worse than PyTorch's own bf16 product
+        eager = torch.log_softmax((hidden @ weight.T).float(), -1).gather(1, targets[:, None])
+        assert rel_err(logp, ref) <= rel_err(eager.squeeze(1), ref) * 1.05 + 1e-6
