@@ -1,14 +1,22 @@
 """Shared test helpers: the backend matrix and its skips, the tolerances of
-docs/design.md ("Numerics contract"), and error measures."""
+docs/design.md ("Numerics contract"), error measures, and decpo.train runs (metrics
+rows, 2-rank torchrun, row comparison)."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from decpo import backend
+from decpo.train import METRIC_KEYS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CPU = torch.device("cpu")
 # Set in CI: the native library must build and load (tests/test_native.py fails
@@ -86,3 +94,36 @@ def upstream_like(t: torch.Tensor, generator: torch.Generator | None = None) -> 
     g = torch.randn(t.shape, generator=generator, dtype=torch.float64)
     scale = torch.rand(t.shape, generator=generator, dtype=torch.float64) * 3 + 0.1
     return (g * scale).to(torch.float32 if t.dtype != torch.float64 else torch.float64)
+
+
+# ---------------------------------------------------------------- decpo.train runs
+
+
+def train_rows(out: Path) -> list[dict]:
+    """The training rows of a run's metrics.jsonl (one per optimizer step)."""
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]
+
+
+def torchrun_train(args: list[str], port: int) -> None:
+    """python -m decpo.train with 2 gloo ranks on CPU (one thread each); fails the test
+    with the end of stderr unless it exits 0."""
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(port), "-m", "decpo.train", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def assert_same_rows(
+    a: list[dict], b: list[dict], keys: tuple[str, ...] = METRIC_KEYS, rel: float = 1e-4,
+    abs: float = 1e-5,
+) -> None:  # fmt: skip
+    """Two runs logged the same steps and the same metrics to tolerance."""
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        for key in keys:
+            assert rb[key] == pytest.approx(ra[key], rel=rel, abs=abs), (ra["step"], key)

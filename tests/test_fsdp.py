@@ -6,44 +6,18 @@ and the reverse) with the same weights and optimizer state."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from decpo import checkpoint, train
+from decpo.train import METRIC_KEYS
+from tests.helpers import assert_same_rows, torchrun_train, train_rows
 
-ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--max-steps", "4", "--eval-every", "100", "--save-every", "2", "--demo-pairs", "64",
           "--batch-size", "2"]  # fmt: skip
-KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-        "logps/chosen", "logps/rejected", "dec/penalty", "dec/decorrelation")  # fmt: skip
-
-
-def _rows(out: Path) -> list[dict]:
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def _torchrun(args: list[str], port: int) -> None:
-    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", str(port), "-m", "decpo.train", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
-def _assert_same_rows(a: list[dict], b: list[dict]) -> None:
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b, strict=True):
-        for key in KEYS:  # fp32 on CPU: the sums differ only in their order
-            assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), (ra["step"], key)
 
 
 def _adapter(out: Path) -> dict[str, torch.Tensor]:
@@ -59,12 +33,12 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("fsdp")
     single, sharded = root / "single", root / "fsdp2"
     train.main([*COMMON, "--grad-accum", "2", "--output-dir", str(single)])
-    _torchrun([*COMMON, "--fsdp", "--output-dir", str(sharded)], port=29541)
+    torchrun_train([*COMMON, "--fsdp", "--output-dir", str(sharded)], port=29541)
     return {"single": single, "fsdp2": sharded}
 
 
 def test_two_fsdp_ranks_log_what_one_process_with_grad_accum_logs(runs):
-    _assert_same_rows(_rows(runs["single"]), _rows(runs["fsdp2"]))
+    assert_same_rows(train_rows(runs["single"]), train_rows(runs["fsdp2"]), rel=1e-5, abs=1e-6)
     step = runs["fsdp2"] / "checkpoints" / "step-0000004"
     assert sorted(p.name for p in step.iterdir()) == [
         ".metadata", "__0_0.distcp", "__1_0.distcp", "state.json"
@@ -139,12 +113,12 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank(runs, tmp_path):
                                        atol=1e-9)  # fmt: skip
     run = tmp_path / "run"
     shutil.copytree(runs["fsdp2"], run)
-    before = _rows(run)
+    before = train_rows(run)
     summary = train.main(["--resume", str(run), "--max-steps", "5"])  # --fsdp, one rank
     assert summary["steps"] == 5
-    rows = _rows(run)
+    rows = train_rows(run)
     assert rows[:4] == before and rows[4]["step"] == 5
-    assert all(torch.isfinite(torch.tensor(rows[4][k])) for k in KEYS)
+    assert all(torch.isfinite(torch.tensor(rows[4][k])) for k in METRIC_KEYS)
     step5 = run / "checkpoints" / "step-0000005"
     assert sorted(p.name for p in step5.iterdir()) == [".metadata", "__0_0.distcp", "state.json"]
 
@@ -155,16 +129,16 @@ def test_a_one_rank_checkpoint_resumes_on_two_ranks(runs, tmp_path):
     weights: their gathered adapter and held-out metrics equal the one-rank run's."""
     one = tmp_path / "one"
     summary = train.main([*COMMON, "--grad-accum", "2", "--fsdp", "--output-dir", str(one)])
-    _assert_same_rows(_rows(runs["single"]), _rows(one))
+    assert_same_rows(train_rows(runs["single"]), train_rows(one), rel=1e-5, abs=1e-6)
     exported = _adapter(one)
     (one / "adapter_model.safetensors").unlink()
-    _torchrun(["--resume", str(one), "--max-steps", "4"], port=29542)
+    torchrun_train(["--resume", str(one), "--max-steps", "4"], port=29542)
     resumed = json.loads((one / "summary.json").read_text())
     for name, value in exported.items():
         assert torch.equal(_adapter(one)[name], value), name
     for key in ("eval/rewards/margins", "eval/rewards/accuracies", "decorrelation_after"):
         assert resumed[key] == pytest.approx(summary[key], rel=1e-5, abs=1e-7), key
-    assert [r["step"] for r in _rows(one)] == [1, 2, 3, 4]
+    assert [r["step"] for r in train_rows(one)] == [1, 2, 3, 4]
 
 
 def test_a_tied_head_under_fsdp(tmp_path):
@@ -187,4 +161,6 @@ def test_a_tied_head_under_fsdp(tmp_path):
             "--grad-accum", "2"]  # fmt: skip
     train.main([*args, "--output-dir", str(tmp_path / "plain")])
     train.main([*args, "--fsdp", "--output-dir", str(tmp_path / "fsdp")])
-    _assert_same_rows(_rows(tmp_path / "plain"), _rows(tmp_path / "fsdp"))
+    assert_same_rows(
+        train_rows(tmp_path / "plain"), train_rows(tmp_path / "fsdp"), rel=1e-5, abs=1e-6
+    )

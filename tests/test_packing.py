@@ -4,29 +4,18 @@ the logged losses equal to the padded batch's, and the data-parallel equivalence
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from decpo import data, models, train
 from decpo.hooks import DecorrelationHooks
+from decpo.train import METRIC_KEYS
+from tests.helpers import assert_same_rows, torchrun_train, train_rows
 
-ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--max-steps", "3", "--eval-every", "3", "--save-every", "100", "--demo-pairs", "120",
         "--batch-size", "4"]  # fmt: skip
-KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-        "logps/chosen", "logps/rejected", "dec/penalty", "dec/decorrelation")  # fmt: skip
-
-
-def _train_rows(out: Path) -> list[dict]:
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "loss" in r]
 
 
 def _pairs(n: int, seed: int = 0) -> tuple[list[data.TokenizedPair], object]:
@@ -276,10 +265,10 @@ def test_packed_and_padded_runs_log_the_same_losses(tmp_path, monkeypatch):
     common = [*FAST, "--dec-tokens", "all", "--grad-accum", "2"]
     padded = train.main([*common, "--output-dir", str(tmp_path / "padded")])
     packed = train.main([*common, "--packing", "--output-dir", str(tmp_path / "packed")])
-    a, b = _train_rows(tmp_path / "padded"), _train_rows(tmp_path / "packed")
+    a, b = train_rows(tmp_path / "padded"), train_rows(tmp_path / "packed")
     assert len(a) == len(b) == 3
     for ra, rb in zip(a, b, strict=True):
-        for key in KEYS:
+        for key in METRIC_KEYS:
             assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-5), (ra["step"], key)
             if "eval/loss" in ra:
                 assert rb["eval/" + key] == pytest.approx(ra["eval/" + key], rel=1e-4, abs=1e-5)
@@ -296,16 +285,7 @@ def test_data_parallel_with_length_grouping_and_packing(tmp_path, monkeypatch):
     single = tmp_path / "single"
     train.main([*common, "--grad-accum", "2", "--output-dir", str(single)])
     ddp = tmp_path / "ddp"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", "29523", "-m", "decpo.train", *common, "--packing",
-         "--output-dir", str(ddp)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    a, b = _train_rows(single), _train_rows(ddp)
+    torchrun_train([*common, "--packing", "--output-dir", str(ddp)], port=29523)
+    a, b = train_rows(single), train_rows(ddp)
     assert len(a) == len(b) == 3
-    for ra, rb in zip(a, b, strict=True):
-        for key in KEYS:
-            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-5), (ra["step"], key)
+    assert_same_rows(a, b)

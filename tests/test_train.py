@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from decpo import checkpoint, train
+from tests.helpers import assert_same_rows, torchrun_train
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--max-steps", "6", "--eval-every", "3", "--save-every", "3", "--demo-pairs", "200",
@@ -99,18 +100,10 @@ def test_data_parallel_matches_gradient_accumulation(tmp_path):
     single = tmp_path / "single"
     train.main([*common, "--grad-accum", "2", "--output-dir", str(single)])
     ddp = tmp_path / "ddp"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", "29517", "-m", "decpo.train", *common, "--output-dir", str(ddp)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun_train([*common, "--output-dir", str(ddp)], port=29517)
     a, b = _train_rows(single), _train_rows(ddp)
     assert len(a) == len(b) == 3
-    for ra, rb in zip(a, b, strict=True):
-        for key in KEYS:
-            assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-5), (ra["step"], key)
+    assert_same_rows(a, b)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
