@@ -24,7 +24,7 @@ def _pairs(n: int, seed: int = 0) -> tuple[list[data.TokenizedPair], object]:
     tokenizer = models.build_tokenizer(data.demo_corpus()[:300], vocab_size=300)
     rng = random.Random(seed)
     pairs = [
-        data.PreferencePair(p.prompt * rng.randint(1, 3), p.chosen * rng.randint(1, 4),
+        data.PreferencePair(p.prompt, p.chosen * rng.randint(1, 3),
                             p.rejected * rng.randint(1, 2))
         for p in data.synthetic_pairs(n, seed)
     ]  # fmt: skip
