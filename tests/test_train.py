@@ -220,6 +220,12 @@ def test_precomputed_reference_and_gradient_checkpointing_match(tmp_path):
     for other in ("pre", "ck"):
         for ra, rb in zip(a, _train_rows(tmp_path / other), strict=True):
             for key in KEYS:
+                if key == "rewards/accuracies" and ra["step"] == 1:
+                    # The policy is its reference at step 1: every margin is rounding
+                    # noise (a precomputed reference comes from other batches, other
+                    # padding), so which of the tied pairs count as correct is arbitrary.
+                    assert abs(rb["rewards/margins"]) < 1e-6, other
+                    continue
                 assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-5), (other, key)
     assert base["eval/rewards/margins"] == pytest.approx(pre["eval/rewards/margins"], rel=1e-4)
     assert base["eval/rewards/margins"] == pytest.approx(ckpt["eval/rewards/margins"], rel=1e-4)
