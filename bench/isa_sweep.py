@@ -16,6 +16,7 @@ bench/results/isa-cpu-<variant>-<stamp>.json and a summary table is printed.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -87,11 +88,26 @@ def table(paths: list[Path]) -> list[str]:
     return lines
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from decpo.native_backend import library
 
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.isa_sweep",
+        description="The CPU op benchmarks once per native kernel variant, PyTorch capped "
+        "at the same CPU class.",
+    )
+    parser.add_argument("variants", nargs="*", metavar="VARIANT",
+                        help=f"{' | '.join(library.ISAS)} (default: every one this CPU "
+                        "runs)")  # fmt: skip
+    args = parser.parse_args(argv)
+    unknown = [isa for isa in args.variants if isa not in library.ISAS]
+    if unknown:
+        parser.error(f"unknown variant {unknown[0]!r} (choose from {', '.join(library.ISAS)})")
+    cannot = [isa for isa in args.variants if not library.isa_runs(isa)]
+    if cannot:
+        parser.error(f"this CPU cannot run {', '.join(cannot)}")
     root = Path(__file__).resolve().parents[1]
-    wanted = sys.argv[1:] or [isa for isa in reversed(library.ISAS) if library.isa_runs(isa)]
+    wanted = args.variants or [isa for isa in reversed(library.ISAS) if library.isa_runs(isa)]
     paths = [run_variant(isa, root) for isa in wanted]
     print("\n".join(table([p for p in paths if p is not None])))
 
