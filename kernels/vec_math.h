@@ -82,6 +82,10 @@ inline float exp_approx(float x) {
 // ---- Explicit vectors (GCC vector extensions): the row kernels are written with
 // these so that every variant is vectorized at its own width, whatever the
 // auto-vectorizer decides (GCC 12 leaves exp_approx's loops scalar for AVX2 and SSE).
+// GCC 12 warns about the AVX-512 intrinsics' own _mm512_undefined_ps (a false positive).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 #if defined(__AVX512F__)
 constexpr int kLanes = 16;
 #elif defined(__AVX2__)
@@ -109,17 +113,46 @@ inline vf vmadd(vf a, vf b, vf c) {
 }
 
 inline vf vload(const float* p) { return *reinterpret_cast<const vf_unaligned*>(p); }
+// bf16 -> fp32: the 16 bits become the high half of each lane. Written per variant:
+// GCC's __builtin_convertvector on these widths splits into halves and re-joins them
+// (5 instructions where 2 do).
 inline vf vload(const uint16_t* p) {
+#if defined(__AVX512F__)
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return (vf)_mm512_slli_epi32(wide, 16);
+#elif defined(__AVX2__)
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return (vf)_mm256_slli_epi32(wide, 16);
+#else
   const vh h = *reinterpret_cast<const vh_unaligned*>(p);
   return (vf)(__builtin_convertvector(h, vu) << 16);
+#endif
 }
 inline void vstore(float* p, vf x) { *reinterpret_cast<vf_unaligned*>(p) = x; }
 // fp32 -> bf16, round to nearest even, NaN kept quiet (as float_to_bf16).
 inline void vstore(uint16_t* p, vf x) {
+#if defined(__AVX512BF16__)
+  // One instruction; it also flushes fp32 denormals (below 1.2e-38) to zero.
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh((__m512)x));
+#else
   const vu bits = (vu)x;
   const vu rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
   const vu out = (x != x) ? (0x7FC0u | (bits >> 16)) : rounded;
+#if defined(__AVX512F__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16((__m512i)out));
+#else
   *reinterpret_cast<vh_unaligned*>(p) = __builtin_convertvector(out, vh);
+#endif
+#endif
+}
+
+// Lane-wise max; a NaN in b is not taken (the sums that follow catch it).
+inline vf vmax(vf a, vf b) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_max_ps((__m512)b, (__m512)a);
+#else
+  return b > a ? b : a;
+#endif
 }
 
 inline float hmax(vf x) {
@@ -133,6 +166,35 @@ inline float hsum(vf x) {
   return s;
 }
 
+// exp(x) lane-wise. AVX-512 (14 vector ops, against ~22 for the portable form below,
+// which the exp-bound log-softmax passes feel directly): no clamping selects, the
+// polynomial folded into 7 FMAs and 2^n applied by vscalefps, with one masked op for
+// the underflow. Lanes below -87.33654 (and -inf) give 0, lanes above 88.72 (and +inf)
+// +inf, NaN stays NaN. Accuracy about 1 ulp, as exp_approx.
+#if defined(__AVX512F__)
+inline vf vexp(vf x) {
+  const __m512 xv = (__m512)x;
+  // Lanes to compute: x >= lo, or NaN (unordered), which then propagates.
+  const __mmask16 live = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(-87.33654f), _CMP_NLT_UQ);
+  // Clamp from above only (vminps returns its second operand, x, for a NaN x):
+  // exp(89) overflows in vscalefps to +inf, as exp(+inf) must.
+  const __m512 xc = _mm512_min_ps(_mm512_set1_ps(89.0f), xv);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), xc);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  // exp(r) = 1 + r (1 + r P(r)), P the Cephes expf minimax polynomial (degree 5).
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+  return (vf)_mm512_maskz_scalef_ps(live, y, n);
+}
+#else
 // exp_approx, lane-wise, with the same operations (so the same results).
 inline vf vexp(vf x) {
   const vf lo = vsplat(-87.33654f), hi = vsplat(88.0f);
@@ -154,5 +216,8 @@ inline vf vexp(vf x) {
   result = x > hi ? vsplat(std::numeric_limits<float>::infinity()) : result;
   return (x != x) ? x : result;
 }
+#endif
+
+#pragma GCC diagnostic pop
 
 }  // namespace decpo::DECPO_ISA
