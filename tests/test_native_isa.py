@@ -157,6 +157,40 @@ def test_decorrelation_bitwise_run_to_run():
     assert torch.equal(grads[0], grads[1])
 
 
+@pytest.mark.parametrize("n,dim,handed_over", [(300, 280, True), (64, 2048, False), (300, 200, False)])
+def test_baseline_hands_large_products_to_pytorch(monkeypatch, n, dim, handed_over):
+    """On the baseline variant (forced) a group whose product has min(n, D) above
+    BASELINE_PRODUCT_LIMIT runs on the torch backend (PyTorch's matmul); smaller ones
+    stay native. Both against float64; other variants never hand over."""
+    from decpo.native_backend import decorrelation as native_decorrelation
+    from decpo.torch_backend import decorrelation as torch_decorrelation
+
+    calls = []
+    real = torch_decorrelation.decorrelation_penalty
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch_decorrelation, "decorrelation_penalty", spy)
+    torch.manual_seed(4)
+    hidden = torch.randn(n, dim).to(torch.bfloat16)
+    h64 = hidden.double().requires_grad_(True)
+    ref = decorrelation_penalty_reference(h64)
+    ref.backward()
+    for variant in ("baseline", "avx2"):
+        if not library.isa_runs(variant):
+            continue
+        monkeypatch.setattr(native_decorrelation, "active_isa", lambda v=variant: v)
+        calls.clear()
+        h = hidden.clone().requires_grad_(True)
+        loss = decpo.decorrelation_penalty(h, backend="native")
+        loss.backward()
+        assert bool(calls) == (handed_over and variant == "baseline"), variant
+        assert_close(loss, ref, torch.bfloat16, f"{variant} penalty")
+        assert_close(h.grad, h64.grad, torch.bfloat16, f"{variant} d hidden")
+
+
 @pytest.mark.parametrize("bf16_dot", [True, False])
 def test_bf16_token_logprobs_follows_the_capability(monkeypatch, bf16_dot):
     """No bf16 dot product (forced): bf16 inputs are multiplied as fp32 tiles, at least

@@ -9,14 +9,26 @@ the loss is summed from E = G - I (or C - cI) in the same pass, and the gradient
 E Z (or Z (C - cI)) has the normalization's backward fused into its epilogue,
 written once in the input dtype. OpenMP runs across (layer, group) units when they
 share evenly between the threads, otherwise inside each product.
+
+The baseline (SSE, no FMA) variant multiplies 4 lanes at a time, at most 8 flop per
+cycle and core; PyTorch's BLAS on the same CPU is never slower than that. A group's
+product costs n D min(n, D) multiply-adds against ~n D for the passes around it, so
+once min(n, D) passes BASELINE_PRODUCT_LIMIT the products decide, and the baseline
+variant hands the call to the torch backend (PyTorch's matmul). Measured on 2 cores
+with the kernels forced to baseline (bf16, fwd+bwd; native / torch backend, ms):
+16 x 128, D=4096: 133 / 205; 8 x 256, D=4096: 223 / 221; 2 x 1024, D=1024: 174 / 112;
+1 x 8192, D=512: 249 / 103.
 """
 
 from __future__ import annotations
 
 import torch
 
-from decpo.native_backend.library import DTYPE_CODES, library
+from decpo.native_backend.library import DTYPE_CODES, active_isa, library
 from decpo.numerics import accumulation_dtype, bucket_rows, grad_dtype
+from decpo.torch_backend import decorrelation as torch_decorrelation
+
+BASELINE_PRODUCT_LIMIT = 256
 
 
 def decorrelation_penalty(
@@ -41,6 +53,10 @@ def decorrelation_penalty(
     else:
         rows, sizes = bucket_rows(n, mask, segment_ids, hidden.device)
         rows = rows.to(torch.int64).contiguous()
+    if active_isa() == "baseline" and max((min(s, dim) for s in sizes), default=0) > BASELINE_PRODUCT_LIMIT:
+        return torch_decorrelation.decorrelation_penalty(
+            hidden, mask, segment_ids, normalize, offdiag, reduction, compute_grad
+        )
     pairs = sum(s * (s - 1) if offdiag else s * s for s in sizes)
     # Rows outside every group keep a zero gradient; the kernel writes the others.
     full = rows is None or rows.numel() == n
