@@ -32,6 +32,20 @@ def _matmul_rate(device: str, dtype: torch.dtype, size: int, reps: int) -> float
     return 2 * size**3 * reps / (time.perf_counter() - start)
 
 
+def warm_memory(gib: float = 4.0) -> float:
+    """Touch `gib` GiB once and free it; returns the seconds it took. On this project's
+    virtual machines the first touch of guest memory the host has not backed yet is
+    slow: a fresh 262 MB output (logprobs_from_logits' bf16 gradient at N=4096,
+    V=32000) took 235-460 ms in a process's first rounds and 37 ms once warm, and
+    4 GiB touched once took 5.4 s. Without this, whichever provider runs a case first
+    pays for the host's page faults (decpo, listed first). The kernel reuses the freed
+    pages for the allocations that follow."""
+    start = time.perf_counter()
+    block = torch.ones(int(gib * (1 << 28)))  # (gib * 2^28,) fp32
+    del block
+    return time.perf_counter() - start
+
+
 def cpu_info() -> dict:
     """The CPU's capabilities and the native kernel variant in use (from the native
     library's own detection), and the environment that forces lesser ones: recorded
