@@ -27,7 +27,8 @@ from bench.render import RESULTS_DIR
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RESULTS: list[dict] = []
 # Optional subsets (bench/isa_sweep.py uses them): DECPO_BENCH_CASES, comma-separated
-# substrings of the case key; DECPO_BENCH_MODES, comma-separated modes.
+# substrings of the case key; DECPO_BENCH_MODES, comma-separated modes;
+# DECPO_BENCH_ROUNDS, timed rounds per row (default 10 on CUDA, 3 on CPU).
 _CASES = [c for c in os.environ.get("DECPO_BENCH_CASES", "").split(",") if c]
 _MODES = [m for m in os.environ.get("DECPO_BENCH_MODES", "").split(",") if m]
 PARAMS = [
@@ -56,7 +57,7 @@ def test_op(benchmark, case, provider, mode):
         synchronize(DEVICE)
 
     benchmark.group = f"{case.key} {mode}"
-    rounds = 10 if DEVICE == "cuda" else 3
+    rounds = int(os.environ.get("DECPO_BENCH_ROUNDS", 10 if DEVICE == "cuda" else 3))
     benchmark.pedantic(timed, setup=setup_round, rounds=rounds, warmup_rounds=1)
     seconds = benchmark.stats.stats.median
     if DEVICE == "cuda":

@@ -157,7 +157,9 @@ def test_decorrelation_bitwise_run_to_run():
     assert torch.equal(grads[0], grads[1])
 
 
-@pytest.mark.parametrize("n,dim,handed_over", [(300, 280, True), (64, 2048, False), (300, 200, False)])
+@pytest.mark.parametrize(
+    "n,dim,handed_over", [(300, 280, True), (64, 2048, False), (300, 200, False)]
+)
 def test_baseline_hands_large_products_to_pytorch(monkeypatch, n, dim, handed_over):
     """On the baseline variant (forced) a group whose product has min(n, D) above
     BASELINE_PRODUCT_LIMIT runs on the torch backend (PyTorch's matmul); smaller ones

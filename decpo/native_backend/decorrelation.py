@@ -53,7 +53,8 @@ def decorrelation_penalty(
     else:
         rows, sizes = bucket_rows(n, mask, segment_ids, hidden.device)
         rows = rows.to(torch.int64).contiguous()
-    if active_isa() == "baseline" and max((min(s, dim) for s in sizes), default=0) > BASELINE_PRODUCT_LIMIT:
+    largest_product = max((min(s, dim) for s in sizes), default=0)
+    if active_isa() == "baseline" and largest_product > BASELINE_PRODUCT_LIMIT:
         return torch_decorrelation.decorrelation_penalty(
             hidden, mask, segment_ids, normalize, offdiag, reduction, compute_grad
         )
