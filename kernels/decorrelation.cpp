@@ -54,6 +54,7 @@ namespace decpo::DECPO_ISA {
 namespace {
 
 constexpr float kEps = 1e-6f;  // the clamp of the row norm, as in every backend
+constexpr bool kDirectGram = true;
 
 #if defined(__AVX512F__)
 constexpr int W = 16;  // fp32 lanes
@@ -444,12 +445,145 @@ void epilogue(const float* y, int64_t ldy, const float* z, int64_t ldz, const fl
   }
 }
 
+// The Gram path (n <= D) straight from the input rows, without a normalized copy:
+// R = H H^T on the raw rows (bf16 pairs for vdpbf16ps, else fp32), d_i = max(||h_i||,
+// eps) = max(sqrt(R_ii), eps) (1 without normalize), G_ij = R_ij / (d_i d_j), E = G - I.
+// The gradient dh_i = (y_i - b_i z_i) 4 scale / d_i with y = E Z, z_j = h_j / d_j and
+// b_i = [d_i > eps] y_i . z_i = [d_i > eps] (E G)_ii is one product dh = M H with
+//   M_ij = (4 scale / d_i) (E_ij / d_j - [i = j] b_i / d_i),
+// an n x n matrix formed in fp32 (the projection's subtraction happens there, before
+// any rounding). Memory passes per group: the rows are read twice (one copy into each
+// product's operand layout) and dh written once, against about eight passes over an
+// fp32 (n x D) copy on the path through Z (normalize, pack, Y = E Z, epilogue), which
+// dominated at small n and large D (64 rows, D = 14336: 23% of the multiply-add floor).
+template <typename T>
+double gram_direct(const T* h, int64_t row_stride, const int64_t* rows, int64_t first,
+                   const Unit& u, T* grad, bool* failed) {
+  const int64_t n = u.n, dim = u.dim;
+  constexpr bool bf16_dot = kBf16Dot && std::is_same_v<T, uint16_t>;
+  const int64_t dp = round_up(dim, NR);  // padded columns (even)
+  const int64_t gm = round_up(n, 4), mp = round_up(n, MR), np = round_up(n, NR);
+  const int64_t op_rows = round_up(n, 12) + 1;  // whole 4 x 4 and MR tiles, as z elsewhere
+  auto src = [&](int64_t i) { return h + (rows != nullptr ? rows[i] : first + i) * row_stride; };
+  Scratch s;
+  float* g = s.take<float>(np * np);
+  float* d = s.take<float>(n);
+  if (s.failed) return *failed = true, 0.0;
+  // The rows in the Gram product's operand layout, zero padded (rows to op_rows,
+  // columns to dp): bf16 as they are (pairs along D), or fp32.
+  const int64_t ldx = bf16_dot ? dp / 2 + 16 : dp + 16;  // in operand units
+  using Op = std::conditional_t<bf16_dot, uint32_t, float>;
+  Op* x = s.take<Op>(op_rows * ldx);
+  if (s.failed) return *failed = true, 0.0;
+#pragma omp parallel for schedule(static) if (u.parallel)
+  for (int64_t i = 0; i < op_rows; ++i) {
+    Op* xi = x + i * ldx;
+    if constexpr (bf16_dot) {
+      uint16_t* xh = reinterpret_cast<uint16_t*>(xi);
+      if (i < n) std::memcpy(xh, src(i), sizeof(uint16_t) * dim);
+      for (int64_t j = i < n ? dim : 0; j < 2 * ldx; ++j) xh[j] = 0;
+    } else {
+      int64_t j = 0;
+      if (i < n) {
+        const T* si = src(i);
+        for (; j + kLanes <= dim; j += kLanes) vstore(xi + j, decpo::DECPO_ISA::vload(si + j));
+        for (; j < dim; ++j) xi[j] = to_float(si[j]);
+      }
+      for (; j < ldx; ++j) xi[j] = 0.0f;
+    }
+  }
+  gram_nt(x, ldx, g, np, gm, bf16_dot ? dp / 2 : dp, u.parallel);
+  mirror(g, np, n);
+  for (int64_t i = 0; i < n; ++i) {
+    const float r = g[i * np + i];
+    float di = 1.0f;
+    if (u.normalize) {
+      di = std::sqrt(r);
+      di = di > kEps ? di : kEps;
+    }
+    d[i] = di;
+  }
+  // G in place, then E; b_i = sum_j E_ij G_ij needs G's diagonal: kept per row.
+  double p = 0.0;
+  float* b = s.take<float>(n);
+  if (s.failed) return *failed = true, 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    float* gi = g + i * np;
+    for (int64_t j = 0; j < n; ++j) gi[j] = gi[j] / (d[i] * d[j]);
+    const float g_ii = gi[i];
+    gi[i] = u.offdiag ? 0.0f : g_ii - 1.0f;
+    double row = 0.0;
+    float e_g = gi[i] * g_ii;
+    for (int64_t j = 0; j < n; ++j) {
+      row += static_cast<double>(gi[j]) * gi[j];
+      if (j != i) e_g += gi[j] * gi[j];  // off the diagonal E_ij = G_ij
+    }
+    p += row;
+    b[i] = (u.normalize && d[i] > kEps) ? e_g : 0.0f;
+  }
+  if (grad == nullptr) return p;
+  // M in place of E (rows n..np zero for the padded product rows).
+  for (int64_t i = 0; i < n; ++i) {
+    float* mi = g + i * np;
+    const float scale = 4.0f * u.grad_scale / d[i];
+    for (int64_t j = 0; j < n; ++j) mi[j] = mi[j] / d[j] * scale;
+    mi[i] -= b[i] / d[i] * scale;
+    for (int64_t j = n; j < np; ++j) mi[j] = 0.0f;
+  }
+  const int64_t ldy = dp + 16;
+  float* y = s.take<float>(mp * ldy);
+  if (s.failed) return *failed = true, 0.0;
+  if constexpr (bf16_dot) {
+    // A = M as bf16 pairs along K = n; B = the rows interleaved in pairs along K.
+    const int64_t kp = (n + 1) / 2;
+    uint32_t* ma = s.take<uint32_t>(mp * kp);
+    uint32_t* hb = s.take<uint32_t>(kp * ldy);
+    if (s.failed) return *failed = true, 0.0;
+    for (int64_t i = 0; i < mp; ++i) {
+      for (int64_t q = 0; q < kp; ++q) {
+        const float lo = i < n ? g[i * np + 2 * q] : 0.0f;
+        const float hi = i < n && 2 * q + 1 < n ? g[i * np + 2 * q + 1] : 0.0f;
+        ma[i * kp + q] = bf16_pair(lo, hi);
+      }
+    }
+#pragma omp parallel for schedule(static) if (u.parallel)
+    for (int64_t q = 0; q < kp; ++q) {
+      const uint16_t* lo = reinterpret_cast<const uint16_t*>(src(2 * q));
+      const uint16_t* hi = 2 * q + 1 < n ? reinterpret_cast<const uint16_t*>(src(2 * q + 1)) : nullptr;
+      uint32_t* o = hb + q * ldy;
+      for (int64_t j = 0; j < dim; ++j) {
+        o[j] = static_cast<uint32_t>(lo[j]) | (hi != nullptr ? static_cast<uint32_t>(hi[j]) << 16 : 0u);
+      }
+      for (int64_t j = dim; j < dp; ++j) o[j] = 0u;
+    }
+    gemm(ma, kp, hb, ldy, y, ldy, mp, dp, kp, false, u.parallel);
+  } else {
+    // A = M (fp32, row stride np, rows n..mp read as the zeros below); B = the rows.
+    float* ma = s.take<float>(mp * np);
+    if (s.failed) return *failed = true, 0.0;
+    for (int64_t i = 0; i < mp; ++i) {
+      for (int64_t j = 0; j < np; ++j) ma[i * np + j] = i < n ? g[i * np + j] : 0.0f;
+    }
+    gemm(ma, np, x, ldx, y, ldy, mp, dp, n, false, u.parallel);
+  }
+#pragma omp parallel for schedule(static) if (u.parallel)
+  for (int64_t i = 0; i < n; ++i) {
+    const float* yi = y + i * ldy;
+    T* out = grad + (rows != nullptr ? rows[i] : first + i) * dim;
+    int64_t j = 0;
+    for (; j + kLanes <= dim; j += kLanes) decpo::DECPO_ISA::vstore(out + j, decpo::DECPO_ISA::vload(yi + j));
+    for (; j < dim; ++j) store(out, j, yi[j]);
+  }
+  return p;
+}
+
 // One (layer, group): returns P (the group's sum over counted pairs), NaN on
 // allocation failure (flagged in *failed).
 template <typename T>
 double group_penalty(const T* h, int64_t row_stride, const int64_t* rows, int64_t first,
                      const Unit& u, T* grad, bool* failed) {
   const int64_t n = u.n, dim = u.dim;
+  if (n <= dim && kDirectGram) return gram_direct(h, row_stride, rows, first, u, grad, failed);
   constexpr bool bf16_dot = kBf16Dot && std::is_same_v<T, uint16_t>;
   const int64_t dp = round_up(dim, NR);  // padded columns (even)
   // Row strides of long rows get 64 extra bytes: a stride that is a multiple of 4 KiB
