@@ -49,6 +49,26 @@ def _tile(n_rows: int, n_vocab: int, device: torch.device) -> tuple[int, int]:
     return max(1, min(n_rows, budget // vocab_chunk)), vocab_chunk
 
 
+class _ChunkCaster:
+    """weight[v0:v1] in matmul_dtype, converted into one buffer reused for every chunk
+    of a call (None: the view itself). A fresh tensor per chunk page-faults its memory
+    in every time: on 2 cores, converting a 32000 x 512 bf16 head chunk by chunk took
+    13-18 ms that way, most of the gap between bf16-as-fp32-tiles and plain fp32."""
+
+    def __init__(self, weight: torch.Tensor, rows: int, matmul_dtype: torch.dtype | None):
+        self.weight = weight
+        self.buffer = (
+            None
+            if matmul_dtype is None
+            else torch.empty((rows, weight.shape[1]), dtype=matmul_dtype, device=weight.device)
+        )  # (Vc, D)
+
+    def __call__(self, v0: int, v1: int) -> torch.Tensor:
+        if self.buffer is None:
+            return self.weight[v0:v1]
+        return self.buffer[: v1 - v0].copy_(self.weight[v0:v1])  # (v1 - v0, D)
+
+
 def _safe_max(m: torch.Tensor) -> torch.Tensor:
     """The running max with -inf replaced by 0, so exp(x - m) stays finite for
     all -inf rows; +inf is kept so that exp(inf - inf) = NaN propagates."""
@@ -124,6 +144,7 @@ def token_logprobs(
         return logp, lse, grad, stats
 
     row_chunk, vocab_chunk = _tile(m_rows, n_vocab, hidden.device)
+    cast_chunk = _ChunkCaster(weight, vocab_chunk, matmul_dtype)
     out_logp, out_lse, out_grad, out_stats = [], [], [], []
     for r0 in range(0, m_rows, row_chunk):
         h = h_all[r0 : r0 + row_chunk]  # (R, D)
@@ -142,7 +163,7 @@ def token_logprobs(
         for v0 in range(0, n_vocab, vocab_chunk):
             v1 = min(v0 + vocab_chunk, n_vocab)
             local, inside = _target_columns(t, v0, v1)
-            w_chunk = weight[v0:v1] if matmul_dtype is None else weight[v0:v1].to(matmul_dtype)
+            w_chunk = cast_chunk(v0, v1)  # (Vc, D)
             if epilogue is not None:
                 p_tile = h_mm @ w_chunk.T  # (R, Vc), becomes exp(z - m_new) c' in place
                 rescale = epilogue(
@@ -255,11 +276,12 @@ def token_logprobs_backward(
     d_weight = weight.new_zeros(weight.shape) if need_weight else weight.new_empty(0)
     d_bias = bias.new_zeros(bias.shape) if (need_bias and bias is not None) else weight.new_empty(0)
     row_chunk, vocab_chunk = _tile(max(m_rows, 1), n_vocab, hidden.device)
+    cast_chunk = _ChunkCaster(weight, vocab_chunk, matmul_dtype)
     for v0 in range(0, n_vocab, vocab_chunk):
         v1 = min(v0 + vocab_chunk, n_vocab)
         dw = weight.new_zeros((v1 - v0, dim), dtype=cdt) if need_weight else None
         db = weight.new_zeros(v1 - v0, dtype=cdt) if need_bias else None
-        w_chunk = weight[v0:v1] if matmul_dtype is None else weight[v0:v1].to(matmul_dtype)
+        w_chunk = cast_chunk(v0, v1)  # (Vc, D)
         for r0 in range(0, m_rows, row_chunk):
             r1 = min(r0 + row_chunk, m_rows)
             h = h_all[r0:r1] if matmul_dtype is None else h_all[r0:r1].to(matmul_dtype)
