@@ -69,10 +69,8 @@ def _backward(ctx: Any, grad_loss: Tensor, _grad_of_grad: Tensor) -> tuple[Tenso
     # fp32 or better. On CPU, PyTorch multiplies a bf16 tensor by a 0-dim fp32 tensor
     # in fp32 and rounds once (bit-identical to upcasting first), in one pass: the
     # upcast copy and the cast back cost 5 ms of a 14 ms step at 8 x 64 x 14336.
-    if grad.device.type == "cpu" and grad_loss.dtype == torch.float32 and grad.dtype in (
-        torch.bfloat16,
-        torch.float32,
-    ):
+    one_pass = grad.dtype in (torch.bfloat16, torch.float32)
+    if one_pass and grad.device.type == "cpu" and grad_loss.dtype == torch.float32:
         return input_grads(ctx, (grad * grad_loss).to(ctx.hidden_dtype))
     scaled = grad.to(torch.promote_types(grad.dtype, torch.float32)) * grad_loss
     return input_grads(ctx, scaled.to(ctx.hidden_dtype))

@@ -316,6 +316,44 @@ def _gram_fused_kernel(
 
 
 @triton.jit
+def _pair_error(
+    z_base,
+    sqx_base,
+    partial_ptr,
+    li,
+    lj,
+    i_ok,
+    j_ok,
+    ri,
+    rj,
+    DP,
+    SAME: tl.constexpr,
+    OFFDIAG: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """G = Z_I Z_J^T of one tile pair (rows ri, rj of one layer's packed Z, DP
+    columns; Z_I Z_I^T when SAME) and its error tile E = G - I, masked; stores the
+    pair's loss partial (counted twice off the diagonal, for E_JI) and returns (G, E),
+    both (BLOCK_R, BLOCK_R) fp32."""
+    g = tl.zeros([BLOCK_R, BLOCK_R], tl.float32)
+    for d0 in tl.range(0, DP, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        zi = _load_rows(z_base, ri, i_ok, ds, ds < DP, DP)
+        if SAME:
+            g = dot(zi, tl.trans(zi), g, INTERPRET)
+        else:
+            zj = _load_rows(z_base, rj, j_ok, ds, ds < DP, DP)
+            g = dot(zi, tl.trans(zj), g, INTERPRET)
+    sqx = tl.load(sqx_base + ri, mask=i_ok, other=0.0)
+    e = _error_tile(g, li, lj, i_ok, j_ok, sqx, OFFDIAG)
+    weight = 1.0 if SAME else 2.0
+    tl.store(partial_ptr, weight * tl.sum(tl.sum(e * e, 1), 0))
+    return g, e
+
+
+@triton.jit
 def _gram_pair_kernel(
     z_ptr,
     sqx_ptr,
@@ -354,19 +392,10 @@ def _gram_pair_kernel(
     ri = start + li
     rj = start + lj
     z_base = z_ptr + layer * S * DP
-    g = tl.zeros([BLOCK_R, BLOCK_R], tl.float32)
-    for d0 in tl.range(0, DP, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        zi = _load_rows(z_base, ri, i_ok, ds, ds < DP, DP)
-        if SAME:
-            g = dot(zi, tl.trans(zi), g, INTERPRET)
-        else:
-            zj = _load_rows(z_base, rj, j_ok, ds, ds < DP, DP)
-            g = dot(zi, tl.trans(zj), g, INTERPRET)
-    sqx = tl.load(sqx_ptr + layer * S + ri, mask=i_ok, other=0.0)
-    e = _error_tile(g, li, lj, i_ok, j_ok, sqx, OFFDIAG)
-    weight = 1.0 if SAME else 2.0
-    tl.store(partial_ptr + layer * P + pair, weight * tl.sum(tl.sum(e * e, 1), 0))
+    g, e = _pair_error(
+        z_base, sqx_ptr + layer * S, partial_ptr + layer * P + pair, li, lj, i_ok, j_ok,
+        ri, rj, DP, SAME, OFFDIAG, INTERPRET, BLOCK_R, BLOCK_D,
+    )  # fmt: skip
     if COMPUTE_GRAD:
         eg = e * g
         radial = radial_ptr + layer * S
@@ -439,19 +468,10 @@ def _gram_error_kernel(
     ri = start + li
     rj = start + lj
     z_base = z_ptr + layer * S * DP
-    g = tl.zeros([BLOCK_R, BLOCK_R], tl.float32)
-    for d0 in tl.range(0, DP, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        zi = _load_rows(z_base, ri, i_ok, ds, ds < DP, DP)
-        if SAME:
-            g = dot(zi, tl.trans(zi), g, INTERPRET)
-        else:
-            zj = _load_rows(z_base, rj, j_ok, ds, ds < DP, DP)
-            g = dot(zi, tl.trans(zj), g, INTERPRET)
-    sqx = tl.load(sqx_ptr + layer * S + ri, mask=i_ok, other=0.0)
-    e = _error_tile(g, li, lj, i_ok, j_ok, sqx, OFFDIAG)
-    weight = 1.0 if SAME else 2.0
-    tl.store(partial_ptr + layer * P + pair, weight * tl.sum(tl.sum(e * e, 1), 0))
+    g, e = _pair_error(
+        z_base, sqx_ptr + layer * S, partial_ptr + layer * P + pair, li, lj, i_ok, j_ok,
+        ri, rj, DP, SAME, OFFDIAG, INTERPRET, BLOCK_R, BLOCK_D,
+    )  # fmt: skip
     eg = e * g
     rpart = rpart_ptr + layer * T_MAX * S
     tl.store(rpart + tj * S + ri, tl.sum(eg, 1), mask=i_ok)
