@@ -73,3 +73,17 @@ def test_a_benchmark_session_writes_results_but_never_the_readme(tmp_path, monke
     (written,) = tmp_path.glob("ops-*.json")
     assert json.loads(written.read_text())["results"][0]["median_ms"] == 2.0
     assert "python -m bench.render" in lines[-1]
+
+
+def test_twins_times_both_dtypes_on_tiny_shapes(monkeypatch):
+    """bench.twins' child measurement: every case in bf16 and fp32, ratios per round."""
+    from bench import measure, twins
+
+    tiny = [_tiny(c) for c in cases.CPU_CASES]
+    monkeypatch.setattr(cases, "cases_for", lambda device: tiny)
+    monkeypatch.setattr(measure, "warm_memory", lambda gib=4.0: 0.0)
+    rows = twins.measure(rounds=2)
+    assert [r["case"] for r in rows] == list(twins.CASES)
+    for r in rows:
+        low, high = r["ratio_range"]
+        assert r["bf16_ms"] > 0 and r["fp32_ms"] > 0 and low <= r["ratio_median"] <= high

@@ -1,0 +1,127 @@
+"""Every bf16 CPU path against its fp32 twin, per native kernel variant: is bf16 ever
+the slower one?
+
+    python -m bench.twins                  # every variant this CPU runs
+    python -m bench.twins avx512 avx2      # some of them
+
+For each variant a child process (forced as in bench/isa_sweep.py: DECPO_NATIVE_ISA
+and PyTorch capped at the same CPU class) times decpo (backend "auto", forward +
+backward) on each case below in bf16 and in fp32, alternating the two dtypes round
+by round, so that both see the same machine: on this project's 2-core virtual
+machines one case's time moves by 10-20% between whole benchmark runs, more than
+the differences asked about here. The verdict per case is the median of the
+same-round ratios bf16 / fp32 (< 1: bf16 faster). Results go to
+bench/results/twins-cpu-<stamp>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+# bench/cases.py keys; each case runs as given (bf16) and with fp32 inputs.
+CASES = (
+    "logprobs_from_logits/N=4096 V=32000",
+    "token_logprobs/N=256 D=512 V=32000",
+    "decorrelation_penalty/4 groups x 512 D=4096",
+    "decorrelation_penalty/last token 8 layers x 64 D=14336",
+)
+
+
+def measure(rounds: int) -> list[dict]:
+    """This process's rows: per case, both dtypes' median ms and the median ratio."""
+    from bench.cases import build, cases_for
+    from bench.measure import cpu_info, warm_memory
+
+    warm_memory()
+    by_key = {case.key: case for case in cases_for("cpu")}
+    rows = []
+    for key in CASES:
+        bf16_case = by_key[key]
+        twins = {"bf16": bf16_case, "fp32": dataclasses.replace(bf16_case, dtype=torch.float32)}
+        runs = {name: build(case, "decpo", "fwd+bwd", "cpu") for name, case in twins.items()}
+        for setup, run in runs.values():
+            run(setup())  # warm-up
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(rounds):
+            for name, (setup, run) in runs.items():
+                state = setup()
+                start = time.perf_counter()
+                run(state)
+                times[name].append(time.perf_counter() - start)
+        ratios = [b / f for b, f in zip(times["bf16"], times["fp32"], strict=True)]
+        rows.append({
+            "case": key, "rounds": rounds,
+            "bf16_ms": 1e3 * statistics.median(times["bf16"]),
+            "fp32_ms": 1e3 * statistics.median(times["fp32"]),
+            "ratio_median": statistics.median(ratios),
+            "ratio_range": [min(ratios), max(ratios)], **cpu_info(),
+        })  # fmt: skip
+    return rows
+
+
+def run_variant(isa: str, rounds: int) -> list[dict]:
+    from bench.isa_sweep import EMULATION
+
+    env = {**os.environ, **EMULATION[isa], "DECPO_NATIVE_ISA": isa}
+    cmd = [sys.executable, "-m", "bench.twins", "--child", "--rounds", str(rounds)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        print(f"the {isa} run failed:\n{done.stderr[-3000:]}", file=sys.stderr)
+        return []
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    from decpo.native_backend import library
+
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.twins",
+        description="bf16 against fp32, alternating rounds, per native kernel variant.",
+    )
+    parser.add_argument("variants", nargs="*", metavar="VARIANT",
+                        help=f"{' | '.join(library.ISAS)} (default: every one this CPU "
+                        "runs)")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=9, help="alternating rounds per case")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(measure(args.rounds)))
+        return 0
+    if not library.is_available():
+        parser.error(f"the native library is unavailable: {library.unavailable_reason()}")
+    if unknown := [isa for isa in args.variants if isa not in library.ISAS]:
+        parser.error(f"unknown variant {unknown[0]!r} (choose from {', '.join(library.ISAS)})")
+    if cannot := [isa for isa in args.variants if not library.isa_runs(isa)]:
+        parser.error(f"this CPU cannot run {', '.join(cannot)}")
+    wanted = args.variants or [isa for isa in reversed(library.ISAS) if library.isa_runs(isa)]
+    rows = [row for isa in wanted for row in run_variant(isa, args.rounds)]
+    from bench.render import RESULTS_DIR, environment
+
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    path = RESULTS_DIR / f"twins-cpu-{stamp:%Y%m%d-%H%M%S}.json"
+    record = {**environment("cpu"), "date": stamp.isoformat(timespec="seconds"), "results": rows}
+    path.write_text(json.dumps(record, indent=1))
+    print(
+        "| variant | case | bf16 ms | fp32 ms | bf16 / fp32 (median of same-round ratios, range) |"
+    )
+    print("| --- | --- | ---: | ---: | --- |")
+    for r in rows:
+        low, high = r["ratio_range"]
+        print(f"| {r['native_isa']} | {r['case']} | {r['bf16_ms']:.1f} | {r['fp32_ms']:.1f} | "
+              f"{r['ratio_median']:.2f} ({low:.2f}-{high:.2f}) |")  # fmt: skip
+    print(f"written to {path}")
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
