@@ -91,10 +91,11 @@ def _peaks(device: str) -> dict[str, float]:
     dev = torch.device(device)
     size = 8192 if device == "cuda" else 2048
     reps = 20 if device == "cuda" else 10
-    # A CPU without bf16 dot products crawls through bf16 matmuls (~0.5 GFLOP/s):
-    # a small probe first, so that measuring it does not take minutes.
-    # (512: a 256 probe ran at 2.8 GFLOP/s on a busy AVX512_BF16 machine; crawling is 0.5.)
-    crawls = device == "cpu" and _matmul_rate(device, torch.bfloat16, 512, 1) < 2e9
+    # A CPU without bf16 dot products crawls through bf16 matmuls (~0.5 GFLOP/s at
+    # 2048^2, a few GFLOP/s at 512^2 where the operands sit in cache; 100+ with bf16
+    # dot products): a small probe first, so that measuring it does not take minutes
+    # (11 timings of a 2048^2 bf16 matmul at 0.5 GFLOP/s: 6 minutes).
+    crawls = device == "cpu" and _matmul_rate(device, torch.bfloat16, 512, 1) < 20e9
     flops = _matmul_rate(device, torch.bfloat16, 512 if crawls else size, 1 if crawls else reps)
     fp32_flops = _matmul_rate(device, torch.float32, size, reps)
     n = (1 << 30) if device == "cuda" else (1 << 27)  # elements of fp32: 4 GiB / 512 MiB
