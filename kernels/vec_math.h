@@ -7,6 +7,9 @@
 #include <cstring>
 #include <limits>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>  // SSE2, part of x86-64: the baseline variant's bf16 loads and stores
+#endif
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -123,6 +126,9 @@ inline vf vload(const uint16_t* p) {
 #elif defined(__AVX2__)
   const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return (vf)_mm256_slli_epi32(wide, 16);
+#elif defined(__SSE2__)  // interleaving zeros below each value puts it in a lane's high half
+  const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return (vf)_mm_unpacklo_epi16(_mm_setzero_si128(), h);
 #else
   const vh h = *reinterpret_cast<const vh_unaligned*>(p);
   return (vf)(__builtin_convertvector(h, vu) << 16);
@@ -135,13 +141,22 @@ inline void vstore(uint16_t* p, vf x) {
   // One instruction; it also flushes fp32 denormals (below 1.2e-38) to zero.
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh((__m512)x));
 #else
+  // Rounded in place (the result in each lane's high half), a NaN made quiet; then
+  // the high halves narrowed: an arithmetic shift keeps them in int16 range, so the
+  // signed pack of SSE2 / AVX2 moves the bits unchanged.
   const vu bits = (vu)x;
-  const vu rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  const vu out = (x != x) ? (0x7FC0u | (bits >> 16)) : rounded;
+  const vu hi = (x != x) ? (bits | 0x00400000u) : bits + 0x7FFFu + ((bits >> 16) & 1u);
 #if defined(__AVX512F__)
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16((__m512i)out));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16((__m512i)(hi >> 16)));
+#elif defined(__AVX2__)
+  const __m256i v = _mm256_srai_epi32((__m256i)hi, 16);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(v, v), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+#elif defined(__SSE2__)
+  const __m128i v = _mm_srai_epi32((__m128i)hi, 16);
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packs_epi32(v, v));
 #else
-  *reinterpret_cast<vh_unaligned*>(p) = __builtin_convertvector(out, vh);
+  *reinterpret_cast<vh_unaligned*>(p) = __builtin_convertvector(hi >> 16, vh);
 #endif
 #endif
 }

@@ -233,3 +233,24 @@ def test_bf16_token_logprobs_follows_the_capability(monkeypatch, bf16_dot):
     if not bf16_dot:  # fp32 tiles: no worse than PyTorch's own bf16 product
         eager = torch.log_softmax((hidden @ weight.T).float(), -1).gather(1, targets[:, None])
         assert rel_err(logp, ref) <= rel_err(eager.squeeze(1), ref) * 1.05 + 1e-6
+
+
+def test_bf16_gradient_rounds_like_pytorch_every_variant(isa):
+    """The bf16 backward of logprobs_from_logits is bitwise PyTorch's round-to-nearest-
+    even of the fp32 path's gradient (the same fp32 values: the bf16 logits widen
+    exactly), NaN rows included: checks each variant's vector bf16 load and store."""
+    torch.manual_seed(5)
+    logits = (torch.randn(64, 3000) * 4).to(torch.bfloat16)
+    logits[3, 7] = float("nan")
+    logits[5, 9] = float("inf")
+    targets = torch.randint(0, 3000, (64,))
+    grad = torch.randn(64)
+    _, lse_bf16 = native_logprobs.logprobs_from_logits(logits, targets, -100, 1.0)
+    _, lse_fp32 = native_logprobs.logprobs_from_logits(logits.float(), targets, -100, 1.0)
+    got = native_logprobs.logprobs_from_logits_backward(grad, logits, targets, lse_bf16, -100, 1.0)
+    want = native_logprobs.logprobs_from_logits_backward(
+        grad, logits.float(), targets, lse_fp32, -100, 1.0
+    ).to(torch.bfloat16)
+    same = (got.view(torch.int16) == want.view(torch.int16)) | (got.isnan() & want.isnan())
+    assert bool(same.all()), f"{isa}: {int((~same).sum())} elements differ"
+    assert bool(got[3].isnan().all()) and bool(got[5].isnan().all())
