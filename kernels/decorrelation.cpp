@@ -5,8 +5,10 @@
 // G = Z Z^T, and dP/dz_i = 4 sum_j E_ij z_j with E = G - I (diagonal zeroed for
 // offdiag). Two exact paths, as in the torch backend, the cheaper per group:
 //
-// - Gram, n <= D: G = Z Z^T (upper tiles only: n^2 D multiply-adds), E in place,
-//   then Y = E Z (n^2 D). The (n, n) matrix is no larger than Z.
+// - Gram, n <= D (gram_direct): R = H H^T on the raw rows (upper tiles only: n^2 D
+//   multiply-adds), G = R / (d_i d_j), E in place, then the gradient as one product
+//   dh = M H (n^2 D) with the normalization's backward folded into the n x n M. No
+//   normalized copy of the rows; the (n, n) matrices are no larger than H.
 // - Covariance, n > D: C = Z^T Z (upper tiles: n D^2), then Y = Z (C - cI) + c Z
 //   (n D^2) with c = tr C / D; only (D, D) is held, never (n, n), and
 //   P = ||C - cI||_F^2 + (s - D)^2 / D + (n - D) (full) or
@@ -15,20 +17,20 @@
 //
 // Total 3 n D min(n, D) FLOPs per group, against n D reads and n D writes: at
 // D = 4096, n = 512 that is 3.2 GFLOP for 8 MB (bf16), about 400 FLOP per byte, so
-// every path is bound by the multiply-add rate, never by memory. The rows are read
-// and normalized once into one buffer reused by both products and the epilogue;
-// the gradient's epilogue (the normalization's backward, through z = h / max(||h||,
-// eps): dh = (y - b z) 4 scale / max(||h||, eps) with b = a + [||h|| > eps] (y . z -
-// a ||z||^2), a = 0 on the Gram path, 1 or ||z||^2 on the covariance path) runs on
-// each row of Y while it is in cache, and writes dh in the input dtype.
+// every path is bound by the multiply-add rate, never by memory. On the covariance
+// path the rows are read and normalized once into one buffer reused by both products
+// and the epilogue; the gradient's epilogue (the normalization's backward, through
+// z = h / max(||h||, eps): dh = (y - b z) 4 scale / max(||h||, eps) with
+// b = a + [||h|| > eps] (y . z - a ||z||^2), a = 1, ||z||^2 for offdiag) runs on each
+// row of Y while it is in cache, and writes dh in the input dtype.
 //
 // Products: register-tiled GEMMs Y (MR x NR tiles) += A B with A's scalars broadcast
 // and B's rows loaded as vectors, over K blocks of KC that keep B's panel in L2.
 // bf16 input on a CPU with AVX512_BF16 (the avx512bf16 variant): operands rounded to
 // bf16 and multiplied with vdpbf16ps (32 multiply-adds per instruction, fp32
 // accumulation; pairs along K interleaved, the layout the instruction reads), E and
-// C - cI rounded only after the identity is subtracted in fp32. Everything else:
-// fp32 FMAs on fp32 operands (bf16 input converted while the rows are normalized).
+// C - cI (and M) rounded only after the identity is subtracted in fp32. Everything
+// else: fp32 FMAs on fp32 operands (bf16 input converted as the rows are copied).
 //
 // Parallelism: OpenMP across (layer, group) units when there are enough to share
 // evenly between the threads, otherwise across the output tiles of each product.
@@ -54,7 +56,6 @@ namespace decpo::DECPO_ISA {
 namespace {
 
 constexpr float kEps = 1e-6f;  // the clamp of the row norm, as in every backend
-constexpr bool kDirectGram = true;
 
 #if defined(__AVX512F__)
 constexpr int W = 16;  // fp32 lanes
@@ -79,21 +80,7 @@ constexpr bool kBf16Dot = true;
 constexpr bool kBf16Dot = false;
 #endif
 
-typedef float vf __attribute__((vector_size(W * 4)));
-typedef float vfu __attribute__((vector_size(W * 4), aligned(4)));
-
-inline vf vload(const float* p) { return *reinterpret_cast<const vfu*>(p); }
-inline void vstore(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
-
-inline vf vfma(vf a, vf b, vf c) {
-#if defined(__AVX512F__)
-  return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
-#elif defined(__AVX2__)
-  return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
-#else
-  return a * b + c;
-#endif
-}
+static_assert(W == kLanes, "the register tiles use vec_math.h's vectors");
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -114,7 +101,7 @@ void micro_f32(const float* a, int64_t lda, const float* b, int64_t ldb, float* 
     for (int r = 0; r < MR; ++r) {
       const vf av = vf{} + a[r * lda + k];
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = vfma(av, bv[v], acc[r][v]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = vmadd(av, bv[v], acc[r][v]);
     }
   }
 #pragma GCC unroll 8
@@ -231,7 +218,7 @@ inline vf dot_step(vf acc, const T* x, const T* y);
 
 template <>
 inline vf dot_step<float>(vf acc, const float* x, const float* y) {
-  return vfma(*reinterpret_cast<const vfu*>(x), *reinterpret_cast<const vfu*>(y), acc);
+  return vmadd(vload(x), vload(y), acc);
 }
 
 #if defined(__AVX512BF16__)
@@ -422,14 +409,14 @@ void load_rows(const T* h, int64_t row_stride, const int64_t* rows, int64_t firs
 // (b = a_i without normalize), written to out rows in T. y = Y + c z first.
 template <typename T>
 void epilogue(const float* y, int64_t ldy, const float* z, int64_t ldz, const float* denom,
-              const float* sq, float c, bool a_is_sq, float a_const, const Unit& u,
+              const float* sq, float c, bool a_is_sq, const Unit& u,
               const int64_t* rows, int64_t first, T* grad) {
 #pragma omp parallel for schedule(static) if (u.parallel)
   for (int64_t i = 0; i < u.n; ++i) {
     const float* yi = y + i * ldy;
     const float* zi = z + i * ldz;
     T* out = grad + (rows != nullptr ? rows[i] : first + i) * u.dim;
-    const float a = a_is_sq ? sq[i] : a_const;
+    const float a = a_is_sq ? sq[i] : 1.0f;
     float b = a;
     if (u.normalize) {
       float yz = 0.0f;
@@ -486,7 +473,7 @@ double gram_direct(const T* h, int64_t row_stride, const int64_t* rows, int64_t 
       int64_t j = 0;
       if (i < n) {
         const T* si = src(i);
-        for (; j + kLanes <= dim; j += kLanes) vstore(xi + j, decpo::DECPO_ISA::vload(si + j));
+        for (; j + kLanes <= dim; j += kLanes) vstore(xi + j, vload(si + j));
         for (; j < dim; ++j) xi[j] = to_float(si[j]);
       }
       for (; j < ldx; ++j) xi[j] = 0.0f;
@@ -571,7 +558,7 @@ double gram_direct(const T* h, int64_t row_stride, const int64_t* rows, int64_t 
     const float* yi = y + i * ldy;
     T* out = grad + (rows != nullptr ? rows[i] : first + i) * dim;
     int64_t j = 0;
-    for (; j + kLanes <= dim; j += kLanes) decpo::DECPO_ISA::vstore(out + j, decpo::DECPO_ISA::vload(yi + j));
+    for (; j + kLanes <= dim; j += kLanes) vstore(out + j, vload(yi + j));
     for (; j < dim; ++j) store(out, j, yi[j]);
   }
   return p;
@@ -583,7 +570,7 @@ template <typename T>
 double group_penalty(const T* h, int64_t row_stride, const int64_t* rows, int64_t first,
                      const Unit& u, T* grad, bool* failed) {
   const int64_t n = u.n, dim = u.dim;
-  if (n <= dim && kDirectGram) return gram_direct(h, row_stride, rows, first, u, grad, failed);
+  if (n <= dim) return gram_direct(h, row_stride, rows, first, u, grad, failed);
   constexpr bool bf16_dot = kBf16Dot && std::is_same_v<T, uint16_t>;
   const int64_t dp = round_up(dim, NR);  // padded columns (even)
   // Row strides of long rows get 64 extra bytes: a stride that is a multiple of 4 KiB
@@ -599,113 +586,62 @@ double group_penalty(const T* h, int64_t row_stride, const int64_t* rows, int64_
   // Rows past n feed only output rows that are never read; zeros keep them cheap.
   std::memset(z + n * ldz, 0, sizeof(float) * (z_rows - n) * ldz);
 
-  double p = 0.0;
-  if (n <= dim) {
-    // Gram path: G = Z Z^T (np x np: dot products of z's rows), E in place, Y = E Z.
-    const int64_t mp = round_up(n, MR), np = round_up(n, NR);
-    float* g = s.take<float>(np * np);
-    float* y = grad != nullptr ? s.take<float>(mp * ldz) : nullptr;  // all written
+  // Covariance path (n > D): C = Z^T Z (dm x dp), then Y = Z (C - cI), y = Y + c z.
+  const int64_t dm = round_up(dim, MR) + 1;
+  float* cov = s.take<float>(dm * ldz);
+  if (s.failed) return *failed = true, 0.0;
+  if (bf16_dot) {
+    const int64_t kp = (n + 1) / 2, lda = kp + 16;  // pairs along K = n
+    uint32_t* b = s.take<uint32_t>(kp * ldz);
+    uint32_t* a = s.take<uint32_t>(dm * lda);
     if (s.failed) return *failed = true, 0.0;
-    const int64_t gm = round_up(n, 4);  // rows of the 4 x 4 tiles
-    if constexpr (bf16_dot) {
-      // z as bf16 pairs along D (rows up to gm, dp / 2 pairs).
-      const int64_t lda = dp / 2 + 16;
-      uint32_t* a = s.take<uint32_t>(gm * lda);
-      if (s.failed) return *failed = true, 0.0;
-#pragma omp parallel for schedule(static) if (u.parallel)
-      for (int64_t i = 0; i < gm; ++i) {
-        for (int64_t q = 0; q < dp / 2; ++q) {
-          a[i * lda + q] = bf16_pair(z[i * ldz + 2 * q], z[i * ldz + 2 * q + 1]);
-        }
-      }
-      gram_nt(a, lda, g, np, gm, dp / 2, u.parallel);
-    } else {
-      gram_nt(z, ldz, g, np, gm, dp, u.parallel);
-    }
-    mirror(g, np, n);
-    for (int64_t i = 0; i < n; ++i) {
-      g[i * np + i] = u.offdiag ? 0.0f : g[i * np + i] - 1.0f;
-      double row = 0.0;
-      for (int64_t j = 0; j < n; ++j) row += static_cast<double>(g[i * np + j]) * g[i * np + j];
-      p += row;
-    }
-    if (y != nullptr) {
-      if (bf16_dot) {
-        const int64_t kp = (n + 1) / 2;  // pairs along K = n (an odd n pads with 0)
-        uint32_t* ea = s.take<uint32_t>(mp * kp);
-        uint32_t* zb = s.take<uint32_t>(kp * ldz);
-        if (s.failed) return *failed = true, 0.0;
-        for (int64_t i = 0; i < n; ++i) {
-          for (int64_t q = 0; q < kp; ++q) {
-            const float hi = 2 * q + 1 < n ? g[i * np + 2 * q + 1] : 0.0f;
-            ea[i * kp + q] = bf16_pair(g[i * np + 2 * q], hi);
-          }
-        }
-        pack_pairs(z, ldz, n, dp, zb, ldz, kp, u.parallel);
-        gemm(ea, kp, zb, ldz, y, ldz, mp, dp, kp, false, u.parallel);
-      } else {
-        gemm(g, np, z, ldz, y, ldz, mp, dp, n, false, u.parallel);
-      }
-      epilogue(y, ldz, z, ldz, denom, sq, 0.0f, false, 0.0f, u, rows, first, grad);
-    }
+    pack_pairs(z, ldz, n, dp, b, ldz, kp, u.parallel);
+    transpose(b, ldz, kp, dim, a, lda, u.parallel);
+    gemm(a, lda, b, ldz, cov, ldz, round_up(dim, MR), dp, kp, true, u.parallel);
   } else {
-    // Covariance path: C = Z^T Z (dm x dp), then Y = Z (C - cI), y = Y + c z.
-    const int64_t dm = round_up(dim, MR) + 1;
-    float* cov = s.take<float>(dm * ldz);
+    const int64_t lda = n + 16;
+    float* a = s.take<float>(dm * lda);
+    if (s.failed) return *failed = true, 0.0;
+    transpose(z, ldz, n, dim, a, lda, u.parallel);
+    gemm(a, lda, z, ldz, cov, ldz, round_up(dim, MR), dp, n, true, u.parallel);
+  }
+  mirror(cov, ldz, dim);
+  double ssum = 0.0, quad = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    ssum += sq[i];
+    quad += static_cast<double>(sq[i]) * sq[i];
+  }
+  const float c = static_cast<float>(ssum / static_cast<double>(dim));
+  double frob = 0.0;
+  for (int64_t i = 0; i < dim; ++i) {
+    cov[i * ldz + i] -= c;
+    for (int64_t j = 0; j < dim; ++j) {
+      frob += static_cast<double>(cov[i * ldz + j]) * cov[i * ldz + j];
+    }
+  }
+  const double d = static_cast<double>(dim);
+  const double p = frob + (u.offdiag ? ssum * ssum / d - quad : (ssum - d) * (ssum - d) / d + (n - d));
+  if (grad != nullptr) {
+    const int64_t mp = round_up(n, MR);
+    float* y = s.take<float>(mp * ldz);  // all written
     if (s.failed) return *failed = true, 0.0;
     if (bf16_dot) {
-      const int64_t kp = (n + 1) / 2, lda = kp + 16;  // pairs along K = n
-      uint32_t* b = s.take<uint32_t>(kp * ldz);
-      uint32_t* a = s.take<uint32_t>(dm * lda);
+      const int64_t kp = (dim + 1) / 2, lda = kp + 16;  // pairs along K = dim
+      uint32_t* za = s.take<uint32_t>(mp * lda);
+      uint32_t* cb = s.take<uint32_t>(kp * ldz);
       if (s.failed) return *failed = true, 0.0;
-      pack_pairs(z, ldz, n, dp, b, ldz, kp, u.parallel);
-      transpose(b, ldz, kp, dim, a, lda, u.parallel);
-      gemm(a, lda, b, ldz, cov, ldz, round_up(dim, MR), dp, kp, true, u.parallel);
-    } else {
-      const int64_t lda = n + 16;
-      float* a = s.take<float>(dm * lda);
-      if (s.failed) return *failed = true, 0.0;
-      transpose(z, ldz, n, dim, a, lda, u.parallel);
-      gemm(a, lda, z, ldz, cov, ldz, round_up(dim, MR), dp, n, true, u.parallel);
-    }
-    mirror(cov, ldz, dim);
-    double ssum = 0.0, quad = 0.0;
-    for (int64_t i = 0; i < n; ++i) {
-      ssum += sq[i];
-      quad += static_cast<double>(sq[i]) * sq[i];
-    }
-    const float c = static_cast<float>(ssum / static_cast<double>(dim));
-    double frob = 0.0;
-    for (int64_t i = 0; i < dim; ++i) {
-      cov[i * ldz + i] -= c;
-      for (int64_t j = 0; j < dim; ++j) {
-        frob += static_cast<double>(cov[i * ldz + j]) * cov[i * ldz + j];
-      }
-    }
-    const double d = static_cast<double>(dim);
-    p = frob + (u.offdiag ? ssum * ssum / d - quad : (ssum - d) * (ssum - d) / d + (n - d));
-    if (grad != nullptr) {
-      const int64_t mp = round_up(n, MR);
-      float* y = s.take<float>(mp * ldz);  // all written
-      if (s.failed) return *failed = true, 0.0;
-      if (bf16_dot) {
-        const int64_t kp = (dim + 1) / 2, lda = kp + 16;  // pairs along K = dim
-        uint32_t* za = s.take<uint32_t>(mp * lda);
-        uint32_t* cb = s.take<uint32_t>(kp * ldz);
-        if (s.failed) return *failed = true, 0.0;
 #pragma omp parallel for schedule(static) if (u.parallel)
-        for (int64_t i = 0; i < mp; ++i) {
-          for (int64_t q = 0; q < kp; ++q) {
-            za[i * lda + q] = bf16_pair(z[i * ldz + 2 * q], z[i * ldz + 2 * q + 1]);
-          }
+      for (int64_t i = 0; i < mp; ++i) {
+        for (int64_t q = 0; q < kp; ++q) {
+          za[i * lda + q] = bf16_pair(z[i * ldz + 2 * q], z[i * ldz + 2 * q + 1]);
         }
-        pack_pairs(cov, ldz, dim, dp, cb, ldz, kp, u.parallel);
-        gemm(za, lda, cb, ldz, y, ldz, mp, dp, kp, false, u.parallel);
-      } else {
-        gemm(z, ldz, cov, ldz, y, ldz, mp, dp, dim, false, u.parallel);
       }
-      epilogue(y, ldz, z, ldz, denom, sq, c, u.offdiag, 1.0f, u, rows, first, grad);
+      pack_pairs(cov, ldz, dim, dp, cb, ldz, kp, u.parallel);
+      gemm(za, lda, cb, ldz, y, ldz, mp, dp, kp, false, u.parallel);
+    } else {
+      gemm(z, ldz, cov, ldz, y, ldz, mp, dp, dim, false, u.parallel);
     }
+    epilogue(y, ldz, z, ldz, denom, sq, c, u.offdiag, u, rows, first, grad);
   }
   return p;
 }

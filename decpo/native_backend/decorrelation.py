@@ -1,14 +1,15 @@
 """Decorrelation penalty on the native CPU library (kernels/decorrelation.cpp), fp32
 and bf16: loss and gradient of every (layer, group) in one call.
 
-Each group's rows are read and normalized once into a reused buffer; the Gram
-product G = Z Z^T (n <= D) or the covariance C = Z^T Z (n > D) runs on register-tiled
-C++ GEMMs (vdpbf16ps bf16 dot products for bf16 input where the CPU has
-AVX512_BF16, fp32 FMAs otherwise), only the upper tiles of the symmetric product;
-the loss is summed from E = G - I (or C - cI) in the same pass, and the gradient
-E Z (or Z (C - cI)) has the normalization's backward fused into its epilogue,
-written once in the input dtype. OpenMP runs across (layer, group) units when they
-share evenly between the threads, otherwise inside each product.
+Groups with n <= D (Gram path) multiply the raw rows: R = H H^T on register-tiled C++
+GEMMs (vdpbf16ps bf16 dot products straight on bf16 input where the CPU has
+AVX512_BF16, fp32 FMAs otherwise; upper tiles only), G = R / (d_i d_j), the loss from
+E = G - I, and the gradient as one product dh = M H with the normalization's backward
+folded into the n x n matrix M. Groups with n > D are normalized once into a reused
+buffer and go through C = Z^T Z and Z (C - cI), the normalization's backward fused
+into the epilogue. The gradient is written once in the input dtype. OpenMP runs
+across (layer, group) units when they share evenly between the threads, otherwise
+inside each product.
 
 The baseline (SSE, no FMA) variant multiplies 4 lanes at a time, at most 8 flop per
 cycle and core; PyTorch's BLAS on the same CPU is never slower than that. A group's
