@@ -36,6 +36,7 @@
 // evenly between the threads, otherwise across the output tiles of each product.
 // Either way each output element is summed by one thread in a fixed order: the
 // results are bitwise the same run to run.
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -432,6 +433,119 @@ void epilogue(const float* y, int64_t ldy, const float* z, int64_t ldz, const fl
   }
 }
 
+// dh = M H for a group of n <= kSkinnyRows rows, fused: per block of NR output
+// columns, the block's n x NR slice of the input rows is laid out once in an L1/L2
+// panel (bf16 pairs along K for vdpbf16ps, else fp32), every MR-row register tile of
+// M is multiplied against it, and the accumulators are written straight to dh in the
+// input dtype. With n small against D the product is n^2 D multiply-adds for 2 n D
+// bytes moved; the generic gemm() path around it (interleave the rows into an n x D
+// operand, pack its panels, an fp32 n x D product buffer, a conversion pass) moved
+// about 8 n D bytes more, which at n = 64, D = 14336 cost more than the products.
+// m_rows: M, n x n in fp32 with row stride ldm (read up to column n).
+constexpr int64_t kSkinnyRows = 256;
+
+template <typename T, typename Src>
+void skinny_grad(const float* m_rows, int64_t ldm, const Unit& u, Src src, const int64_t* rows,
+                 int64_t first, T* grad, Scratch& s) {
+  const int64_t n = u.n, dim = u.dim;
+  constexpr bool bf16_dot = kBf16Dot && std::is_same_v<T, uint16_t>;
+  using Op = std::conditional_t<bf16_dot, uint32_t, float>;
+  const int64_t k = bf16_dot ? (n + 1) / 2 : n;  // K in operand units (bf16 pairs or floats)
+  const int64_t mp = round_up(n, MR);
+  // A = M in the operand type, zero rows past n: (mp, k).
+  Op* a = s.take<Op>(mp * k);
+  if (s.failed) return;
+  for (int64_t i = 0; i < mp; ++i) {
+    for (int64_t q = 0; q < k; ++q) {
+      if constexpr (bf16_dot) {
+        const float lo = i < n ? m_rows[i * ldm + 2 * q] : 0.0f;
+        const float hi = i < n && 2 * q + 1 < n ? m_rows[i * ldm + 2 * q + 1] : 0.0f;
+        a[i * k + q] = bf16_pair(lo, hi);
+      } else {
+        a[i * k + q] = i < n ? m_rows[i * ldm + q] : 0.0f;
+      }
+    }
+  }
+  // Panels of PC columns (NR-wide column tiles, each k x NR): each input row is read
+  // in runs of PC elements, which the prefetcher follows (64 rows read NR elements at a
+  // time, 4 KiB apart at D = 14336, stalled on every load); k x PC operands <= 128 KiB.
+  const int64_t pc_cols = std::max<int64_t>(NR, std::min<int64_t>(512, 32768 / k / NR * NR));
+  const int64_t blocks = (dim + pc_cols - 1) / pc_cols;
+  bool no_memory = false;
+#pragma omp parallel if (u.parallel)
+  {
+    static thread_local Op* panel = nullptr;  // this thread's (PC / NR, k, NR) panels, kept
+    static thread_local int64_t panel_count = 0;
+    if (panel_count < k * pc_cols) {
+      std::free(panel);
+      panel = static_cast<Op*>(std::aligned_alloc(64, sizeof(Op) * k * pc_cols));
+      panel_count = panel != nullptr ? k * pc_cols : 0;
+    }
+    if (panel == nullptr) no_memory = true;
+    alignas(64) float tile[MR * NR];  // one register tile of dh in fp32
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      if (panel == nullptr) continue;
+      const int64_t j0 = blk * pc_cols;
+      const int64_t width = dim - j0 < pc_cols ? dim - j0 : pc_cols;
+      const int64_t col_tiles = (width + NR - 1) / NR;
+      for (int64_t q = 0; q < k; ++q) {
+        if constexpr (bf16_dot) {  // (row 2q, row 2q + 1) pairs
+          const uint16_t* lo = reinterpret_cast<const uint16_t*>(src(2 * q)) + j0;
+          const uint16_t* hi =
+              2 * q + 1 < n ? reinterpret_cast<const uint16_t*>(src(2 * q + 1)) + j0 : nullptr;
+          for (int64_t ct = 0; ct < col_tiles; ++ct) {
+            Op* pq = panel + (ct * k + q) * NR;
+            int64_t j = ct * NR;
+            const int64_t end = std::min(width, j + NR);
+            for (; j + W <= end; j += W) {  // vload puts each bf16 in its lane's high half
+              const vu low = (vu)vload(lo + j) >> 16;
+              const vu both = hi != nullptr ? (low | (vu)vload(hi + j)) : low;
+              vstore(reinterpret_cast<float*>(pq + j - ct * NR), (vf)both);
+            }
+            for (; j < end; ++j) {
+              pq[j - ct * NR] = lo[j] | (hi != nullptr ? static_cast<uint32_t>(hi[j]) << 16 : 0u);
+            }
+            for (; j < (ct + 1) * NR; ++j) pq[j - ct * NR] = 0u;
+          }
+        } else {
+          const T* row = src(q) + j0;
+          for (int64_t ct = 0; ct < col_tiles; ++ct) {
+            Op* pq = panel + (ct * k + q) * NR;
+            int64_t j = ct * NR;
+            const int64_t end = std::min(width, j + NR);
+            for (; j + W <= end; j += W) vstore(pq + j - ct * NR, vload(row + j));
+            for (; j < end; ++j) pq[j - ct * NR] = to_float(row[j]);
+            for (; j < (ct + 1) * NR; ++j) pq[j - ct * NR] = 0.0f;
+          }
+        }
+      }
+      for (int64_t ct = 0; ct < col_tiles; ++ct) {
+        const int64_t c0 = ct * NR;  // within the panel
+        const int64_t cw = std::min<int64_t>(NR, width - c0);
+        for (int64_t ir = 0; ir < mp; ir += MR) {
+          if constexpr (bf16_dot) {
+#if defined(__AVX512BF16__)
+            micro_bf16(a + ir * k, k, panel + ct * k * NR, NR, tile, NR, k, false);
+#endif
+          } else {
+            micro_f32(a + ir * k, k, panel + ct * k * NR, NR, tile, NR, k, false);
+          }
+          for (int r = 0; r < MR && ir + r < n; ++r) {
+            const int64_t i = ir + r;
+            T* out = grad + (rows != nullptr ? rows[i] : first + i) * dim + j0 + c0;
+            const float* yr = tile + r * NR;
+            int64_t j = 0;
+            for (; j + W <= cw; j += W) vstore(out + j, vload(yr + j));
+            for (; j < cw; ++j) store(out, j, yr[j]);
+          }
+        }
+      }
+    }
+  }
+  if (no_memory) s.failed = true;
+}
+
 // The Gram path (n <= D) straight from the input rows, without a normalized copy:
 // R = H H^T on the raw rows (bf16 pairs for vdpbf16ps, else fp32), d_i = max(||h_i||,
 // eps) = max(sqrt(R_ii), eps) (1 without normalize), G_ij = R_ij / (d_i d_j), E = G - I.
@@ -457,26 +571,35 @@ double gram_direct(const T* h, int64_t row_stride, const int64_t* rows, int64_t 
   float* d = s.take<float>(n);
   if (s.failed) return *failed = true, 0.0;
   // The rows in the Gram product's operand layout, zero padded (rows to op_rows,
-  // columns to dp): bf16 as they are (pairs along D), or fp32.
-  const int64_t ldx = bf16_dot ? dp / 2 + 16 : dp + 16;  // in operand units
+  // columns to dp): bf16 as they are (pairs along D), or fp32. Rows that already are
+  // that layout (contiguous, whole 4-row tiles, no column padding, fp32 or bf16 for
+  // vdpbf16ps) are read in place: one pass over the group less.
   using Op = std::conditional_t<bf16_dot, uint32_t, float>;
-  Op* x = s.take<Op>(op_rows * ldx);
-  if (s.failed) return *failed = true, 0.0;
+  const bool in_place = rows == nullptr && n % 4 == 0 && dim == dp && row_stride % 2 == 0 &&
+                        (bf16_dot || std::is_same_v<T, float>);
+  const Op* x = reinterpret_cast<const Op*>(src(0));
+  int64_t ldx = bf16_dot ? row_stride / 2 : row_stride;  // in operand units
+  if (!in_place) {
+    ldx = bf16_dot ? dp / 2 + 16 : dp + 16;
+    Op* copy = s.take<Op>(op_rows * ldx);
+    if (s.failed) return *failed = true, 0.0;
+    x = copy;
 #pragma omp parallel for schedule(static) if (u.parallel)
-  for (int64_t i = 0; i < op_rows; ++i) {
-    Op* xi = x + i * ldx;
-    if constexpr (bf16_dot) {
-      uint16_t* xh = reinterpret_cast<uint16_t*>(xi);
-      if (i < n) std::memcpy(xh, src(i), sizeof(uint16_t) * dim);
-      for (int64_t j = i < n ? dim : 0; j < 2 * ldx; ++j) xh[j] = 0;
-    } else {
-      int64_t j = 0;
-      if (i < n) {
-        const T* si = src(i);
-        for (; j + kLanes <= dim; j += kLanes) vstore(xi + j, vload(si + j));
-        for (; j < dim; ++j) xi[j] = to_float(si[j]);
+    for (int64_t i = 0; i < op_rows; ++i) {
+      Op* xi = copy + i * ldx;
+      if constexpr (bf16_dot) {
+        uint16_t* xh = reinterpret_cast<uint16_t*>(xi);
+        if (i < n) std::memcpy(xh, src(i), sizeof(uint16_t) * dim);
+        for (int64_t j = i < n ? dim : 0; j < 2 * ldx; ++j) xh[j] = 0;
+      } else {
+        int64_t j = 0;
+        if (i < n) {
+          const T* si = src(i);
+          for (; j + kLanes <= dim; j += kLanes) vstore(xi + j, vload(si + j));
+          for (; j < dim; ++j) xi[j] = to_float(si[j]);
+        }
+        for (; j < ldx; ++j) xi[j] = 0.0f;
       }
-      for (; j < ldx; ++j) xi[j] = 0.0f;
     }
   }
   gram_nt(x, ldx, g, np, gm, bf16_dot ? dp / 2 : dp, u.parallel);
@@ -516,6 +639,10 @@ double gram_direct(const T* h, int64_t row_stride, const int64_t* rows, int64_t 
     for (int64_t j = 0; j < n; ++j) mi[j] = mi[j] / d[j] * scale;
     mi[i] -= b[i] / d[i] * scale;
     for (int64_t j = n; j < np; ++j) mi[j] = 0.0f;
+  }
+  if (n <= kSkinnyRows) {
+    skinny_grad(g, np, u, src, rows, first, grad, s);
+    return s.failed ? (*failed = true, 0.0) : p;
   }
   const int64_t ldy = dp + 16;
   float* y = s.take<float>(mp * ldy);

@@ -100,7 +100,7 @@ def test_logprobs_special_values_every_variant(isa):
     torch.testing.assert_close(logp[3], torch.log_softmax(logits[3], -1)[550])
 
 
-def _eager_penalty(h: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+def _eager_penalty(h: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
     """PyTorch at the input dtype (normalize and Gram in bf16 for bf16 input)."""
     return decorrelation_penalty_reference(h, segment_ids=segment_ids).float()
 
@@ -108,14 +108,17 @@ def _eager_penalty(h: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "layers,n,dim,groups",
-    [(2, 40, 70, 2), (1, 150, 33, 1), (3, 97, 64, 3), (1, 9, 300, 1)],
-)
+    # groups=0: no segment_ids, rows read in place (whole 4-row tiles, D a multiple of
+    # every variant's tile width); n=260 <= D: the Gram path's generic product.
+    [(2, 40, 70, 2), (1, 150, 33, 1), (3, 97, 64, 3), (1, 9, 300, 1), (2, 8, 128, 0),
+     (1, 260, 320, 1)],
+)  # fmt: skip
 @pytest.mark.parametrize("offdiag", [False, True])
 def test_decorrelation_every_variant(isa, dtype, layers, n, dim, groups, offdiag):
     """Gram (n <= D) and covariance (n > D) groups, several layers, unsorted groups."""
     torch.manual_seed(2)
     hidden = torch.randn(layers, n, dim).to(dtype)
-    segment_ids = torch.randint(0, groups, (n,))
+    segment_ids = torch.randint(0, groups, (n,)) if groups else None
     h = hidden.clone().requires_grad_(True)
     loss = decpo.decorrelation_penalty(
         h, segment_ids=segment_ids, offdiag=offdiag, backend="native"
