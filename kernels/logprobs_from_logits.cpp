@@ -110,7 +110,17 @@ void row_backward(const T* row, T* out, int64_t n, int64_t y, float g, float inv
   }
   const vf vm = vsplat(m), vinv_t = vsplat(inv_t), vlog_s = vsplat(log_s), vg = vsplat(-g);
   int64_t j = 0;
-  if (m == 0.0f && inv_t == 1.0f) {  // the usual case: p_v = exp(logit_v - lse), same bits
+  // A finite lse and g: every logit is finite or -inf (NaN or +inf would have made lse
+  // NaN or +inf), so each g p_v is finite and the store needs no NaN test.
+  const bool finite = std::isfinite(lse) && std::isfinite(g);
+  if (m == 0.0f && inv_t == 1.0f && finite) {  // the usual case: p_v = exp(logit_v - lse)
+    for (; j + 2 * kLanes <= n; j += 2 * kLanes) {
+      vf a, b;
+      vload2(row + j, a, b);
+      vstore2_finite(out + j, vg * vexp(a - vlog_s), vg * vexp(b - vlog_s));
+    }
+    for (; j + kLanes <= n; j += kLanes) vstore_finite(out + j, vg * vexp(vload(row + j) - vlog_s));
+  } else if (m == 0.0f && inv_t == 1.0f) {  // the same bits
     for (; j + kLanes <= n; j += kLanes) vstore(out + j, vg * vexp(vload(row + j) - vlog_s));
   } else {
     for (; j + kLanes <= n; j += kLanes) {
