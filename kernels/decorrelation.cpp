@@ -8,7 +8,9 @@
 // - Gram, n <= D (gram_direct): R = H H^T on the raw rows (upper tiles only: n^2 D
 //   multiply-adds), G = R / (d_i d_j), E in place, then the gradient as one product
 //   dh = M H (n^2 D) with the normalization's backward folded into the n x n M. No
-//   normalized copy of the rows; the (n, n) matrices are no larger than H.
+//   normalized copy of the rows; the (n, n) matrices are no larger than H. Contiguous
+//   rows are read in place; groups of <= 256 rows compute dh = M H in one fused pass
+//   (skinny_grad) that writes dh from the register tiles.
 // - Covariance, n > D: C = Z^T Z (upper tiles: n D^2), then Y = Z (C - cI) + c Z
 //   (n D^2) with c = tr C / D; only (D, D) is held, never (n, n), and
 //   P = ||C - cI||_F^2 + (s - D)^2 / D + (n - D) (full) or
@@ -553,10 +555,13 @@ void skinny_grad(const float* m_rows, int64_t ldm, const Unit& u, Src src, const
 // b_i = [d_i > eps] y_i . z_i = [d_i > eps] (E G)_ii is one product dh = M H with
 //   M_ij = (4 scale / d_i) (E_ij / d_j - [i = j] b_i / d_i),
 // an n x n matrix formed in fp32 (the projection's subtraction happens there, before
-// any rounding). Memory passes per group: the rows are read twice (one copy into each
-// product's operand layout) and dh written once, against about eight passes over an
-// fp32 (n x D) copy on the path through Z (normalize, pack, Y = E Z, epilogue), which
-// dominated at small n and large D (64 rows, D = 14336: 23% of the multiply-add floor).
+// any rounding). Memory passes per group, for n <= 256 contiguous rows: the rows are
+// read once by each product and dh written once (skinny_grad), against about eight
+// passes over an fp32 (n x D) copy on an earlier path through Z (normalize, pack,
+// Y = E Z, epilogue), which dominated at small n and large D. Measured, bf16 on
+// avx512bf16, 8 layers x 64 rows, D = 14336, 2 cores, kernel only: 5.9 ms against
+// 7.0 ms with a row copy and the generic gemm() for dh = M H, and 3.6 ms of products
+// at PyTorch's best bf16 matmul rate.
 template <typename T>
 double gram_direct(const T* h, int64_t row_stride, const int64_t* rows, int64_t first,
                    const Unit& u, T* grad, bool* failed) {

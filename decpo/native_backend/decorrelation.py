@@ -5,9 +5,10 @@ Groups with n <= D (Gram path) multiply the raw rows: R = H H^T on register-tile
 GEMMs (vdpbf16ps bf16 dot products straight on bf16 input where the CPU has
 AVX512_BF16, fp32 FMAs otherwise; upper tiles only), G = R / (d_i d_j), the loss from
 E = G - I, and the gradient as one product dh = M H with the normalization's backward
-folded into the n x n matrix M. Groups with n > D are normalized once into a reused
-buffer and go through C = Z^T Z and Z (C - cI), the normalization's backward fused
-into the epilogue. The gradient is written once in the input dtype. OpenMP runs
+folded into the n x n matrix M (for groups of <= 256 rows one fused pass that writes
+dh from the register tiles; contiguous rows are read in place). Groups with n > D are
+normalized once into a reused buffer and go through C = Z^T Z and Z (C - cI), the
+normalization's backward fused into the epilogue. The gradient is written once in the input dtype. OpenMP runs
 across (layer, group) units when they share evenly between the threads, otherwise
 inside each product.
 
