@@ -2,15 +2,18 @@
 //
 // Forward, one read of each row: the row is consumed in blocks of BLOCK elements
 // whose max and sum of exponentials are merged into a running (max, sum), the
-// online logsumexp: m' = max(m, m_b); s' = s exp(m - m') + s_b exp(m_b - m').
+// online logsumexp: m' = max(m, m_b); s' = s exp(m - m') + s_b exp(m_b - m'). After
+// the first block, each block is summed in one pass in the frame of the running max
+// (row_logsumexp_impl says when it is redone in two).
 // Backward, one read and one write of each row: d logit_v = g (1[v = y] - p_v) / T.
 // Bytes per element: 2 (bf16) read forward; 2 read + 2 written backward; one exp
 // per element each way (vexp, vec_math.h: 14 vector ops per kLanes elements on
 // AVX-512, ~22 on AVX2 and SSE). On 2 AVX-512 cores the exps, not the bytes, bound
 // both passes (8.7-9.2 G exp/s against ~40 GB/s); bench/cases.py counts both, with
 // the exp rate measured on the machine (decpo.native_backend.library.exp_rate).
-// Measured (bf16, N=4096, V=32000, 2 cores): forward 25-27 ms, backward 23 ms into
-// a reused output and 37-40 ms into a fresh one (the OS zeroes the new pages).
+// Measured (bf16, N=4096, V=32000, 2 cores, avx512bf16): forward 18-19 ms (20-27 ms
+// with a separate max pass per block), backward 20-21 ms into a reused output and
+// 35-37 ms into a fresh one (the OS zeroes the new pages).
 // NaN and +Inf propagate: a NaN element makes its block sum NaN, +Inf gives
 // exp(inf - inf) = NaN. Rows that are all -Inf give lse = -Inf.
 #include <cmath>
@@ -46,8 +49,55 @@ inline vf shifted(vf x, vf m, vf inv_t) {
   return kScaled ? (x - m) * inv_t : x - m;
 }
 
-// Online logsumexp of one row of n elements, each scaled by inv_t. Per block: a
-// vector max pass, then one exp per element (the block is in L1 for the second pass).
+// Slack of the one-pass blocks: a block whose max lies at most this far (scaled)
+// above the running max is summed in the running max's frame, each term at most
+// e^64 and a block's sum at most 1024 e^64 ~ 6e30, far from fp32's 3.4e38.
+constexpr float kOnePassSlack = 64.0f;
+
+// Max and sum of exp((x - m) inv_t) of one block, in the frame of m: two passes (the
+// block's max first, then one exp per element, the block in L1 for the second pass).
+template <bool kScaled, typename T>
+float block_sum_two_pass(const T* block, int64_t len, float inv_t, float* m_b_out) {
+  const vf vinv_t = vsplat(inv_t);
+  // Four independent maxima: one chain would wait on each comparison's latency.
+  vf vmax0 = vsplat(kNegInf), vmax1 = vmax0, vmax2 = vmax0, vmax3 = vmax0;
+  int64_t j = 0;
+  for (; j + 4 * kLanes <= len; j += 4 * kLanes) {
+    vmax0 = vmax(vmax0, vload(block + j));
+    vmax1 = vmax(vmax1, vload(block + j + kLanes));
+    vmax2 = vmax(vmax2, vload(block + j + 2 * kLanes));
+    vmax3 = vmax(vmax3, vload(block + j + 3 * kLanes));
+  }
+  for (; j + kLanes <= len; j += kLanes) vmax0 = vmax(vmax0, vload(block + j));
+  float m_b = hmax(vmax(vmax(vmax0, vmax1), vmax(vmax2, vmax3)));
+  for (; j < len; ++j) {
+    const float x = to_float(block[j]);
+    m_b = x > m_b ? x : m_b;
+  }
+  *m_b_out = m_b;
+  // All -inf: keep exp() arguments finite (exp(-inf - 0) = 0).
+  const vf vm = vsplat(m_b == kNegInf ? 0.0f : m_b);
+  vf acc0 = vf{}, acc1 = vf{};  // two chains: the adds never wait on each other
+  j = 0;
+  for (; j + 2 * kLanes <= len; j += 2 * kLanes) {
+    acc0 += vexp(shifted<kScaled>(vload(block + j), vm, vinv_t));
+    acc1 += vexp(shifted<kScaled>(vload(block + j + kLanes), vm, vinv_t));
+  }
+  for (; j + kLanes <= len; j += kLanes) acc0 += vexp(shifted<kScaled>(vload(block + j), vm, vinv_t));
+  float s_b = hsum(acc0 + acc1);
+  const float m_safe = m_b == kNegInf ? 0.0f : m_b;
+  for (; j < len; ++j) s_b += exp_approx((to_float(block[j]) - m_safe) * inv_t);
+  return s_b;
+}
+
+// Online logsumexp of one row of n elements, each scaled by inv_t, in blocks of BLOCK.
+// The first block is summed in the frame of its own max (two passes over it, in L1).
+// Every later block is summed in ONE pass in the frame of the running max m, its max
+// taken in the same pass (one vmaxps per vector on values already in registers,
+// against a second load, widening and max: about 3 of ~22 vector ops per element):
+// accepted when the block's max lies at most kOnePassSlack above m (then m moves to
+// it), else (a new max far above, +inf, all -inf so far) the block is redone in two
+// passes. NaN propagates through the sums either way.
 template <bool kScaled, typename T>
 ShiftedLse row_logsumexp_impl(const T* row, int64_t n, float inv_t) {
   float m = kNegInf;
@@ -56,37 +106,50 @@ ShiftedLse row_logsumexp_impl(const T* row, int64_t n, float inv_t) {
   for (int64_t start = 0; start < n; start += BLOCK) {
     const int64_t len = (n - start < BLOCK) ? (n - start) : BLOCK;
     const T* block = row + start;
-    // Four independent maxima: one chain would wait on each comparison's latency.
-    vf vmax0 = vsplat(kNegInf), vmax1 = vmax0, vmax2 = vmax0, vmax3 = vmax0;
-    int64_t j = 0;
-    for (; j + 4 * kLanes <= len; j += 4 * kLanes) {
-      vmax0 = vmax(vmax0, vload(block + j));
-      vmax1 = vmax(vmax1, vload(block + j + kLanes));
-      vmax2 = vmax(vmax2, vload(block + j + 2 * kLanes));
-      vmax3 = vmax(vmax3, vload(block + j + 3 * kLanes));
+    float m_b = kNegInf, s_b = 0.0f;
+    bool done = false;
+    if (std::isfinite(m)) {  // one pass in the frame of m
+      const vf vm = vsplat(m);
+      vf acc0 = vf{}, acc1 = vf{};
+      vf vmax0 = vsplat(kNegInf), vmax1 = vmax0;
+      int64_t j = 0;
+      for (; j + 2 * kLanes <= len; j += 2 * kLanes) {
+        const vf x0 = vload(block + j), x1 = vload(block + j + kLanes);
+        vmax0 = vmax(vmax0, x0);
+        vmax1 = vmax(vmax1, x1);
+        acc0 += vexp(shifted<kScaled>(x0, vm, vinv_t));
+        acc1 += vexp(shifted<kScaled>(x1, vm, vinv_t));
+      }
+      for (; j + kLanes <= len; j += kLanes) {
+        const vf x0 = vload(block + j);
+        vmax0 = vmax(vmax0, x0);
+        acc0 += vexp(shifted<kScaled>(x0, vm, vinv_t));
+      }
+      m_b = hmax(vmax(vmax0, vmax1));
+      s_b = hsum(acc0 + acc1);
+      for (; j < len; ++j) {
+        const float x = to_float(block[j]);
+        m_b = x > m_b ? x : m_b;
+        s_b += exp_approx((x - m) * inv_t);
+      }
+      if (m_b <= m) {
+        s += s_b;
+        done = true;
+      } else if ((m_b - m) * inv_t <= kOnePassSlack) {  // false for +inf and NaN
+        s = (s + s_b) * exp_approx((m - m_b) * inv_t);
+        m = m_b;
+        done = true;
+      }
     }
-    for (; j + kLanes <= len; j += kLanes) vmax0 = vmax(vmax0, vload(block + j));
-    const vf vmax_all = vmax(vmax(vmax0, vmax1), vmax(vmax2, vmax3));
-    float m_b = hmax(vmax_all);
-    for (; j < len; ++j) {
-      const float x = to_float(block[j]);
-      m_b = x > m_b ? x : m_b;
+    if (!done) {
+      s_b = block_sum_two_pass<kScaled>(block, len, inv_t, &m_b);
+      const float m_new = m > m_b ? m : m_b;
+      // All -inf so far: keep exp() arguments finite (exp(-inf - 0) = 0).
+      const float m_safe = (m_new == kNegInf) ? 0.0f : m_new;
+      const float b_safe = (m_b == kNegInf) ? 0.0f : m_b;
+      s = s * exp_approx((m - m_safe) * inv_t) + s_b * exp_approx((b_safe - m_safe) * inv_t);
+      m = m_new;
     }
-    const float m_new = m > m_b ? m : m_b;
-    // All -inf so far: keep exp() arguments finite (exp(-inf - 0) = 0).
-    const float m_safe = (m_new == kNegInf) ? 0.0f : m_new;
-    const vf vm = vsplat(m_safe);
-    vf acc0 = vf{}, acc1 = vf{};  // two chains: the adds never wait on each other
-    j = 0;
-    for (; j + 2 * kLanes <= len; j += 2 * kLanes) {
-      acc0 += vexp(shifted<kScaled>(vload(block + j), vm, vinv_t));
-      acc1 += vexp(shifted<kScaled>(vload(block + j + kLanes), vm, vinv_t));
-    }
-    for (; j + kLanes <= len; j += kLanes) acc0 += vexp(shifted<kScaled>(vload(block + j), vm, vinv_t));
-    float s_b = hsum(acc0 + acc1);
-    for (; j < len; ++j) s_b += exp_approx((to_float(block[j]) - m_safe) * inv_t);
-    s = s * exp_approx((m - m_safe) * inv_t) + s_b;
-    m = m_new;
   }
   return {m == kNegInf ? 0.0f : m, std::log(s)};
 }

@@ -105,6 +105,32 @@ def _eager_penalty(h: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.T
     return decorrelation_penalty_reference(h, segment_ids=segment_ids).float()
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_blocks_in_one_pass_every_variant(isa, temperature):
+    """Rows of several 1024-element blocks: later blocks are summed in one pass in the
+    running max's frame and redone in two passes when their max jumps far above it
+    (row 1), after all -inf blocks (row 2); +inf and NaN in a later block give NaN."""
+    torch.manual_seed(6)
+    logits = torch.randn(6, 3500) * 3
+    logits[1, 2500] = 150.0  # 150 above the running max: beyond the one-pass slack
+    logits[1, 1200] = 40.0  # within it
+    logits[2, :2048] = float("-inf")
+    logits[3, 3100] = float("inf")
+    logits[4, 1500] = float("nan")
+    logits[5, :1024] -= 200.0  # the first block far below the rest
+    targets = torch.tensor([5, 2500, 3000, 7, 8, 2000])
+    x = logits.clone().requires_grad_(True)
+    logp = decpo.logprobs_from_logits(x, targets, temperature=temperature, backend="native")
+    logp.backward(torch.ones(6))
+    x64 = logits.double().requires_grad_(True)
+    ref = logprobs_from_logits_reference(x64, targets, temperature=temperature)
+    ref.backward(torch.ones(6, dtype=torch.float64))
+    finite = [0, 1, 2, 5]
+    assert torch.isnan(logp[3]) and torch.isnan(logp[4])
+    assert_close(logp[finite], ref[finite], torch.float32, f"{isa} logp")
+    assert_close(x.grad[finite], x64.grad[finite], torch.float32, f"{isa} d logits")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "layers,n,dim,groups",
