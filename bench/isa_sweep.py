@@ -9,8 +9,8 @@ Per variant: DECPO_NATIVE_ISA selects decpo's kernels; ONEDNN_MAX_CPU_ISA,
 ATEN_CPU_CAPABILITY and MKL_ENABLE_INSTRUCTIONS cap PyTorch's oneDNN, ATen and MKL
 kernels at the same class (on AVX2 PyTorch's bf16 matmul then runs at ~0.5 GFLOP/s,
 as on a real AVX2 CPU). Each run is bench/test_ops.py on the cases below (headline
-fwd+bwd mode, median of 5 rounds, no memory column: it does not depend on the
-variant); its JSON (every
+fwd+bwd mode, median of 5 rounds alternating between the providers of each case,
+no memory column: it does not depend on the variant); its JSON (every
 row carries cpu_features and native_isa) is saved as
 bench/results/isa-cpu-<variant>-<stamp>.json and a summary table is printed.
 """
@@ -52,7 +52,8 @@ def run_variant(isa: str, root: Path) -> Path | None:
     env = {**os.environ, **EMULATION[isa], "DECPO_NATIVE_ISA": isa,
            "TORCHINDUCTOR_CACHE_DIR": cache,
            "DECPO_BENCH_CASES": ",".join(CASES), "DECPO_BENCH_MODES": "fwd+bwd",
-           "DECPO_BENCH_MEMORY": "0", "DECPO_BENCH_ROUNDS": "5"}  # fmt: skip
+           "DECPO_BENCH_MEMORY": "0", "DECPO_BENCH_ROUNDS": "5",
+           "DECPO_BENCH_INTERLEAVE": "1"}  # fmt: skip
     start = time.time()
     cmd = [sys.executable, "-m", "pytest", "bench/test_ops.py", "--benchmark-enable", "-q",
            "-p", "no:cacheprovider"]  # fmt: skip

@@ -2,13 +2,14 @@
 
 CPU: python -m pytest bench/test_ops.py --benchmark-enable   (make bench)
 GPU: bash bench/run_gpu.sh
-Times come from pytest-benchmark's wall time on CPU; on CUDA the reported time is
-the median of CUDA-event times (pytest-benchmark's own rounds end with a
-synchronize). Every row is also appended to bench/results/ops-<device>-partial.jsonl
-as it is measured, so a run cut off by a time limit keeps what it measured. Peak memory comes from a
-fresh process per case on CPU and from the CUDA allocator on GPU. The session's
-summary table, the JSON under bench/results/ and bench/README.md are written by
-bench/conftest.py.
+Times come from pytest-benchmark's wall time on CPU (or, with
+DECPO_BENCH_INTERLEAVE=1, from rounds alternating between the providers: see
+interleaved_seconds); on CUDA the reported time is the median of CUDA-event times
+(pytest-benchmark's own rounds end with a synchronize). Every row is also appended
+to bench/results/ops-<device>-partial.jsonl as it is measured, so a run cut off by a
+time limit keeps what it measured. Peak memory comes from a fresh process per case
+on CPU and from the CUDA allocator on GPU. The session's summary table, the JSON
+under bench/results/ and bench/README.md are written by bench/conftest.py.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import time
 
 import pytest
 import torch
@@ -41,27 +43,64 @@ PARAMS = [
 ]
 # The CPU's capabilities and the native kernel variant, recorded with every row.
 CPU = cpu_info() if DEVICE == "cpu" else {}
+# DECPO_BENCH_INTERLEAVE=1 (CPU; bench/isa_sweep.py sets it): the providers of one
+# (case, mode) are timed together in alternating rounds, each round in a rotated order,
+# and each row reports its provider's median. Timed one provider after another, a slow
+# spell of a shared machine (whole-case times here move 10-20% between runs, single
+# rounds up to 2x) lands on whichever provider it overlaps: in one sweep it put fp32
+# token_logprobs at 0.74x torch.compile, where alternating rounds of the same two
+# measured decpo 13% faster.
+INTERLEAVE = os.environ.get("DECPO_BENCH_INTERLEAVE") == "1" and DEVICE == "cpu"
+_INTERLEAVED: dict[tuple[str, str], dict[str, list[float]]] = {}
+
+
+def interleaved_seconds(case, mode: str, rounds: int) -> dict[str, list[float]]:
+    """Per provider of the case (those available here and timed in this mode), the
+    seconds of `rounds` alternating rounds after one untimed warm-up round each."""
+    key = (case.key, mode)
+    if key not in _INTERLEAVED:
+        runners = {
+            provider: build(case, provider, mode, DEVICE)
+            for provider in case.providers
+            if mode in modes_for(case, provider) and not available(provider, DEVICE)
+        }
+        for setup, run in runners.values():
+            run(setup())
+        names = list(runners)
+        seconds: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(rounds):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                setup, run = runners[name]
+                state = setup()
+                start = time.perf_counter()
+                run(state)
+                seconds[name].append(time.perf_counter() - start)
+        _INTERLEAVED[key] = seconds
+    return _INTERLEAVED[key]
 
 
 @pytest.mark.parametrize("case,provider,mode", PARAMS)
 def test_op(benchmark, case, provider, mode):
     if reason := available(provider, DEVICE):
         pytest.skip(reason)
-    setup, run = build(case, provider, mode, DEVICE)
-
-    def setup_round():
-        return (setup(),), {}
-
-    def timed(state):
-        run(state)
-        synchronize(DEVICE)
-
     benchmark.group = f"{case.key} {mode}"
     rounds = int(os.environ.get("DECPO_BENCH_ROUNDS", 10 if DEVICE == "cuda" else 3))
-    benchmark.pedantic(timed, setup=setup_round, rounds=rounds, warmup_rounds=1)
-    seconds = benchmark.stats.stats.median
-    if DEVICE == "cuda":
-        seconds = statistics.median(cuda_time_ms(setup, run, rounds)) / 1e3
+    if INTERLEAVE:
+        seconds = statistics.median(interleaved_seconds(case, mode, rounds)[provider])
+    else:
+        setup, run = build(case, provider, mode, DEVICE)
+
+        def setup_round():
+            return (setup(),), {}
+
+        def timed(state):
+            run(state)
+            synchronize(DEVICE)
+
+        benchmark.pedantic(timed, setup=setup_round, rounds=rounds, warmup_rounds=1)
+        seconds = benchmark.stats.stats.median
+        if DEVICE == "cuda":
+            seconds = statistics.median(cuda_time_ms(setup, run, rounds)) / 1e3
     flops, nbytes = work(case, mode, case.dtype_bytes)
     peak = peaks(DEVICE)
     floor = floor_seconds(case, mode, peak)
@@ -73,7 +112,8 @@ def test_op(benchmark, case, provider, mode):
         "op": case.op, "case": case.name, "provider": provider, "mode": mode,
         "median_ms": seconds * 1e3, "flops": flops, "bytes": nbytes,
         "floor_ms": floor * 1e3, "pct_of_floor": 100 * floor / seconds,
-        "tflops": flops / seconds / 1e12, **memory, **CPU,
+        "tflops": flops / seconds / 1e12, "timing": "interleaved" if INTERLEAVE else "per row",
+        **memory, **CPU,
     }  # fmt: skip
     benchmark.extra_info.update(row)
     RESULTS.append(row)

@@ -52,6 +52,21 @@ def test_render_writes_tables(tmp_path, monkeypatch):
     assert (tmp_path / "ops-cpu.png").is_file()
 
 
+def test_interleaved_rounds_time_every_provider(monkeypatch):
+    """DECPO_BENCH_INTERLEAVE: one warm-up each, then rounds alternating between the
+    providers of the case that run in the mode here (compiled ones: fwd+bwd only)."""
+    from bench import test_ops
+
+    monkeypatch.setattr(test_ops, "_INTERLEAVED", {})
+    case = _tiny(cases.CPU_CASES[0])
+    seconds = test_ops.interleaved_seconds(case, "fwd", rounds=3)
+    timed = [p for p in case.providers
+             if "fwd" in cases.modes_for(case, p) and not cases.available(p, "cpu")]  # fmt: skip
+    assert list(seconds) == timed and "decpo" in timed and "compile" not in timed
+    assert all(len(v) == 3 and min(v) > 0 for v in seconds.values())
+    assert test_ops.interleaved_seconds(case, "fwd", rounds=3) is seconds  # measured once
+
+
 def test_a_benchmark_session_writes_results_but_never_the_readme(tmp_path, monkeypatch):
     """bench/conftest.py records results; only `python -m bench.render` edits the README."""
     from bench import conftest, measure, test_ops

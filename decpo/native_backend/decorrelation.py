@@ -8,9 +8,9 @@ E = G - I, and the gradient as one product dh = M H with the normalization's bac
 folded into the n x n matrix M (for groups of <= 256 rows one fused pass that writes
 dh from the register tiles; contiguous rows are read in place). Groups with n > D are
 normalized once into a reused buffer and go through C = Z^T Z and Z (C - cI), the
-normalization's backward fused into the epilogue. The gradient is written once in the input dtype. OpenMP runs
-across (layer, group) units when they share evenly between the threads, otherwise
-inside each product.
+normalization's backward fused into the epilogue. The gradient is written once in the
+input dtype. OpenMP runs across (layer, group) units when they share evenly between
+the threads, otherwise inside each product.
 
 The baseline (SSE, no FMA) variant multiplies 4 lanes at a time, at most 8 flop per
 cycle and core; PyTorch's BLAS on the same CPU is never slower than that. A group's
