@@ -135,17 +135,11 @@ inline vf vload(const uint16_t* p) {
 #endif
 }
 inline void vstore(float* p, vf x) { *reinterpret_cast<vf_unaligned*>(p) = x; }
-// fp32 -> bf16, round to nearest even, NaN kept quiet (as float_to_bf16).
-inline void vstore(uint16_t* p, vf x) {
-#if defined(__AVX512BF16__)
-  // One instruction; it also flushes fp32 denormals (below 1.2e-38) to zero.
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh((__m512)x));
-#else
-  // Rounded in place (the result in each lane's high half), a NaN made quiet; then
-  // the high halves narrowed: an arithmetic shift keeps them in int16 range, so the
-  // signed pack of SSE2 / AVX2 moves the bits unchanged.
-  const vu bits = (vu)x;
-  const vu hi = (x != x) ? (bits | 0x00400000u) : bits + 0x7FFFu + ((bits >> 16) & 1u);
+#if !defined(__AVX512BF16__)
+// Stores the high halves of the lanes of hi (bf16 values rounded in place): an
+// arithmetic shift keeps them in int16 range, so the signed pack of SSE2 / AVX2
+// moves the bits unchanged.
+inline void store_high_halves(uint16_t* p, vu hi) {
 #if defined(__AVX512F__)
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16((__m512i)(hi >> 16)));
 #elif defined(__AVX2__)
@@ -158,6 +152,18 @@ inline void vstore(uint16_t* p, vf x) {
 #else
   *reinterpret_cast<vh_unaligned*>(p) = __builtin_convertvector(hi >> 16, vh);
 #endif
+}
+#endif
+
+// fp32 -> bf16, round to nearest even, NaN kept quiet (as float_to_bf16).
+inline void vstore(uint16_t* p, vf x) {
+#if defined(__AVX512BF16__)
+  // One instruction; it also flushes fp32 denormals (below 1.2e-38) to zero.
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh((__m512)x));
+#else
+  // Rounded in place (the result in each lane's high half), a NaN made quiet.
+  const vu bits = (vu)x;
+  store_high_halves(p, (x != x) ? (bits | 0x00400000u) : bits + 0x7FFFu + ((bits >> 16) & 1u));
 #endif
 }
 
@@ -169,19 +175,7 @@ inline void vstore_finite(uint16_t* p, vf x) {
   vstore(p, x);
 #else
   const vu bits = (vu)x;
-  const vu hi = bits + 0x7FFFu + ((bits >> 16) & 1u);
-#if defined(__AVX512F__)
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16((__m512i)(hi >> 16)));
-#elif defined(__AVX2__)
-  const __m256i v = _mm256_srai_epi32((__m256i)hi, 16);
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(v, v), 0x08);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
-#elif defined(__SSE2__)
-  const __m128i v = _mm_srai_epi32((__m128i)hi, 16);
-  _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packs_epi32(v, v));
-#else
-  *reinterpret_cast<vh_unaligned*>(p) = __builtin_convertvector(hi >> 16, vh);
-#endif
+  store_high_halves(p, bits + 0x7FFFu + ((bits >> 16) & 1u));
 #endif
 }
 
