@@ -86,7 +86,7 @@ def table(paths: list[Path]) -> list[str]:
             best = min(others, key=lambda o: o["median_ms"]) if others else None
             label = f"{best['provider']} {best['median_ms']:.1f} ms" if best else "-"
             lines.append(f"| {isa} | {r['op']} {r['case']} | {r['median_ms']:.1f} | {label} | "
-                         f"{r['vs_best_other']:.2f}x | {r['pct_of_floor']:.0f}% |")  # fmt: skip
+                         f"{r['vs_best_other']:.3f}x | {r['pct_of_floor']:.0f}% |")  # fmt: skip
     return lines
 
 
