@@ -48,13 +48,16 @@ def all_finite(t: torch.Tensor) -> torch.Tensor:
     return (lo > float("-inf")) & (hi < float("inf"))
 
 
-def head_ok(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def head_ok(
+    weight: torch.Tensor, bias: torch.Tensor | None, weight_finite: torch.Tensor | None = None
+) -> torch.Tensor:
     """0-dim bool, no host sync: the head may be used. A NaN or Inf in the weight makes
     every log-prob NaN, even for rows where it would only meet a -inf logit (which
     softmax would otherwise absorb); a -inf bias entry masks its vocabulary entry
     (p = 0, as a -inf logit does in logprobs_from_logits), while NaN or +inf in the
-    bias still poison every row (amax keeps NaN)."""
-    ok = all_finite(weight)
+    bias still poison every row (amax keeps NaN). weight_finite: the weight's check,
+    when a pass over it already made it (0-dim bool)."""
+    ok = all_finite(weight) if weight_finite is None else weight_finite
     if bias is not None:
         ok = ok & (bias.amax() < float("inf"))
     return ok

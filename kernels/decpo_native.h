@@ -85,4 +85,10 @@ DECPO_API int decpo_decorrelation_penalty(const void* hidden, int dtype, int64_t
 // The exp-throughput probe behind the log-prob floors: every OpenMP thread sums the
 // kernels' vectorized exp over x (n floats, n a multiple of 64, kept in L1) reps
 // times. out[0] = the sum (so nothing is optimized away), out[1] = exps computed.
+// dst (n_rows, n_cols) fp32 = src bf16, exactly (bf16 widens without rounding); sets
+// *all_finite to 1 when no element is NaN or +-inf, else 0. Returns 0.
+DECPO_API int decpo_widen_bf16(const uint16_t* src, int64_t n_rows, int64_t n_cols,
+                               int64_t src_stride, float* dst, int64_t dst_stride,
+                               int* all_finite);
+
 DECPO_API void decpo_exp_probe(const float* x, int64_t n, int64_t reps, double* out);

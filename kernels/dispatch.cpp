@@ -33,7 +33,7 @@ const KernelTable* table_for(int isa) {
 #define DECPO_TABLE(ns)                                                                     \
   static const KernelTable ns##_table = {decpo::ns::logits_fwd, decpo::ns::logits_bwd,     \
                                          decpo::ns::softmax_tile, decpo::ns::decorrelation, \
-                                         decpo::ns::exp_probe};                            \
+                                         decpo::ns::exp_probe, decpo::ns::widen_bf16};     \
   return &ns##_table
   switch (isa) {
 #ifdef DECPO_X86_VARIANTS
@@ -138,7 +138,7 @@ bool targets_ok(const int64_t* targets, int64_t n_rows, int64_t n_vocab, int64_t
 
 }  // namespace
 
-DECPO_API int decpo_abi_version(void) { return 5; }
+DECPO_API int decpo_abi_version(void) { return 6; }
 
 DECPO_API int decpo_cpu_features(void) { return detect_features(); }
 
@@ -207,6 +207,13 @@ DECPO_API int decpo_decorrelation_penalty(const void* hidden, int dtype, int64_t
   return active().decorrelation(hidden, dtype, n_layers, n_rows, dim, layer_stride, row_stride, rows,
                                 offsets, n_groups, normalize != 0, offdiag != 0, grad_scale,
                                 p_sum, grad);
+}
+
+DECPO_API int decpo_widen_bf16(const uint16_t* src, int64_t n_rows, int64_t n_cols,
+                               int64_t src_stride, float* dst, int64_t dst_stride,
+                               int* all_finite) {
+  *all_finite = active().widen_bf16(src, n_rows, n_cols, src_stride, dst, dst_stride) ? 1 : 0;
+  return 0;
 }
 
 DECPO_API void decpo_exp_probe(const float* x, int64_t n, int64_t reps, double* out) {

@@ -29,6 +29,8 @@ struct KernelTable {
                        const int64_t* offsets, int64_t n_groups, bool normalize, bool offdiag,
                        float grad_scale, double* p_sum, void* grad);
   void (*exp_probe)(const float* x, int64_t n, int64_t reps, double* out);
+  bool (*widen_bf16)(const uint16_t* src, int64_t n_rows, int64_t n_cols, int64_t src_stride,
+                     float* dst, int64_t dst_stride);
 };
 
 #define DECPO_DECLARE_VARIANT(isa)                                                           \
@@ -43,6 +45,7 @@ struct KernelTable {
                     const int64_t*,                                                          \
                     const int64_t*, int64_t, bool, bool, float, double*, void*);              \
   void exp_probe(const float*, int64_t, int64_t, double*);                                   \
+  bool widen_bf16(const uint16_t*, int64_t, int64_t, int64_t, float*, int64_t);              \
   }
 
 DECPO_DECLARE_VARIANT(baseline)

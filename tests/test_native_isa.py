@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import decpo
+from decpo import numerics
 from decpo.native_backend import library
 from decpo.native_backend import logprobs as native_logprobs
 from decpo.reference import (
@@ -262,6 +263,52 @@ def test_bf16_token_logprobs_follows_the_capability(monkeypatch, bf16_dot):
     if not bf16_dot:  # fp32 tiles: no worse than PyTorch's own bf16 product
         eager = torch.log_softmax((hidden @ weight.T).float(), -1).gather(1, targets[:, None])
         assert rel_err(logp, ref) <= rel_err(eager.squeeze(1), ref) * 1.05 + 1e-6
+
+
+def test_widen_bf16_every_variant(isa):
+    """The fused widening: exact fp32 copies of a strided bf16 chunk (vector body and
+    tail) and the finiteness flag, which one NaN or +-inf anywhere clears."""
+    torch.manual_seed(7)
+    weight = (torch.randn(9, 70) * 5).to(torch.bfloat16)
+    src = weight[:, 3:40]  # (9, 37), row stride 70
+    dst = torch.full((9, 37), 7.0)
+    assert native_logprobs.widen_bf16(src, dst) is True
+    assert torch.equal(dst, src.float())
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for row, col in ((0, 0), (4, 16), (8, 36)):
+            poisoned = src.clone()
+            poisoned[row, col] = bad
+            assert native_logprobs.widen_bf16(poisoned, dst) is False, (isa, bad, row, col)
+            torch.testing.assert_close(dst, poisoned.float(), rtol=0, atol=0, equal_nan=True)
+    assert native_logprobs.widen_bf16(src.float(), dst) is None  # not bf16: not taken
+    assert native_logprobs.widen_bf16(src.t(), dst.t()) is None  # not unit column stride
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_fp32_tiles_check_the_head_while_widening(monkeypatch, bad):
+    """bf16 head on a CPU without bf16 dot products: the widening pass answers the head
+    check (no separate pass over the head), and a non-finite weight still makes every
+    log-prob NaN."""
+    features = {"avx2": True, "avx512": True, "avx512_bf16": False, "amx_bf16": False}
+    monkeypatch.setattr(library, "cpu_features", lambda: features)
+    passes = []
+    real_all_finite = numerics.all_finite
+
+    def counting_all_finite(t: torch.Tensor) -> torch.Tensor:
+        passes.append(tuple(t.shape))
+        return real_all_finite(t)
+
+    monkeypatch.setattr(numerics, "all_finite", counting_all_finite)
+    torch.manual_seed(8)
+    n, dim, vocab = 6, 32, 20000  # three vocabulary chunks
+    hidden = torch.randn(n, dim).to(torch.bfloat16)
+    weight = (torch.randn(vocab, dim) / dim**0.5).to(torch.bfloat16)
+    targets = torch.randint(0, vocab, (n,))
+    logp = decpo.token_logprobs(hidden, weight, targets, backend="native")
+    assert torch.isfinite(logp).all() and passes == []
+    weight[17000, 5] = bad
+    logp = decpo.token_logprobs(hidden, weight, targets, backend="native")
+    assert torch.isnan(logp).all() and passes == []
 
 
 def test_bf16_gradient_rounds_like_pytorch_every_variant(isa):

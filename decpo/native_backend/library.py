@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 LIBRARY_NAME = "libdecpo_native.so"
-ABI_VERSION = 5
+ABI_VERSION = 6
 # Instruction-set variants of the kernels, in the library's numbering (decpo_native.h).
 ISAS = ("baseline", "avx2", "avx512", "avx512bf16")
 # decpo_cpu_features() bits.
@@ -120,6 +120,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         # normalize, offdiag, grad_scale, p_sum, grad
         [ptr, i32, i64, i64, i64, i64, i64, ptr, ptr, i64, i32, i32, f32, ptr, ptr]
     )
+    # src, n_rows, n_cols, src_stride, dst, dst_stride, all_finite
+    signatures["decpo_widen_bf16"] = [ptr, i64, i64, i64, ptr, i64, ptr]
     signatures["decpo_select_isa"] = [i32]
     lib.decpo_exp_probe.restype = None
     lib.decpo_exp_probe.argtypes = [ptr, i64, i64, ptr]

@@ -20,6 +20,8 @@ accurate. library.native_bf16_dot() makes that decision.
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
 from decpo.native_backend.library import DTYPE_CODES, library, native_bf16_dot
@@ -137,8 +139,25 @@ def token_logprobs(
     return torch_logprobs.token_logprobs(
         hidden, weight, targets, bias, ignore_index, temperature, softcap, logit_scale,
         frozen_grad, with_stats, epilogue=online_softmax_tile,
-        matmul_dtype=matmul_dtype(hidden.dtype),
+        matmul_dtype=matmul_dtype(hidden.dtype), widen=widen_bf16,
     )  # fmt: skip
+
+
+def widen_bf16(src: torch.Tensor, dst: torch.Tensor) -> bool | None:
+    """dst = src widened from bf16 to fp32 (exact), both (R, D) on CPU with unit column
+    stride, in one native pass that also checks every element: whether all are finite.
+    None (nothing written) for other dtypes or layouts."""
+    layouts = src.stride(1) == 1 and dst.stride(1) == 1 and src.shape == dst.shape
+    dtypes = src.dtype == torch.bfloat16 and dst.dtype == torch.float32
+    if not (layouts and dtypes and src.device.type == "cpu" and dst.device.type == "cpu"):
+        return None
+    finite = ctypes.c_int(0)
+    status = library().decpo_widen_bf16(
+        src.data_ptr(), src.shape[0], src.shape[1], src.stride(0), dst.data_ptr(),
+        dst.stride(0), ctypes.byref(finite),
+    )  # fmt: skip
+    assert status == 0, f"decpo_widen_bf16 returned {status}"
+    return bool(finite.value)
 
 
 def matmul_dtype(dtype: torch.dtype) -> torch.dtype | None:

@@ -34,6 +34,10 @@ from decpo.numerics import accumulation_dtype, head_ok, valid_rows
 # accumulators (3, R) or None) -> rescale, with the tile turned into exp(z - m_new)
 # (1 - tanh^2 with a softcap) in place, target column zeroed.
 TileEpilogue = Callable[..., torch.Tensor]
+# A fused widening of a bf16 weight chunk into an fp32 buffer
+# (decpo.native_backend.logprobs.widen_bf16): (src (R, D) bf16, dst (R, D) fp32) ->
+# whether every element was finite, or None when it cannot take these layouts.
+ChunkWidener = Callable[[torch.Tensor, torch.Tensor], "bool | None"]
 
 # Elements per fp32 logit tile: 2^22 * 4 bytes = 16 MiB (64 MiB on GPUs).
 TILE_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 24}
@@ -53,20 +57,44 @@ class _ChunkCaster:
     """weight[v0:v1] in matmul_dtype, converted into one buffer reused for every chunk
     of a call (None: the view itself). A fresh tensor per chunk page-faults its memory
     in every time: on 2 cores, converting a 32000 x 512 bf16 head chunk by chunk took
-    13-18 ms that way, most of the gap between bf16-as-fp32-tiles and plain fp32."""
+    13-18 ms that way, most of the gap between bf16-as-fp32-tiles and plain fp32.
+    widen: a fused bf16 -> fp32 conversion that also checks finiteness; once it has
+    seen every row of the head, weight_finite() answers the head check without another
+    pass over the head."""
 
-    def __init__(self, weight: torch.Tensor, rows: int, matmul_dtype: torch.dtype | None):
+    def __init__(
+        self, weight: torch.Tensor, rows: int, matmul_dtype: torch.dtype | None,
+        widen: ChunkWidener | None = None,
+    ):  # fmt: skip
         self.weight = weight
         self.buffer = (
             None
             if matmul_dtype is None
             else torch.empty((rows, weight.shape[1]), dtype=matmul_dtype, device=weight.device)
         )  # (Vc, D)
+        widens = weight.dtype == torch.bfloat16 and matmul_dtype == torch.float32
+        self.widen = widen if widens else None
+        self.finite = True  # every element widened so far
+        self.rows_seen = 0  # weight rows [0, rows_seen) went through widen
 
     def __call__(self, v0: int, v1: int) -> torch.Tensor:
         if self.buffer is None:
             return self.weight[v0:v1]
-        return self.buffer[: v1 - v0].copy_(self.weight[v0:v1])  # (v1 - v0, D)
+        out = self.buffer[: v1 - v0]  # (v1 - v0, D)
+        finite = None if self.widen is None else self.widen(self.weight[v0:v1], out)
+        if finite is None:
+            self.widen = None
+            return out.copy_(self.weight[v0:v1])
+        self.finite = self.finite and finite
+        if v0 == self.rows_seen:
+            self.rows_seen = v1
+        return out
+
+    def weight_finite(self) -> torch.Tensor | None:
+        """0-dim bool: no NaN or Inf in the weight, when widen saw all of it; else None."""
+        if self.widen is None or self.rows_seen < self.weight.shape[0]:
+            return None
+        return torch.tensor(self.finite, device=self.weight.device)
 
 
 def _safe_max(m: torch.Tensor) -> torch.Tensor:
@@ -108,6 +136,7 @@ def token_logprobs(
     bias: torch.Tensor | None, ignore_index: int, temperature: float, softcap: float,
     logit_scale: float, frozen_grad: bool, with_stats: bool,
     epilogue: TileEpilogue | None = None, matmul_dtype: torch.dtype | None = None,
+    widen: ChunkWidener | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Forward for hidden (N, D), weight (V, D), targets (N,).
 
@@ -117,6 +146,8 @@ def token_logprobs(
     matmul_dtype: the dtype the matmuls run in (None: the inputs'); each weight chunk
     is converted as it is used, never the whole head (the native backend passes fp32
     for bf16 inputs on CPUs without bf16 dot products, where bf16 matmuls crawl).
+    widen: a fused bf16 -> fp32 chunk conversion that also checks the head for NaN and
+    Inf (the native backend's), used in place of a conversion plus a separate pass.
 
     Returns logp (N,), lse (N,) = logsumexp_v z in fp32 (float64 for float64 input; 0
     at ignored rows); if frozen_grad, d logp / d hidden (N, D) in hidden's dtype (else
@@ -144,7 +175,7 @@ def token_logprobs(
         return logp, lse, grad, stats
 
     row_chunk, vocab_chunk = _tile(m_rows, n_vocab, hidden.device)
-    cast_chunk = _ChunkCaster(weight, vocab_chunk, matmul_dtype)
+    cast_chunk = _ChunkCaster(weight, vocab_chunk, matmul_dtype, widen)
     out_logp, out_lse, out_grad, out_stats = [], [], [], []
     for r0 in range(0, m_rows, row_chunk):
         h = h_all[r0 : r0 + row_chunk]  # (R, D)
@@ -227,7 +258,7 @@ def token_logprobs(
                 )
             )
 
-    head_finite = head_ok(weight, bias)
+    head_finite = head_ok(weight, bias, weight_finite=cast_chunk.weight_finite())
     out_logp = [torch.where(head_finite, x, float("nan")) for x in out_logp]
     if rows is None:
         logp, lse = torch.cat(out_logp), torch.cat(out_lse)
