@@ -22,7 +22,7 @@ import time
 import pytest
 import torch
 
-from bench.cases import available, build, cases_for, floor_seconds, modes_for, work
+from bench.cases import Case, available, build, cases_for, floor_seconds, modes_for, work
 from bench.measure import cpu_info, cuda_time_ms, peak_memory, peaks, synchronize
 from bench.render import RESULTS_DIR
 
@@ -54,7 +54,7 @@ INTERLEAVE = os.environ.get("DECPO_BENCH_INTERLEAVE") == "1" and DEVICE == "cpu"
 _INTERLEAVED: dict[tuple[str, str], dict[str, list[float]]] = {}
 
 
-def interleaved_seconds(case, mode: str, rounds: int) -> dict[str, list[float]]:
+def interleaved_seconds(case: Case, mode: str, rounds: int) -> dict[str, list[float]]:
     """Per provider of the case (those available here and timed in this mode), the
     seconds of `rounds` alternating rounds after one untimed warm-up round each."""
     key = (case.key, mode)

@@ -76,7 +76,8 @@ float block_sum_two_pass(const T* block, int64_t len, float inv_t, float* m_b_ou
   }
   *m_b_out = m_b;
   // All -inf: keep exp() arguments finite (exp(-inf - 0) = 0).
-  const vf vm = vsplat(m_b == kNegInf ? 0.0f : m_b);
+  const float m_safe = m_b == kNegInf ? 0.0f : m_b;
+  const vf vm = vsplat(m_safe);
   vf acc0 = vf{}, acc1 = vf{};  // two chains: the adds never wait on each other
   j = 0;
   for (; j + 2 * kLanes <= len; j += 2 * kLanes) {
@@ -85,7 +86,6 @@ float block_sum_two_pass(const T* block, int64_t len, float inv_t, float* m_b_ou
   }
   for (; j + kLanes <= len; j += kLanes) acc0 += vexp(shifted<kScaled>(vload(block + j), vm, vinv_t));
   float s_b = hsum(acc0 + acc1);
-  const float m_safe = m_b == kNegInf ? 0.0f : m_b;
   for (; j < len; ++j) s_b += exp_approx((to_float(block[j]) - m_safe) * inv_t);
   return s_b;
 }

@@ -136,6 +136,10 @@ inline vf vload(const uint16_t* p) {
 }
 inline void vstore(float* p, vf x) { *reinterpret_cast<vf_unaligned*>(p) = x; }
 #if !defined(__AVX512BF16__)
+// bf16 rounding to nearest even of finite lanes (and +-inf), the result in each
+// lane's high half.
+inline vu round_high_half(vu bits) { return bits + 0x7FFFu + ((bits >> 16) & 1u); }
+
 // Stores the high halves of the lanes of hi (bf16 values rounded in place): an
 // arithmetic shift keeps them in int16 range, so the signed pack of SSE2 / AVX2
 // moves the bits unchanged.
@@ -163,7 +167,7 @@ inline void vstore(uint16_t* p, vf x) {
 #else
   // Rounded in place (the result in each lane's high half), a NaN made quiet.
   const vu bits = (vu)x;
-  store_high_halves(p, (x != x) ? (bits | 0x00400000u) : bits + 0x7FFFu + ((bits >> 16) & 1u));
+  store_high_halves(p, (x != x) ? (bits | 0x00400000u) : round_high_half(bits));
 #endif
 }
 
@@ -174,8 +178,7 @@ inline void vstore_finite(uint16_t* p, vf x) {
 #if defined(__AVX512BF16__)
   vstore(p, x);
 #else
-  const vu bits = (vu)x;
-  store_high_halves(p, bits + 0x7FFFu + ((bits >> 16) & 1u));
+  store_high_halves(p, round_high_half((vu)x));
 #endif
 }
 
@@ -224,9 +227,8 @@ inline void vstore2_finite(uint16_t* p, vf a, vf b) {
   vstore_finite(p + kLanes, b);
 #else
   // Round to nearest even in the high half, arithmetic shift into int16 range, pack.
-  const vu ua = (vu)a, ub = (vu)b;
-  const vi sa = (vi)(ua + 0x7FFFu + ((ua >> 16) & 1u)) >> 16;
-  const vi sb = (vi)(ub + 0x7FFFu + ((ub >> 16) & 1u)) >> 16;
+  const vi sa = (vi)round_high_half((vu)a) >> 16;
+  const vi sb = (vi)round_high_half((vu)b) >> 16;
 #if defined(__AVX512F__)
   _mm512_storeu_si512(p, _mm512_packs_epi32((__m512i)sa, (__m512i)sb));
 #elif defined(__AVX2__)

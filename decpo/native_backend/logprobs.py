@@ -172,9 +172,9 @@ def token_logprobs_backward(
     softcap: float, logit_scale: float, need_hidden: bool, need_weight: bool, need_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """A trainable head's backward: the torch backend's (it recomputes each logit tile
-    and is bound by its matmuls, which PyTorch runs), with the same matmul dtype as
-    the forward."""
+    and is bound by its matmuls, which PyTorch runs), with the same matmul dtype and
+    native widening of bf16 weight chunks as the forward."""
     return torch_logprobs.token_logprobs_backward(
         grad_logp, hidden, weight, targets, bias, lse, ignore_index, temperature, softcap,
-        logit_scale, need_hidden, need_weight, need_bias, matmul_dtype(hidden.dtype),
+        logit_scale, need_hidden, need_weight, need_bias, matmul_dtype(hidden.dtype), widen_bf16,
     )  # fmt: skip

@@ -280,10 +280,11 @@ def token_logprobs_backward(
     grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     bias: torch.Tensor | None, lse: torch.Tensor, ignore_index: int, temperature: float,
     softcap: float, logit_scale: float, need_hidden: bool, need_weight: bool, need_bias: bool,
-    matmul_dtype: torch.dtype | None = None,
+    matmul_dtype: torch.dtype | None = None, widen: ChunkWidener | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Recompute-in-backward for a trainable head: (d hidden, d weight, d bias), each
-    an empty tensor when not needed; matmul_dtype as in token_logprobs. Vocabulary
+    an empty tensor when not needed; matmul_dtype and widen as in token_logprobs (the
+    head check is the forward's, so only the widening is used here). Vocabulary
     chunks outside, row chunks inside, so d weight is accumulated per chunk in fp32 and
     every tile is computed once.
 
@@ -307,7 +308,7 @@ def token_logprobs_backward(
     d_weight = weight.new_zeros(weight.shape) if need_weight else weight.new_empty(0)
     d_bias = bias.new_zeros(bias.shape) if (need_bias and bias is not None) else weight.new_empty(0)
     row_chunk, vocab_chunk = _tile(max(m_rows, 1), n_vocab, hidden.device)
-    cast_chunk = _ChunkCaster(weight, vocab_chunk, matmul_dtype)
+    cast_chunk = _ChunkCaster(weight, vocab_chunk, matmul_dtype, widen)
     for v0 in range(0, n_vocab, vocab_chunk):
         v1 = min(v0 + vocab_chunk, n_vocab)
         dw = weight.new_zeros((v1 - v0, dim), dtype=cdt) if need_weight else None
