@@ -330,3 +330,33 @@ def test_bf16_gradient_rounds_like_pytorch_every_variant(isa):
     same = (got.view(torch.int16) == want.view(torch.int16)) | (got.isnan() & want.isnan())
     assert bool(same.all()), f"{isa}: {int((~same).sum())} elements differ"
     assert bool(got[3].isnan().all()) and bool(got[5].isnan().all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_gradient_streams_the_same_bits_every_variant(isa, dtype):
+    """A gradient of 16 MiB or more is written with streaming stores after a scalar
+    lead-in to the store alignment (V odd: every row starts at another alignment); its
+    rows are bitwise the rows of a small call, which writes with plain stores."""
+    torch.manual_seed(9)
+    vocab = 16381
+    rows = (16 << 20) // (vocab * (4 if dtype == torch.float32 else 2)) + 3
+    logits = (torch.randn(rows, vocab) * 3).to(dtype)
+    logits[1, 5] = float("nan")  # a NaN row takes the careful path inside the large call
+    targets = torch.randint(0, vocab, (rows,))
+    targets[2] = -100
+    grad = torch.randn(rows)
+    _, lse = native_logprobs.logprobs_from_logits(logits, targets, -100, 1.0)
+    large = native_logprobs.logprobs_from_logits_backward(grad, logits, targets, lse, -100, 1.0)
+    small = torch.cat([
+        native_logprobs.logprobs_from_logits_backward(
+            grad[i : i + 8], logits[i : i + 8], targets[i : i + 8], lse[i : i + 8], -100, 1.0
+        )
+        for i in range(0, 64, 8)
+    ])  # fmt: skip
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    same = (large[:64].view(bits) == small.view(bits)) | (large[:64].isnan() & small.isnan())
+    assert bool(same.all()), f"{isa}: {int((~same).sum())} elements differ"
+    assert bool(large[1].isnan().all()) and not bool(large[2].any())
+    x64 = logits[-4:].double().requires_grad_(True)
+    logprobs_from_logits_reference(x64, targets[-4:]).backward(grad[-4:].double())
+    assert_close(large[-4:], x64.grad, dtype, f"{isa} streamed rows")
