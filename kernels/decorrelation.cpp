@@ -852,4 +852,28 @@ int decorrelation(const void* hidden, int dtype, int64_t n_layers, int64_t n_row
              static_cast<uint16_t*>(grad));
 }
 
+// dst = src * s in the input dtype: fp32 products rounded once (to nearest even for
+// bf16, as PyTorch multiplies a bf16 tensor by an fp32 scalar), for the backward's
+// scaling of the stored gradient by the upstream gradient. One read, one write.
+template <typename T>
+void scale_impl(const T* src, int64_t n, float s, T* dst) {
+  constexpr int64_t kChunk = int64_t{1} << 14;  // elements per OpenMP work item
+  const vf vs = vsplat(s);
+#pragma omp parallel for schedule(static) if (n >= 4 * kChunk)
+  for (int64_t c = 0; c < n; c += kChunk) {
+    const int64_t end = c + kChunk < n ? c + kChunk : n;
+    int64_t j = c;
+    for (; j + kLanes <= end; j += kLanes) vstore(dst + j, vload(src + j) * vs);
+    for (; j < end; ++j) store(dst, j, to_float(src[j]) * s);
+  }
+}
+
+void scale(const void* src, int dtype, int64_t n, float s, void* dst) {
+  if (dtype == 0) {
+    scale_impl(static_cast<const float*>(src), n, s, static_cast<float*>(dst));
+  } else {
+    scale_impl(static_cast<const uint16_t*>(src), n, s, static_cast<uint16_t*>(dst));
+  }
+}
+
 }  // namespace decpo::DECPO_ISA

@@ -14,7 +14,7 @@
 
 #define DECPO_API extern "C" __attribute__((visibility("default")))
 
-// ABI version, bumped when a signature changes; the loader checks it.
+// ABI version, bumped when a signature changes or a function is added; the loader checks it.
 DECPO_API int decpo_abi_version(void);
 
 // CPU capability bits, from cpuid and the OS-enabled register state (xgetbv):
@@ -82,13 +82,18 @@ DECPO_API int decpo_decorrelation_penalty(const void* hidden, int dtype, int64_t
                                           int normalize, int offdiag, float grad_scale,
                                           double* p_sum, void* grad);
 
-// The exp-throughput probe behind the log-prob floors: every OpenMP thread sums the
-// kernels' vectorized exp over x (n floats, n a multiple of 64, kept in L1) reps
-// times. out[0] = the sum (so nothing is optimized away), out[1] = exps computed.
 // dst (n_rows, n_cols) fp32 = src bf16, exactly (bf16 widens without rounding); sets
 // *all_finite to 1 when no element is NaN or +-inf, else 0. Returns 0.
 DECPO_API int decpo_widen_bf16(const uint16_t* src, int64_t n_rows, int64_t n_cols,
                                int64_t src_stride, float* dst, int64_t dst_stride,
                                int* all_finite);
 
+// dst = src * scale, n contiguous elements of dtype 0 (fp32) or 1 (bf16): fp32 products,
+// rounded once to nearest even for bf16 (the decorrelation backward's scaling of the
+// stored gradient). dst may be src. Returns 0, or 1 for a bad dtype.
+DECPO_API int decpo_scale(const void* src, int dtype, int64_t n, float scale, void* dst);
+
+// The exp-throughput probe behind the log-prob floors: every OpenMP thread sums the
+// kernels' vectorized exp over x (n floats, n a multiple of 64, kept in L1) reps
+// times. out[0] = the sum (so nothing is optimized away), out[1] = exps computed.
 DECPO_API void decpo_exp_probe(const float* x, int64_t n, int64_t reps, double* out);

@@ -33,7 +33,8 @@ const KernelTable* table_for(int isa) {
 #define DECPO_TABLE(ns)                                                                     \
   static const KernelTable ns##_table = {decpo::ns::logits_fwd, decpo::ns::logits_bwd,     \
                                          decpo::ns::softmax_tile, decpo::ns::decorrelation, \
-                                         decpo::ns::exp_probe, decpo::ns::widen_bf16};     \
+                                         decpo::ns::exp_probe, decpo::ns::widen_bf16,      \
+                                         decpo::ns::scale};                                 \
   return &ns##_table
   switch (isa) {
 #ifdef DECPO_X86_VARIANTS
@@ -110,8 +111,8 @@ std::atomic<int> g_active{best_isa()};
 
 const KernelTable& active() { return *table_for(g_active.load(std::memory_order_relaxed)); }
 
-// A large output written once (the N x V gradient of logprobs_from_logits, usually a
-// fresh allocation) spends more time in first-touch page faults than in the kernel:
+// A large output written once (the N x V gradient of logprobs_from_logits, the scaled
+// decorrelation gradient; usually fresh allocations) spends more time in first-touch page faults than in the kernel:
 // 4 KiB pages cost ~180 ms per 262 MB on one core, as long as the exps themselves.
 // Asking for transparent huge pages (where the system allows them on request) cuts
 // the faults 512-fold. Only whole 2 MiB pages inside the buffer are advised.
@@ -138,7 +139,7 @@ bool targets_ok(const int64_t* targets, int64_t n_rows, int64_t n_vocab, int64_t
 
 }  // namespace
 
-DECPO_API int decpo_abi_version(void) { return 6; }
+DECPO_API int decpo_abi_version(void) { return 7; }
 
 DECPO_API int decpo_cpu_features(void) { return detect_features(); }
 
@@ -213,6 +214,13 @@ DECPO_API int decpo_widen_bf16(const uint16_t* src, int64_t n_rows, int64_t n_co
                                int64_t src_stride, float* dst, int64_t dst_stride,
                                int* all_finite) {
   *all_finite = active().widen_bf16(src, n_rows, n_cols, src_stride, dst, dst_stride) ? 1 : 0;
+  return 0;
+}
+
+DECPO_API int decpo_scale(const void* src, int dtype, int64_t n, float scale, void* dst) {
+  if (dtype != 0 && dtype != 1) return 1;
+  if (dst != src) advise_huge_pages(dst, static_cast<size_t>(n) * (dtype == 0 ? 4 : 2));
+  active().scale(src, dtype, n, scale, dst);
   return 0;
 }
 

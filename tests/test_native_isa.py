@@ -14,6 +14,7 @@ import torch
 
 import decpo
 from decpo import numerics
+from decpo.native_backend import decorrelation as native_decorrelation
 from decpo.native_backend import library
 from decpo.native_backend import logprobs as native_logprobs
 from decpo.reference import (
@@ -360,3 +361,25 @@ def test_large_gradient_streams_the_same_bits_every_variant(isa, dtype):
     x64 = logits[-4:].double().requires_grad_(True)
     logprobs_from_logits_reference(x64, targets[-4:]).backward(grad[-4:].double())
     assert_close(large[-4:], x64.grad, dtype, f"{isa} streamed rows")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decorrelation_backward_scales_natively_every_variant(isa, dtype):
+    """The backward scales the stored gradient by the upstream gradient in one native
+    pass, with the bits of PyTorch's multiply by an fp32 scalar (an odd element count
+    over the threads: vector body and scalar tails); other upstream dtypes are left to
+    PyTorch."""
+    torch.manual_seed(10)
+    hidden = torch.randn(2, 40, 1001).to(dtype)  # 80080 elements
+    x = hidden.clone().requires_grad_(True)
+    (decpo.decorrelation_penalty(x, backend="native") * 0.37).backward()
+    _, stored = native_decorrelation.decorrelation_penalty(
+        hidden, None, None, True, False, "mean", True
+    )
+    want = stored * torch.tensor(0.37)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert x.grad.dtype == dtype and torch.equal(x.grad.view(bits), want.view(bits)), isa
+    scaled = native_decorrelation.decorrelation_penalty_backward(stored, torch.tensor(-2.5))
+    assert torch.equal(scaled.view(bits), (stored * torch.tensor(-2.5)).view(bits))
+    double = torch.tensor(0.5, dtype=torch.float64)
+    assert native_decorrelation.decorrelation_penalty_backward(stored, double) is None

@@ -130,6 +130,9 @@ def _token_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor
     a = _TOKEN_INPUTS.bind(inputs)
     _logp, lse, grad, stats = output
     ctx.mark_non_differentiable(lse, grad, stats)
+    # No zero-filled grads for the non-differentiable outputs (the (N, D) gradient
+    # among them): only logp's gradient is used.
+    ctx.set_materialize_grads(False)
     ctx.frozen_grad = a.frozen_grad
     ctx.args = (a.ignore_index, a.temperature, a.softcap, a.logit_scale, a.backend)
     ctx.has_bias = a.bias is not None
@@ -140,8 +143,10 @@ def _token_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor
 
 
 def _token_backward(
-    ctx: Any, grad_logp: Tensor, _g_lse: Tensor, _g_grad: Tensor, _g_stats: Tensor
+    ctx: Any, grad_logp: Tensor | None, *_unused: Tensor | None
 ) -> tuple[Tensor | None, ...]:
+    if grad_logp is None:  # not materialized: no gradient flows into logp
+        return input_grads(ctx)
     if ctx.frozen_grad:
         # One-pass frozen head: d hidden = g * d logp / d hidden, computed in the forward.
         # That stored gradient is a constant to autograd, so a second derivative through
@@ -317,11 +322,16 @@ def _(*args: Any, **kwargs: Any) -> Tensor:
 def _logits_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
     a = _LOGITS_INPUTS.bind(inputs)
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled grad for lse
     ctx.save_for_backward(a.logits, a.targets, output[1])
     ctx.args = (a.ignore_index, a.temperature, a.backend)
 
 
-def _logits_backward(ctx: Any, grad_logp: Tensor, _g_lse: Tensor) -> tuple[Tensor | None, ...]:
+def _logits_backward(
+    ctx: Any, grad_logp: Tensor | None, _g_lse: Tensor | None
+) -> tuple[Tensor | None, ...]:
+    if grad_logp is None:  # not materialized: no gradient flows into logp
+        return input_grads(ctx)
     logits, targets, lse = ctx.saved_tensors
     return input_grads(
         ctx, _logits_backward_op(grad_logp.contiguous(), logits, targets, lse, *ctx.args)
