@@ -141,12 +141,35 @@ def exps(case: Case, mode: str) -> float:
     return float({"fwd": nv, "bwd": nv, "fwd+bwd": 2 * nv}[mode])
 
 
+# On CPU, glibc serves allocations of this size and more with freshly mapped pages
+# every time (its dynamic mmap threshold stops at 32 MiB on 64-bit), and the OS
+# zeroes each page at its first write, whoever writes it.
+FRESH_PAGES_MIN_BYTES = 32 << 20
+
+
+def fresh_output_bytes(case: Case, mode: str) -> float:
+    """Bytes of the gradient the case returns (d hidden, d logits) when it is large
+    enough to land in fresh pages (FRESH_PAGES_MIN_BYTES), else 0: at N=4096, V=32000
+    logprobs_from_logits returns 262 MB (bf16) or 524 MB (fp32) in every round."""
+    if mode == "fwd":
+        return 0.0
+    d = case.dims
+    elements = {"token_logprobs": d.get("N", 0) * d.get("D", 0),
+                "logprobs_from_logits": d.get("N", 0) * d.get("V", 0),
+                "decorrelation_penalty": d.get("G", 0) * d.get("n", 0) * d.get("D", 0)}  # fmt: skip
+    size = elements[case.op] * case.dtype_bytes
+    return float(size) if size >= FRESH_PAGES_MIN_BYTES else 0.0
+
+
 def floor_seconds(case: Case, mode: str, peak: dict[str, float]) -> float:
     """The case's floor on this device: the largest of its minimum FLOPs at the fastest
     matmul rate its inputs allow (bf16 input: the faster of the bf16 and fp32 rates,
     since a CPU without bf16 dot products multiplies faster in fp32; fp32 input: the
     fp32 rate, or on CUDA the bf16 one as before), its bytes at the copy bandwidth,
-    and its exponentials at the native kernels' measured exp rate."""
+    and its exponentials at the native kernels' measured exp rate; on CPU plus the
+    zeroing of a large returned gradient's fresh pages at the measured rate
+    (bench/measure.py:fresh_page_rate), which the OS does before any provider's first
+    write to them and which overlaps with nothing on a fully busy machine."""
     flops, nbytes = work(case, mode, case.dtype_bytes)
     rate = peak["bf16_matmul_flops"]
     if "fp32_matmul_flops" in peak and "native_exp_per_s" in peak:  # CPU
@@ -155,6 +178,8 @@ def floor_seconds(case: Case, mode: str, peak: dict[str, float]) -> float:
     floor = max(flops / rate, nbytes / peak["copy_bytes_per_s"])
     if "native_exp_per_s" in peak:
         floor = max(floor, exps(case, mode) / peak["native_exp_per_s"])
+    if "fresh_page_bytes_per_s" in peak:
+        floor += fresh_output_bytes(case, mode) / peak["fresh_page_bytes_per_s"]
     return floor
 
 

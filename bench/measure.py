@@ -55,6 +55,43 @@ def warm_memory(gib: float = 4.0) -> float:
     return time.perf_counter() - start
 
 
+def _advise_huge_pages(t: torch.Tensor) -> None:
+    """madvise(MADV_HUGEPAGE) over the whole 2 MiB pages inside t, as the native
+    library does for its large outputs (kernels/dispatch.cpp); nothing off Linux."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return
+    huge = 1 << 21
+    start = (t.data_ptr() + huge - 1) & ~(huge - 1)
+    end = (t.data_ptr() + t.numel() * t.element_size()) & ~(huge - 1)
+    if end > start:
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 14)  # MADV_HUGEPAGE
+
+
+def fresh_page_rate(reps: int = 10) -> float:
+    """Bytes per second at which this machine hands out fresh zeroed memory: the time
+    to fill a new 256 MiB tensor (huge pages advised, as decpo's large outputs are)
+    minus the time to fill it again once mapped, best of `reps` each. A gradient of
+    bench/cases.py:FRESH_PAGES_MIN_BYTES or more returned by any provider pays this on
+    top of its own writes (bench/cases.py:floor_seconds)."""
+    n = 1 << 26  # fp32 elements: 256 MiB
+    fresh = reused = float("inf")
+    for _ in range(reps):
+        t = torch.empty(n)
+        _advise_huge_pages(t)
+        start = time.perf_counter()
+        t.fill_(1.0)
+        fresh = min(fresh, time.perf_counter() - start)
+        start = time.perf_counter()
+        t.fill_(2.0)
+        reused = min(reused, time.perf_counter() - start)
+        del t
+    return n * 4 / max(fresh - reused, 1e-9)
+
+
 def cpu_info() -> dict:
     """The CPU's capabilities and the native kernel variant in use (from the native
     library's own detection), and the environment that forces lesser ones: recorded
@@ -84,7 +121,8 @@ def peaks(device: str, repeats: int = 3) -> dict[str, float]:
 
 def _peaks(device: str) -> dict[str, float]:
     """Measured matrix rates (FLOP/s, bf16 and fp32), copy bandwidth (bytes/s) and, on
-    CPU, the native kernels' exp rate (exps/s, decpo.native_backend.library.exp_rate):
+    CPU, the native kernels' exp rate (exps/s, decpo.native_backend.library.exp_rate)
+    and the rate at which fresh pages are zeroed (fresh_page_rate):
     the denominators of every "% of floor" in the reports. Under a forced lesser CPU
     (bench/isa_sweep.py) they are what that CPU class gets: its bf16 matmul can be
     slower than fp32, and floors then use the faster of the two."""
@@ -109,6 +147,7 @@ def _peaks(device: str) -> dict[str, float]:
 
         if library.is_available():
             out["native_exp_per_s"] = library.exp_rate()
+        out["fresh_page_bytes_per_s"] = fresh_page_rate()
     return out
 
 

@@ -67,15 +67,28 @@ def _latest(pattern: str) -> dict | None:
     return json.loads(files[-1].read_text()) | {"file": files[-1].name} if files else None
 
 
+def _cpu_peaks(peaks: dict) -> str:
+    """The CPU-only rates of the floors, as a sentence tail ('' where not measured)."""
+    parts = []
+    if "fp32_matmul_flops" in peaks:
+        parts.append(f"fp32 matmul {peaks['fp32_matmul_flops'] / 1e12:.2f} TFLOP/s")
+    if "native_exp_per_s" in peaks:
+        parts.append(f"native exp {peaks['native_exp_per_s'] / 1e9:.1f} G/s")
+    if "fresh_page_bytes_per_s" in peaks:
+        parts.append(f"fresh pages zeroed at {peaks['fresh_page_bytes_per_s'] / 1e9:.1f} GB/s")
+    return "".join(f", {p}" for p in parts)
+
+
 def _ops_table(record: dict) -> list[str]:
     peaks = record["peaks"]
     lines = [
         f"**{record['device_name']}**, {record['date']}, commit {record['commit']}, "
         f"torch {record['versions'].get('torch')} (`{record['file']}`). Measured peaks: bf16 "
         f"matmul {peaks['bf16_matmul_flops'] / 1e12:.2f} TFLOP/s, copy "
-        f'{peaks["copy_bytes_per_s"] / 1e9:.1f} GB/s. "% of floor" = time at those peaks '
-        'for the case\'s minimum FLOPs and bytes / measured time. "vs best other": decpo '
-        "rows against the fastest non-decpo provider, others against the fastest decpo one.",
+        f'{peaks["copy_bytes_per_s"] / 1e9:.1f} GB/s{_cpu_peaks(peaks)}. "% of floor" = time '
+        "at those peaks for the case's minimum FLOPs, bytes and exps (bench/cases.py:"
+        'floor_seconds) / measured time. "vs best other": decpo rows against the fastest '
+        "non-decpo provider, others against the fastest decpo one.",
         "",
         "| case | mode | provider | median ms | vs eager | vs best other | % of floor | "
         "extra peak MiB |",

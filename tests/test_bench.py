@@ -32,6 +32,24 @@ def test_work_counts():
     assert cases.work(dec, "fwd+bwd")[0] == 2 * 3 * 4 * 8 * 4
 
 
+def test_floor_adds_fresh_pages_of_a_large_gradient():
+    """On CPU a returned gradient of 32 MiB or more adds its fresh pages' zeroing to the
+    floor (after the max of the FLOP, byte and exp bounds); smaller ones and the
+    forward do not."""
+    peak = {"bf16_matmul_flops": 1e12, "fp32_matmul_flops": 1e12, "copy_bytes_per_s": 1e12,
+            "native_exp_per_s": 1e9, "fresh_page_bytes_per_s": 2e10}  # fmt: skip
+    big = cases.Case("logprobs_from_logits", "x", {"N": 4096, "V": 32000}, ())
+    nv = 4096 * 32000
+    assert cases.fresh_output_bytes(big, "fwd") == 0
+    assert cases.fresh_output_bytes(big, "fwd+bwd") == nv * 2
+    assert cases.floor_seconds(big, "fwd+bwd", peak) == pytest.approx(2 * nv / 1e9 + nv * 2 / 2e10)
+    assert cases.floor_seconds(big, "fwd", peak) == pytest.approx(nv / 1e9)
+    small = cases.Case("logprobs_from_logits", "x", {"N": 64, "V": 32000}, ())
+    assert cases.fresh_output_bytes(small, "bwd") == 0
+    without = {k: v for k, v in peak.items() if k != "fresh_page_bytes_per_s"}  # e.g. CUDA
+    assert cases.floor_seconds(big, "fwd+bwd", without) == pytest.approx(2 * nv / 1e9)
+
+
 def test_render_writes_tables(tmp_path, monkeypatch):
     monkeypatch.setattr(render, "RESULTS_DIR", tmp_path)
     readme = tmp_path / "README.md"
