@@ -4,6 +4,7 @@ work counts are right, results render."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -120,3 +121,21 @@ def test_twins_times_both_dtypes_on_tiny_shapes(monkeypatch):
     for r in rows:
         low, high = r["ratio_range"]
         assert r["bf16_ms"] > 0 and r["fp32_ms"] > 0 and low <= r["ratio_median"] <= high
+
+
+@pytest.mark.parametrize("op", ["logits_fwd", "logits_bwd", "decorrelation"])
+def test_native_ab_compares_two_builds(op, tmp_path, capsys):
+    """bench.native_ab loads two copies of the library side by side, forces both to one
+    variant, times them alternately and finds a build equal to itself bit for bit."""
+    from bench import native_ab
+    from decpo.native_backend import library
+
+    if not library.is_available():
+        pytest.skip(library.unavailable_reason())
+    copy = tmp_path / "old.so"
+    copy.write_bytes(Path(library.loaded_path()).read_bytes())
+    native_ab.main([str(copy), "--op", op, "--isa", "baseline", "--dtype", "fp32", "--rounds",
+                    "2", "--tiny"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "on baseline" in out and "DIFFER" not in out
+    assert out.count("bitwise equal") == (2 if op == "logits_bwd" else 1)

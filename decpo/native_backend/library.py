@@ -146,6 +146,12 @@ def unavailable_reason() -> str:
     return "" if lib is not None else reason
 
 
+def loaded_path() -> str:
+    """The file the library was loaded from; RuntimeError when it cannot be loaded."""
+    library()
+    return _load()[1]
+
+
 def library() -> ctypes.CDLL:
     """The loaded library; RuntimeError with the reason when it cannot be loaded."""
     lib, reason = _load()
