@@ -4,6 +4,7 @@ baseline user gets (decpo's kernels and PyTorch's own, eager and compiled):
 
     python -m bench.isa_sweep                      # every variant this CPU runs
     python -m bench.isa_sweep avx2 baseline        # some of them
+    python -m bench.isa_sweep avx512bf16 --cases token_logprobs/fp32 --rounds 21
 
 Per variant: DECPO_NATIVE_ISA selects decpo's kernels; ONEDNN_MAX_CPU_ISA,
 ATEN_CPU_CAPABILITY and MKL_ENABLE_INSTRUCTIONS cap PyTorch's oneDNN, ATen and MKL
@@ -45,14 +46,16 @@ CASES = ("logprobs_from_logits/N=4096", "logprobs_from_logits/fp32", "decorrelat
          "token_logprobs/N=256 D=512", "token_logprobs/fp32 N=256")  # fmt: skip
 
 
-def run_variant(isa: str, root: Path) -> Path | None:
+def run_variant(
+    isa: str, root: Path, cases: tuple[str, ...] = CASES, rounds: int = 5
+) -> Path | None:
     # A fresh torch.compile cache per variant: Inductor's cache key does not include
     # the capped CPU capability, and a kernel built under another cap crashes.
     cache = tempfile.mkdtemp(prefix=f"decpo-inductor-{isa}-")
     env = {**os.environ, **EMULATION[isa], "DECPO_NATIVE_ISA": isa,
            "TORCHINDUCTOR_CACHE_DIR": cache,
-           "DECPO_BENCH_CASES": ",".join(CASES), "DECPO_BENCH_MODES": "fwd+bwd",
-           "DECPO_BENCH_MEMORY": "0", "DECPO_BENCH_ROUNDS": "5",
+           "DECPO_BENCH_CASES": ",".join(cases), "DECPO_BENCH_MODES": "fwd+bwd",
+           "DECPO_BENCH_MEMORY": "0", "DECPO_BENCH_ROUNDS": str(rounds),
            "DECPO_BENCH_INTERLEAVE": "1"}  # fmt: skip
     start = time.time()
     cmd = [sys.executable, "-m", "pytest", "bench/test_ops.py", "--benchmark-enable", "-q",
@@ -101,6 +104,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("variants", nargs="*", metavar="VARIANT",
                         help=f"{' | '.join(library.ISAS)} (default: every one this CPU "
                         "runs)")  # fmt: skip
+    parser.add_argument("--cases", default=",".join(CASES),
+                        help="comma-separated substrings of bench/cases.py keys (default: "
+                        "every native op's cases above)")  # fmt: skip
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="alternating rounds per case (the median is reported)"
+    )
     args = parser.parse_args(argv)
     unknown = [isa for isa in args.variants if isa not in library.ISAS]
     if unknown:
@@ -110,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"this CPU cannot run {', '.join(cannot)}")
     root = Path(__file__).resolve().parents[1]
     wanted = args.variants or [isa for isa in reversed(library.ISAS) if library.isa_runs(isa)]
-    paths = [run_variant(isa, root) for isa in wanted]
+    cases = tuple(c for c in args.cases.split(",") if c)
+    paths = [run_variant(isa, root, cases, args.rounds) for isa in wanted]
     print("\n".join(table([p for p in paths if p is not None])))
 
 

@@ -852,11 +852,13 @@ int decorrelation(const void* hidden, int dtype, int64_t n_layers, int64_t n_row
              static_cast<uint16_t*>(grad));
 }
 
-// dst = src * s in the input dtype: fp32 products rounded once (to nearest even for
-// bf16, as PyTorch multiplies a bf16 tensor by an fp32 scalar), for the backward's
-// scaling of the stored gradient by the upstream gradient. One read, one write.
-template <typename T>
-void scale_impl(const T* src, int64_t n, float s, T* dst) {
+// dst = src * s, each in its own dtype: fp32 products rounded once (to nearest even
+// for bf16 out, as PyTorch multiplies a bf16 tensor by an fp32 scalar). The
+// backward's scaling of the stored gradient by the upstream gradient (same dtype),
+// and the conversions around the baseline variant's hand-over to PyTorch (s = 1),
+// which PyTorch runs at SSE speed there. One read, one write.
+template <typename S, typename D>
+void scale_impl(const S* src, int64_t n, float s, D* dst) {
   constexpr int64_t kChunk = int64_t{1} << 14;  // elements per OpenMP work item
   const vf vs = vsplat(s);
 #pragma omp parallel for schedule(static) if (n >= 4 * kChunk)
@@ -868,11 +870,20 @@ void scale_impl(const T* src, int64_t n, float s, T* dst) {
   }
 }
 
-void scale(const void* src, int dtype, int64_t n, float s, void* dst) {
-  if (dtype == 0) {
-    scale_impl(static_cast<const float*>(src), n, s, static_cast<float*>(dst));
+template <typename S>
+void scale_from(const S* src, int64_t n, float s, void* dst, int dst_dtype) {
+  if (dst_dtype == 0) {
+    scale_impl(src, n, s, static_cast<float*>(dst));
   } else {
-    scale_impl(static_cast<const uint16_t*>(src), n, s, static_cast<uint16_t*>(dst));
+    scale_impl(src, n, s, static_cast<uint16_t*>(dst));
+  }
+}
+
+void scale(const void* src, int src_dtype, int64_t n, float s, void* dst, int dst_dtype) {
+  if (src_dtype == 0) {
+    scale_from(static_cast<const float*>(src), n, s, dst, dst_dtype);
+  } else {
+    scale_from(static_cast<const uint16_t*>(src), n, s, dst, dst_dtype);
   }
 }
 

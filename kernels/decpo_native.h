@@ -88,10 +88,12 @@ DECPO_API int decpo_widen_bf16(const uint16_t* src, int64_t n_rows, int64_t n_co
                                int64_t src_stride, float* dst, int64_t dst_stride,
                                int* all_finite);
 
-// dst = src * scale, n contiguous elements of dtype 0 (fp32) or 1 (bf16): fp32 products,
-// rounded once to nearest even for bf16 (the decorrelation backward's scaling of the
-// stored gradient). dst may be src. Returns 0, or 1 for a bad dtype.
-DECPO_API int decpo_scale(const void* src, int dtype, int64_t n, float scale, void* dst);
+// dst = src * scale over n contiguous elements, src and dst each fp32 (0) or bf16 (1):
+// fp32 products, rounded once to nearest even for bf16 out (the decorrelation
+// backward's scaling of the stored gradient; with scale 1 a plain conversion). dst
+// may be src when the dtypes match. Returns 0, or 1 for a bad dtype.
+DECPO_API int decpo_scale(const void* src, int src_dtype, int64_t n, float scale, void* dst,
+                          int dst_dtype);
 
 // The exp-throughput probe behind the log-prob floors: every OpenMP thread sums the
 // kernels' vectorized exp over x (n floats, n a multiple of 64, kept in L1) reps

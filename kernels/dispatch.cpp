@@ -112,8 +112,9 @@ std::atomic<int> g_active{best_isa()};
 const KernelTable& active() { return *table_for(g_active.load(std::memory_order_relaxed)); }
 
 // A large output written once (the N x V gradient of logprobs_from_logits, the scaled
-// decorrelation gradient; usually fresh allocations) spends more time in first-touch page faults than in the kernel:
-// 4 KiB pages cost ~180 ms per 262 MB on one core, as long as the exps themselves.
+// decorrelation gradient; usually fresh allocations) spends more time in first-touch
+// page faults than in the kernel: 4 KiB pages cost ~180 ms per 262 MB on one core, as
+// long as the exps themselves.
 // Asking for transparent huge pages (where the system allows them on request) cuts
 // the faults 512-fold. Only whole 2 MiB pages inside the buffer are advised.
 void advise_huge_pages(void* data, size_t bytes) {
@@ -217,10 +218,11 @@ DECPO_API int decpo_widen_bf16(const uint16_t* src, int64_t n_rows, int64_t n_co
   return 0;
 }
 
-DECPO_API int decpo_scale(const void* src, int dtype, int64_t n, float scale, void* dst) {
-  if (dtype != 0 && dtype != 1) return 1;
-  if (dst != src) advise_huge_pages(dst, static_cast<size_t>(n) * (dtype == 0 ? 4 : 2));
-  active().scale(src, dtype, n, scale, dst);
+DECPO_API int decpo_scale(const void* src, int src_dtype, int64_t n, float scale, void* dst,
+                          int dst_dtype) {
+  if ((src_dtype != 0 && src_dtype != 1) || (dst_dtype != 0 && dst_dtype != 1)) return 1;
+  if (dst != src) advise_huge_pages(dst, static_cast<size_t>(n) * (dst_dtype == 0 ? 4 : 2));
+  active().scale(src, src_dtype, n, scale, dst, dst_dtype);
   return 0;
 }
 

@@ -222,6 +222,10 @@ def test_baseline_hands_large_products_to_pytorch(monkeypatch, n, dim, handed_ov
         assert bool(calls) == (handed_over and variant == "baseline"), variant
         assert_close(loss, ref, torch.bfloat16, f"{variant} penalty")
         assert_close(h.grad, h64.grad, torch.bfloat16, f"{variant} d hidden")
+        if calls:  # handed over widened natively: the torch backend's own bits on bf16
+            assert calls[0] == (1, n, dim) and h.grad.dtype == torch.bfloat16
+            want_loss, want = real(hidden[None], None, None, True, False, "mean", True)
+            assert torch.equal(loss, want_loss) and torch.equal(h.grad, want[0])
 
 
 @pytest.mark.parametrize("bf16_dot", [True, False])
@@ -383,3 +387,6 @@ def test_decorrelation_backward_scales_natively_every_variant(isa, dtype):
     assert torch.equal(scaled.view(bits), (stored * torch.tensor(-2.5)).view(bits))
     double = torch.tensor(0.5, dtype=torch.float64)
     assert native_decorrelation.decorrelation_penalty_backward(stored, double) is None
+    other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
+    converted = native_decorrelation._scaled(stored, 1.0, other)  # a plain conversion
+    assert converted.dtype == other and torch.equal(converted, stored.to(other))

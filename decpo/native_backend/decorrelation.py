@@ -58,9 +58,18 @@ def decorrelation_penalty(
         rows = rows.to(torch.int64).contiguous()
     largest_product = max((min(s, dim) for s in sizes), default=0)
     if active_isa() == "baseline" and largest_product > BASELINE_PRODUCT_LIMIT:
-        return torch_decorrelation.decorrelation_penalty(
-            hidden, mask, segment_ids, normalize, offdiag, reduction, compute_grad
+        if hidden.dtype != torch.bfloat16:
+            return torch_decorrelation.decorrelation_penalty(
+                hidden, mask, segment_ids, normalize, offdiag, reduction, compute_grad
+            )
+        # The torch backend computes in fp32 anyway; PyTorch's bf16 conversions run at
+        # SSE speed here, so the input is widened and the gradient rounded natively:
+        # the same bits, and bf16 no slower than its fp32 twin.
+        wide = _scaled(hidden.contiguous(), 1.0, torch.float32)  # (L, N, D) exact
+        loss, grad = torch_decorrelation.decorrelation_penalty(
+            wide, mask, segment_ids, normalize, offdiag, reduction, compute_grad
         )
+        return loss, _scaled(grad, 1.0, grad_dtype(hidden.dtype))
     pairs = sum(s * (s - 1) if offdiag else s * s for s in sizes)
     # Rows outside every group keep a zero gradient; the kernel writes the others.
     full = rows is None or rows.numel() == n
@@ -106,9 +115,17 @@ def decorrelation_penalty_backward(
     if not (scalar and grad_loss.dtype == torch.float32 and grad.dtype in DTYPE_CODES):
         return None
     assert grad.device.type == "cpu" and grad.is_contiguous()
-    out = torch.empty_like(grad)
+    return _scaled(grad, float(grad_loss), grad.dtype)
+
+
+def _scaled(src: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """src * scale in dtype (fp32 products, one rounding), one native pass; src
+    contiguous, fp32 or bf16."""
+    assert src.is_contiguous() and src.dtype in DTYPE_CODES and dtype in DTYPE_CODES
+    out = torch.empty(src.shape, dtype=dtype)
     status = library().decpo_scale(
-        grad.data_ptr(), DTYPE_CODES[grad.dtype], grad.numel(), float(grad_loss), out.data_ptr()
-    )
+        src.data_ptr(), DTYPE_CODES[src.dtype], src.numel(), scale, out.data_ptr(),
+        DTYPE_CODES[dtype],
+    )  # fmt: skip
     assert status == 0, f"decpo_scale returned {status}"
     return out

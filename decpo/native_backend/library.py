@@ -122,8 +122,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     )
     # src, n_rows, n_cols, src_stride, dst, dst_stride, all_finite
     signatures["decpo_widen_bf16"] = [ptr, i64, i64, i64, ptr, i64, ptr]
-    # src, dtype, n, scale, dst
-    signatures["decpo_scale"] = [ptr, i32, i64, f32, ptr]
+    # src, src_dtype, n, scale, dst, dst_dtype
+    signatures["decpo_scale"] = [ptr, i32, i64, f32, ptr, i32]
     signatures["decpo_select_isa"] = [i32]
     lib.decpo_exp_probe.restype = None
     lib.decpo_exp_probe.argtypes = [ptr, i64, i64, ptr]
