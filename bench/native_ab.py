@@ -119,7 +119,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tiny", action="store_true", help="small shapes (the tests)")
     args = parser.parse_args(argv)
     new = args.new or Path(library.loaded_path())
-    isa = args.isa or library.active_isa()
+    previous = library.active_isa()
+    isa = args.isa or previous
+    try:  # the default new build is the process's own library: its variant is restored
+        compare(args, new, isa)
+    finally:
+        library.select_isa(previous)
+
+
+def compare(args: argparse.Namespace, new: Path, isa: str) -> None:
+    """Times and checks args.op on the two builds, both forced to `isa`."""
     libs = {"old": load(args.old, isa), "new": load(new, isa)}
     torch.manual_seed(0)
     make_out, timed = calls(args.op, DTYPES[args.dtype], libs["old"], args.tiny)

@@ -221,21 +221,35 @@ inline void vload2(const uint16_t* p, vf& a, vf& b) {
   b = vload(p + kLanes);
 }
 #endif
+#if defined(__SSE2__) && !defined(__AVX512BF16__)
+// Two vectors rounded to nearest even in the high half, arithmetic-shifted into int16
+// range and narrowed by one signed pack: 2 kLanes bf16 in vload2's order. kStream:
+// stored with a non-temporal store (p aligned to its width) instead of a plain one.
+template <bool kStream>
+inline void store_bf16_pair(uint16_t* p, vf a, vf b) {
+  const vi sa = (vi)round_high_half((vu)a) >> 16;
+  const vi sb = (vi)round_high_half((vu)b) >> 16;
+#if defined(__AVX512F__)
+  const __m512i x = _mm512_packs_epi32((__m512i)sa, (__m512i)sb);
+  kStream ? _mm512_stream_si512(reinterpret_cast<__m512i*>(p), x) : _mm512_storeu_si512(p, x);
+#elif defined(__AVX2__)
+  const __m256i x = _mm256_packs_epi32((__m256i)sa, (__m256i)sb);
+  __m256i* q = reinterpret_cast<__m256i*>(p);
+  kStream ? _mm256_stream_si256(q, x) : _mm256_storeu_si256(q, x);
+#else
+  const __m128i x = _mm_packs_epi32((__m128i)sa, (__m128i)sb);
+  __m128i* q = reinterpret_cast<__m128i*>(p);
+  kStream ? _mm_stream_si128(q, x) : _mm_storeu_si128(q, x);
+#endif
+}
+#endif
+
 inline void vstore2_finite(uint16_t* p, vf a, vf b) {
 #if defined(__AVX512BF16__) || !defined(__SSE2__)
   vstore_finite(p, a);
   vstore_finite(p + kLanes, b);
 #else
-  // Round to nearest even in the high half, arithmetic shift into int16 range, pack.
-  const vi sa = (vi)round_high_half((vu)a) >> 16;
-  const vi sb = (vi)round_high_half((vu)b) >> 16;
-#if defined(__AVX512F__)
-  _mm512_storeu_si512(p, _mm512_packs_epi32((__m512i)sa, (__m512i)sb));
-#elif defined(__AVX2__)
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_packs_epi32((__m256i)sa, (__m256i)sb));
-#else
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm_packs_epi32((__m128i)sa, (__m128i)sb));
-#endif
+  store_bf16_pair<false>(p, a, b);
 #endif
 }
 
@@ -265,15 +279,7 @@ inline void vstream2_finite(uint16_t* p, vf a, vf b) {
   _mm512_stream_si512(reinterpret_cast<__m512i*>(p),
                       _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
 #elif defined(__SSE2__)
-  const vi sa = (vi)round_high_half((vu)a) >> 16;
-  const vi sb = (vi)round_high_half((vu)b) >> 16;
-#if defined(__AVX512F__)
-  _mm512_stream_si512(reinterpret_cast<__m512i*>(p), _mm512_packs_epi32((__m512i)sa, (__m512i)sb));
-#elif defined(__AVX2__)
-  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm256_packs_epi32((__m256i)sa, (__m256i)sb));
-#else
-  _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm_packs_epi32((__m128i)sa, (__m128i)sb));
-#endif
+  store_bf16_pair<true>(p, a, b);
 #else
   vstore2_finite(p, a, b);
 #endif

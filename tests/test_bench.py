@@ -132,6 +132,7 @@ def test_native_ab_compares_two_builds(op, tmp_path, capsys):
 
     if not library.is_available():
         pytest.skip(library.unavailable_reason())
+    before = library.active_isa()
     copy = tmp_path / "old.so"
     copy.write_bytes(Path(library.loaded_path()).read_bytes())
     native_ab.main([str(copy), "--op", op, "--isa", "baseline", "--dtype", "fp32", "--rounds",
@@ -139,3 +140,4 @@ def test_native_ab_compares_two_builds(op, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "on baseline" in out and "DIFFER" not in out
     assert out.count("bitwise equal") == (2 if op == "logits_bwd" else 1)
+    assert library.active_isa() == before  # the process's own library is restored
