@@ -55,33 +55,19 @@ def warm_memory(gib: float = 4.0) -> float:
     return time.perf_counter() - start
 
 
-def _advise_huge_pages(t: torch.Tensor) -> None:
-    """madvise(MADV_HUGEPAGE) over the whole 2 MiB pages inside t, as the native
-    library does for its large outputs (kernels/dispatch.cpp); nothing off Linux."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
-        return
-    huge = 1 << 21
-    start = (t.data_ptr() + huge - 1) & ~(huge - 1)
-    end = (t.data_ptr() + t.numel() * t.element_size()) & ~(huge - 1)
-    if end > start:
-        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 14)  # MADV_HUGEPAGE
-
-
 def fresh_page_rate(reps: int = 10) -> float:
     """Bytes per second at which this machine hands out fresh zeroed memory: the time
-    to fill a new 256 MiB tensor (huge pages advised, as decpo's large outputs are)
-    minus the time to fill it again once mapped, best of `reps` each. A gradient of
-    bench/cases.py:FRESH_PAGES_MIN_BYTES or more returned by any provider pays this on
-    top of its own writes (bench/cases.py:floor_seconds)."""
+    to fill a new 256 MiB tensor (huge pages advised through the native library, as
+    its large outputs are) minus the time to fill it again once mapped, best of `reps`
+    each. A gradient of bench/cases.py:FRESH_PAGES_MIN_BYTES or more returned by any
+    provider pays this on top of its own writes (bench/cases.py:floor_seconds)."""
+    from decpo.native_backend import library
+
     n = 1 << 26  # fp32 elements: 256 MiB
     fresh = reused = float("inf")
     for _ in range(reps):
         t = torch.empty(n)
-        _advise_huge_pages(t)
+        library.library().decpo_advise_huge_pages(t.data_ptr(), n * 4)
         start = time.perf_counter()
         t.fill_(1.0)
         fresh = min(fresh, time.perf_counter() - start)
@@ -147,7 +133,7 @@ def _peaks(device: str) -> dict[str, float]:
 
         if library.is_available():
             out["native_exp_per_s"] = library.exp_rate()
-        out["fresh_page_bytes_per_s"] = fresh_page_rate()
+            out["fresh_page_bytes_per_s"] = fresh_page_rate()
     return out
 
 

@@ -95,6 +95,11 @@ DECPO_API int decpo_widen_bf16(const uint16_t* src, int64_t n_rows, int64_t n_co
 DECPO_API int decpo_scale(const void* src, int src_dtype, int64_t n, float scale, void* dst,
                           int dst_dtype);
 
+// Asks the OS for transparent huge pages over the whole 2 MiB pages inside a buffer
+// of at least 8 MiB not yet written (Linux; elsewhere, or smaller, nothing): what the
+// kernels do for their large outputs, exported for the benchmarks' fresh-page rate.
+DECPO_API void decpo_advise_huge_pages(void* data, int64_t bytes);
+
 // The exp-throughput probe behind the log-prob floors: every OpenMP thread sums the
 // kernels' vectorized exp over x (n floats, n a multiple of 64, kept in L1) reps
 // times. out[0] = the sum (so nothing is optimized away), out[1] = exps computed.

@@ -218,6 +218,10 @@ DECPO_API int decpo_widen_bf16(const uint16_t* src, int64_t n_rows, int64_t n_co
   return 0;
 }
 
+DECPO_API void decpo_advise_huge_pages(void* data, int64_t bytes) {
+  advise_huge_pages(data, static_cast<size_t>(bytes));
+}
+
 DECPO_API int decpo_scale(const void* src, int src_dtype, int64_t n, float scale, void* dst,
                           int dst_dtype) {
   if ((src_dtype != 0 && src_dtype != 1) || (dst_dtype != 0 && dst_dtype != 1)) return 1;

@@ -125,6 +125,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     # src, src_dtype, n, scale, dst, dst_dtype
     signatures["decpo_scale"] = [ptr, i32, i64, f32, ptr, i32]
     signatures["decpo_select_isa"] = [i32]
+    lib.decpo_advise_huge_pages.restype = None
+    lib.decpo_advise_huge_pages.argtypes = [ptr, i64]
     lib.decpo_exp_probe.restype = None
     lib.decpo_exp_probe.argtypes = [ptr, i64, i64, ptr]
     for name in ("decpo_cpu_features", "decpo_compiled_isas", "decpo_active_isa"):
