@@ -103,26 +103,30 @@ def decorrelation_penalty(
 
 
 def decorrelation_penalty_backward(
-    grad: torch.Tensor, grad_loss: torch.Tensor
+    grad: torch.Tensor, grad_loss: torch.Tensor, in_place: bool = False
 ) -> torch.Tensor | None:
     """grad * grad_loss in grad's dtype (fp32 products, one rounding: the bits of
-    PyTorch's bf16 tensor times fp32 scalar), in one native pass; None where this does
-    not apply (grad_loss not an fp32 scalar on CPU, or a dtype the library does not
-    take). PyTorch's bf16 multiply runs at SSE speed on CPUs below AVX2 (or with
-    ATEN_CPU_CAPABILITY=default): 4.7 ms against 2.4 ms in fp32 at 8 x 64 x 14336, the
-    one place the bf16 path was slower than fp32 there."""
+    PyTorch's bf16 tensor times fp32 scalar), in one native pass, into grad itself when
+    in_place; None where this does not apply (grad_loss not an fp32 scalar on CPU, or a
+    dtype the library does not take). PyTorch's bf16 multiply runs at SSE speed on CPUs
+    below AVX2 (or with ATEN_CPU_CAPABILITY=default): 4.7 ms against 2.4 ms in fp32 at
+    8 x 64 x 14336, the one place the bf16 path was slower than fp32 there."""
     scalar = grad_loss.numel() == 1 and grad_loss.device.type == "cpu"
     if not (scalar and grad_loss.dtype == torch.float32 and grad.dtype in DTYPE_CODES):
         return None
     assert grad.device.type == "cpu" and grad.is_contiguous()
-    return _scaled(grad, float(grad_loss), grad.dtype)
+    return _scaled(grad, float(grad_loss), grad.dtype, out=grad if in_place else None)
 
 
-def _scaled(src: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+def _scaled(
+    src: torch.Tensor, scale: float, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """src * scale in dtype (fp32 products, one rounding), one native pass; src
-    contiguous, fp32 or bf16."""
+    contiguous, fp32 or bf16; into out (src itself, or a new tensor when None)."""
     assert src.is_contiguous() and src.dtype in DTYPE_CODES and dtype in DTYPE_CODES
-    out = torch.empty(src.shape, dtype=dtype)
+    if out is None:
+        out = torch.empty(src.shape, dtype=dtype)
+    assert out.is_contiguous() and out.dtype == dtype and out.numel() == src.numel()
     status = library().decpo_scale(
         src.data_ptr(), DTYPE_CODES[src.dtype], src.numel(), scale, out.data_ptr(),
         DTYPE_CODES[dtype],

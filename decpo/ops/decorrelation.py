@@ -3,7 +3,8 @@
 Layers: backend kernels (decpo.<backend>_backend.decorrelation for torch and triton,
 chosen through decpo.backend's registry) -> the custom op decpo::decorrelation_penalty
 (loss and gradient in one forward) -> its autograd formula (backward scales the stored
-gradient by grad_output, natively for the native backend) -> the public function
+gradient by grad_output, in place unless the graph is retained, natively for the native
+backend) -> the public function
 (validation, backend choice).
 """
 
@@ -104,10 +105,33 @@ def _backward(
     (grad,) = ctx.saved_tensors
     if grad_loss is None:  # not materialized: no gradient flows into the loss
         return input_grads(ctx, None)
+    # The gradient was computed in the forward; scale it by the upstream gradient.
+    if _last_use(grad, grad_loss, ctx.hidden_dtype):
+        # Nothing reads the stored gradient after this backward: scale it in place.
+        # A second (L, N, D) buffer per step also made glibc return the pair of them to
+        # the OS, so every other step paid fresh-page faults (bf16 8 x 64 x 14336,
+        # avx512bf16: backward 1.1 ms, or 21 ms in those steps).
+        if ctx.backend == "native":
+            native = implementation("decorrelation_penalty", "native", backward=True)
+            scaled = native(grad, grad_loss, in_place=True)
+            if scaled is not None:
+                return input_grads(ctx, scaled)
+        return input_grads(ctx, grad.mul_(grad_loss))
     if ctx.backend == "native" and grad.dtype == ctx.hidden_dtype:
         return input_grads(ctx, _scale_native_op(grad, grad_loss))
-    # The gradient was computed in the forward; scale it by the upstream gradient.
     return input_grads(ctx, _scale_torch(grad, grad_loss, ctx.hidden_dtype))
+
+
+def _last_use(grad: Tensor, grad_loss: Tensor, hidden_dtype: torch.dtype) -> bool:
+    """Whether the stored gradient may be scaled in place: eager (not traced by
+    torch.compile), the graph freed after this backward (no retain_graph, which would
+    run it again on the scaled values), and an in-place multiply with the bits of the
+    out-of-place one (gradient in the input's dtype, fp32 or bf16, times a 0-dim fp32
+    scalar on the same device: fp32 products, one rounding)."""
+    if torch.compiler.is_compiling() or torch._C._autograd._get_current_graph_task_keep_graph():
+        return False
+    same_math = grad.dtype == hidden_dtype and grad.dtype in (torch.bfloat16, torch.float32)
+    return same_math and grad_loss.dtype == torch.float32 and grad_loss.dim() == 0
 
 
 _decorrelation_op.register_autograd(_backward, setup_context=_setup_context)

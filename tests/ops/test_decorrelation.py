@@ -164,6 +164,25 @@ def test_zero_rows_and_tiny_norms(backend):
     _check(hidden, torch.float32, backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_scaling_in_place_and_retained(dtype, backend):
+    """Without retain_graph the backward scales the stored gradient in place; with it,
+    every backward scales a copy, so running the graph again gives the same gradient.
+    Both are bitwise the out-of-place product."""
+    skip_unless_runs(backend, dtype)
+    hidden = torch.randn(2, 9, 40).to(dtype)
+    h = hidden.clone().requires_grad_(True)
+    loss = decpo.decorrelation_penalty(h, backend=backend) * -1.7
+    # Two backwards on the retained graph, then the last one that frees it.
+    grads = [torch.autograd.grad(loss, h, retain_graph=retain)[0] for retain in (True, True, False)]
+    h = hidden.clone().requires_grad_(True)
+    (decpo.decorrelation_penalty(h, backend=backend) * -1.7).backward()
+    grads.append(h.grad)
+    for g in grads[1:]:
+        assert torch.equal(g, grads[0])
+
+
 def test_compile_fullgraph():
     def step(h, w):
         return decpo.decorrelation_penalty(torch.tanh(h @ w)) * 2.0
