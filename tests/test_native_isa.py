@@ -222,7 +222,7 @@ def test_baseline_hands_large_products_to_pytorch(monkeypatch, n, dim, handed_ov
         assert bool(calls) == (handed_over and variant == "baseline"), variant
         assert_close(loss, ref, torch.bfloat16, f"{variant} penalty")
         assert_close(h.grad, h64.grad, torch.bfloat16, f"{variant} d hidden")
-        if calls:  # handed over widened natively: the torch backend's own bits on bf16
+        if calls:  # rows copied and converted natively: the torch backend's own bits
             assert calls[0] == (1, n, dim) and h.grad.dtype == torch.bfloat16
             want_loss, want = real(hidden[None], None, None, True, False, "mean", True)
             assert torch.equal(loss, want_loss) and torch.equal(h.grad, want[0])
@@ -390,3 +390,24 @@ def test_decorrelation_backward_scales_natively_every_variant(isa, dtype):
     other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
     converted = native_decorrelation._scaled(stored, 1.0, other)  # a plain conversion
     assert converted.dtype == other and torch.equal(converted, stored.to(other))
+
+
+@pytest.mark.parametrize("src_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dst_dtype", [torch.float32, torch.bfloat16])
+def test_copy_rows_gathers_scatters_and_converts(isa, src_dtype, dst_dtype):
+    """decpo_copy_rows (the baseline hand-over's row gathers and scatters): the bits of
+    PyTorch's indexing and conversion, on strided layers, with rows long enough to be
+    split between the threads and an odd row length (vector body and scalar tail)."""
+    torch.manual_seed(12)
+    src = torch.randn(3, 50, 20001).to(src_dtype)[:, ::2]  # (3, 25, 20001), row stride 2 D
+    src[1, 3, 7] = float("nan")
+    rows = torch.tensor([3, 17, 0, 24, 8, 11, 5, 20, 1])  # unsorted, the NaN's row among them
+    gathered = torch.empty(3, 9, 20001, dtype=dst_dtype)
+    native_decorrelation.copy_rows(src, rows, gathered, None)
+    exact = {"rtol": 0, "atol": 0, "equal_nan": True, "msg": isa}
+    torch.testing.assert_close(gathered, src[:, rows].to(dst_dtype), **exact)
+    dst = torch.zeros(3, 30, 20001, dtype=dst_dtype)
+    native_decorrelation.copy_rows(gathered, None, dst, rows + 5)
+    want = torch.zeros_like(dst)
+    want[:, rows + 5] = src[:, rows].to(dst_dtype)
+    torch.testing.assert_close(dst, want, **exact)
