@@ -102,7 +102,7 @@ void micro_f32(const float* a, int64_t lda, const float* b, int64_t ldb, float* 
     for (int v = 0; v < NV; ++v) bv[v] = vload(b + k * ldb + v * W);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const vf av = vf{} + a[r * lda + k];
+      const vf av = vsplat(a[r * lda + k]);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[r][v] = vmadd(av, bv[v], acc[r][v]);
     }

@@ -383,8 +383,9 @@ def test_decorrelation_backward_scales_natively_every_variant(isa, dtype):
     want = stored * torch.tensor(0.37)
     bits = torch.int32 if dtype == torch.float32 else torch.int16
     assert x.grad.dtype == dtype and torch.equal(x.grad.view(bits), want.view(bits)), isa
-    scaled = native_decorrelation.decorrelation_penalty_backward(stored, torch.tensor(-2.5))
-    assert torch.equal(scaled.view(bits), (stored * torch.tensor(-2.5)).view(bits))
+    for upstream in (-2.5, -0.0):  # -0.0: every product's sign flips, as in PyTorch
+        scaled = native_decorrelation.decorrelation_penalty_backward(stored, torch.tensor(upstream))
+        assert torch.equal(scaled.view(bits), (stored * torch.tensor(upstream)).view(bits))
     double = torch.tensor(0.5, dtype=torch.float64)
     assert native_decorrelation.decorrelation_penalty_backward(stored, double) is None
     other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
