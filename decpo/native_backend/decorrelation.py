@@ -22,9 +22,9 @@ gather and widening and its gradient's rounding and scatter in one native pass e
 (copy_rows): bf16 then moves half the bytes of fp32 around the same products, where
 widening the whole input first made it the slower twin (bf16 / fp32, 4 groups x 512,
 D=4096, median of same-round ratios in three runs: 1.04-1.34 before, 0.93-1.00 after).
-Measured on 2 cores with the kernels forced to baseline (bf16, fwd+bwd; native / torch backend, ms):
-16 x 128, D=4096: 133 / 205; 8 x 256, D=4096: 223 / 221; 2 x 1024, D=1024: 174 / 112;
-1 x 8192, D=512: 249 / 103.
+Measured on 2 cores with the kernels forced to baseline (bf16, fwd+bwd; native / torch
+backend, ms): 16 x 128, D=4096: 133 / 205; 8 x 256, D=4096: 223 / 221; 2 x 1024,
+D=1024: 174 / 112; 1 x 8192, D=512: 249 / 103.
 """
 
 from __future__ import annotations
