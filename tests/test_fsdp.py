@@ -164,3 +164,16 @@ def test_a_tied_head_under_fsdp(tmp_path):
     assert_same_rows(
         train_rows(tmp_path / "plain"), train_rows(tmp_path / "fsdp"), rel=1e-5, abs=1e-6
     )
+
+
+@pytest.mark.parametrize("flag", ["--gradient-checkpointing", "--precompute-ref"])
+def test_fsdp_with_checkpointing_or_precomputed_reference(tmp_path, flag):
+    """--fsdp (one rank: the sharded model, its collectives and its state dicts)
+    together with activation checkpointing, or with the reference log-probs computed
+    in a pass before training, logs what the same unsharded run logs."""
+    args = [*COMMON, "--max-steps", "2", "--grad-accum", "2", flag]
+    train.main([*args, "--output-dir", str(tmp_path / "plain")])
+    train.main([*args, "--fsdp", "--output-dir", str(tmp_path / "fsdp")])
+    assert_same_rows(
+        train_rows(tmp_path / "plain"), train_rows(tmp_path / "fsdp"), rel=1e-5, abs=1e-6
+    )
