@@ -114,7 +114,13 @@ def decorrelation_penalty_backward(
     if not (scalar and grad_loss.dtype == torch.float32 and grad.dtype in DTYPE_CODES):
         return None
     assert grad.device.type == "cpu" and grad.is_contiguous()
-    return _scaled(grad, float(grad_loss), grad.dtype, out=grad if in_place else None)
+    out = grad if in_place else torch.empty_like(grad)
+    code = DTYPE_CODES[grad.dtype]
+    status = library().decpo_scale(
+        grad.data_ptr(), code, grad.numel(), float(grad_loss), out.data_ptr(), code
+    )
+    assert status == 0, f"decpo_scale returned {status}"
+    return out
 
 
 def copy_rows(
@@ -144,20 +150,3 @@ def copy_rows(
         n_layers * n, src.shape[2], 1.0,
     )  # fmt: skip
     assert status == 0, f"decpo_copy_rows returned {status}"
-
-
-def _scaled(
-    src: torch.Tensor, scale: float, dtype: torch.dtype, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """src * scale in dtype (fp32 products, one rounding), one native pass; src
-    contiguous, fp32 or bf16; into out (src itself, or a new tensor when None)."""
-    assert src.is_contiguous() and src.dtype in DTYPE_CODES and dtype in DTYPE_CODES
-    if out is None:
-        out = torch.empty(src.shape, dtype=dtype)
-    assert out.is_contiguous() and out.dtype == dtype and out.numel() == src.numel()
-    status = library().decpo_scale(
-        src.data_ptr(), DTYPE_CODES[src.dtype], src.numel(), scale, out.data_ptr(),
-        DTYPE_CODES[dtype],
-    )  # fmt: skip
-    assert status == 0, f"decpo_scale returned {status}"
-    return out
