@@ -176,6 +176,14 @@ def token_logprobs(
 
     row_chunk, vocab_chunk = _tile(m_rows, n_vocab, hidden.device)
     cast_chunk = _ChunkCaster(weight, vocab_chunk, matmul_dtype, widen)
+    # The fused epilogue's logit tiles, one buffer for every tile of the call: a fresh
+    # (R, Vc) product per tile (8 MiB at 256 x 8192 fp32) page-faults its memory in
+    # each time. fp32 N=256, D=512, V=32000 forward+backward: 2-5% faster (median of
+    # interleaved calls, 15-21 rounds), the epilogue and both products unchanged.
+    tile_dtype = hidden.dtype if matmul_dtype is None else matmul_dtype
+    tile_buffer = None
+    if epilogue is not None:
+        tile_buffer = hidden.new_empty(min(row_chunk, m_rows) * vocab_chunk, dtype=tile_dtype)
     out_logp, out_lse, out_grad, out_stats = [], [], [], []
     for r0 in range(0, m_rows, row_chunk):
         h = h_all[r0 : r0 + row_chunk]  # (R, D)
@@ -196,7 +204,11 @@ def token_logprobs(
             local, inside = _target_columns(t, v0, v1)
             w_chunk = cast_chunk(v0, v1)  # (Vc, D)
             if epilogue is not None:
-                p_tile = h_mm @ w_chunk.T  # (R, Vc), becomes exp(z - m_new) c' in place
+                assert tile_buffer is not None
+                # (R, Vc), becomes exp(z - m_new) c' in place
+                p_tile = torch.mm(
+                    h_mm, w_chunk.T, out=tile_buffer[: h.shape[0] * (v1 - v0)].view(-1, v1 - v0)
+                )
                 rescale = epilogue(
                     p_tile, None if bias is None else bias[v0:v1], inv_t, softcap, logit_scale,
                     torch.where(inside, local.squeeze(1), -1), m, s_other, s_target,
@@ -229,7 +241,10 @@ def token_logprobs(
                 p_tile = e.to(w_chunk.dtype) if other_w is not None else e
             if other_w is not None:
                 other_w.mul_(rescale[:, None])
-                other_w += p_tile @ w_chunk
+                if p_tile.dtype == other_w.dtype:
+                    other_w.addmm_(p_tile, w_chunk)  # no (R, D) temporary
+                else:  # bf16 tiles: the product in bf16, accumulated in fp32
+                    other_w += p_tile @ w_chunk
         s = s_other + s_target
         log_s = torch.log(s)
         row_lse = _safe_max(m) + log_s
