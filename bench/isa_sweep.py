@@ -7,9 +7,9 @@ baseline user gets (decpo's kernels and PyTorch's own, eager and compiled):
     python -m bench.isa_sweep avx512bf16 --cases token_logprobs/fp32 --rounds 21
 
 Per variant: DECPO_NATIVE_ISA selects decpo's kernels; ONEDNN_MAX_CPU_ISA,
-ATEN_CPU_CAPABILITY and MKL_ENABLE_INSTRUCTIONS cap PyTorch's oneDNN, ATen and MKL
-kernels at the same class (on AVX2 PyTorch's bf16 matmul then runs at ~0.5 GFLOP/s,
-as on a real AVX2 CPU). Each run is bench/test_ops.py on the cases below (headline
+ATEN_CPU_CAPABILITY and MKL_ENABLE_INSTRUCTIONS (plus MKL_CBWR on baseline, see
+EMULATION) cap PyTorch's oneDNN, ATen and MKL kernels at the same class (on AVX2
+PyTorch's bf16 matmul then runs at ~0.5 GFLOP/s, as on a real AVX2 CPU). Each run is bench/test_ops.py on the cases below (headline
 fwd+bwd mode, median of 5 rounds alternating between the providers of each case,
 no memory column: it does not depend on the variant); its JSON (every
 row carries cpu_features and native_isa) is saved as
@@ -38,8 +38,13 @@ EMULATION = {
     "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
              "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
     "baseline": {"ONEDNN_MAX_CPU_ISA": "SSE41", "ATEN_CPU_CAPABILITY": "default",
-                 "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+                 "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "MKL_CBWR": "COMPATIBLE"},
 }  # fmt: skip
+# MKL on an AMD CPU runs one code path whatever MKL_ENABLE_INSTRUCTIONS says (a 2048^2
+# fp32 matmul gives the same bits, at 140-180 GFLOP/s, under SSE4_2, AVX, AVX2 and
+# AVX512); only MKL_CBWR=COMPATIBLE changes it, to MKL's SSE2 path (51-58 GFLOP/s on
+# 2 cores, the class of the baseline variant). AVX2 and AVX-512 have the same FMA
+# throughput on this CPU (2 x 256 bits per cycle), so the other caps need no such fix.
 # Cases (substrings of bench/cases.py keys): every native op, bf16 and its fp32 twin;
 # token_logprobs at the AVX2 report's shape (eager bf16 takes ~10 s a call there).
 CASES = ("logprobs_from_logits/N=4096", "logprobs_from_logits/fp32", "decorrelation_penalty",

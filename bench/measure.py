@@ -89,7 +89,7 @@ def cpu_info() -> dict:
     if not library.is_available():
         return {}
     forced = ("DECPO_NATIVE_ISA", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY",
-              "MKL_ENABLE_INSTRUCTIONS")  # fmt: skip
+              "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")  # fmt: skip
     return {"cpu_features": library.cpu_features(), "native_isa": library.active_isa(),
             "native_bf16_dot": library.native_bf16_dot(),
             "forced": {k: os.environ[k] for k in forced if k in os.environ}}  # fmt: skip

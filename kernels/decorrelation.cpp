@@ -852,53 +852,37 @@ int decorrelation(const void* hidden, int dtype, int64_t n_layers, int64_t n_row
              static_cast<uint16_t*>(grad));
 }
 
-// dst rows = src rows * s, each in its own dtype: fp32 products rounded once (to nearest
-// even for bf16 out, as PyTorch multiplies a bf16 tensor by an fp32 scalar). The
-// backward's scaling of the stored gradient by the upstream gradient (one row of every
-// element, dst the same dtype), and the gathers and scatters with conversion around the
-// baseline variant's hand-over to PyTorch (s = 1), whose conversions run at SSE speed
-// there. One read, one write; OpenMP over pieces of kChunk elements of a row.
+// dst = src * s, each in its own dtype: fp32 products rounded once (to nearest even
+// for bf16 out, as PyTorch multiplies a bf16 tensor by an fp32 scalar). The
+// backward's scaling of the stored gradient by the upstream gradient, in place; with
+// s = 1 and two dtypes a plain conversion. One read, one write.
 template <typename S, typename D>
-void copy_rows_impl(const S* src, const int64_t* src_offsets, int64_t src_stride, D* dst,
-                    const int64_t* dst_offsets, int64_t dst_stride, int64_t n_rows,
-                    int64_t n_cols, float s) {
+void scale_impl(const S* src, int64_t n, float s, D* dst) {
   constexpr int64_t kChunk = int64_t{1} << 14;  // elements per OpenMP work item
-  const int64_t pieces = (n_cols + kChunk - 1) / kChunk;
   const vf vs = vsplat(s);
-#pragma omp parallel for schedule(static) if (n_rows * n_cols >= 4 * kChunk)
-  for (int64_t t = 0; t < n_rows * pieces; ++t) {
-    const int64_t i = t / pieces, c = (t % pieces) * kChunk;
-    const S* from = src + (src_offsets != nullptr ? src_offsets[i] : i * src_stride);
-    D* to = dst + (dst_offsets != nullptr ? dst_offsets[i] : i * dst_stride);
-    const int64_t end = c + kChunk < n_cols ? c + kChunk : n_cols;
+#pragma omp parallel for schedule(static) if (n >= 4 * kChunk)
+  for (int64_t c = 0; c < n; c += kChunk) {
+    const int64_t end = c + kChunk < n ? c + kChunk : n;
     int64_t j = c;
-    for (; j + kLanes <= end; j += kLanes) vstore(to + j, vload(from + j) * vs);
-    for (; j < end; ++j) store(to, j, to_float(from[j]) * s);
+    for (; j + kLanes <= end; j += kLanes) vstore(dst + j, vload(src + j) * vs);
+    for (; j < end; ++j) store(dst, j, to_float(src[j]) * s);
   }
 }
 
 template <typename S>
-void copy_rows_from(const S* src, const int64_t* src_offsets, int64_t src_stride, void* dst,
-                    int dst_dtype, const int64_t* dst_offsets, int64_t dst_stride, int64_t n_rows,
-                    int64_t n_cols, float s) {
+void scale_from(const S* src, int64_t n, float s, void* dst, int dst_dtype) {
   if (dst_dtype == 0) {
-    copy_rows_impl(src, src_offsets, src_stride, static_cast<float*>(dst), dst_offsets,
-                   dst_stride, n_rows, n_cols, s);
+    scale_impl(src, n, s, static_cast<float*>(dst));
   } else {
-    copy_rows_impl(src, src_offsets, src_stride, static_cast<uint16_t*>(dst), dst_offsets,
-                   dst_stride, n_rows, n_cols, s);
+    scale_impl(src, n, s, static_cast<uint16_t*>(dst));
   }
 }
 
-void copy_rows(const void* src, int src_dtype, const int64_t* src_offsets, int64_t src_stride,
-               void* dst, int dst_dtype, const int64_t* dst_offsets, int64_t dst_stride,
-               int64_t n_rows, int64_t n_cols, float s) {
+void scale(const void* src, int src_dtype, int64_t n, float s, void* dst, int dst_dtype) {
   if (src_dtype == 0) {
-    copy_rows_from(static_cast<const float*>(src), src_offsets, src_stride, dst, dst_dtype,
-                   dst_offsets, dst_stride, n_rows, n_cols, s);
+    scale_from(static_cast<const float*>(src), n, s, dst, dst_dtype);
   } else {
-    copy_rows_from(static_cast<const uint16_t*>(src), src_offsets, src_stride, dst, dst_dtype,
-                   dst_offsets, dst_stride, n_rows, n_cols, s);
+    scale_from(static_cast<const uint16_t*>(src), n, s, dst, dst_dtype);
   }
 }
 

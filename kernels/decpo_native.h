@@ -95,18 +95,6 @@ DECPO_API int decpo_widen_bf16(const uint16_t* src, int64_t n_rows, int64_t n_co
 DECPO_API int decpo_scale(const void* src, int src_dtype, int64_t n, float scale, void* dst,
                           int dst_dtype);
 
-// Row i < n_rows of dst = row i of src * scale, n_cols elements each, src and dst each
-// fp32 (0) or bf16 (1), rounded as decpo_scale does. Row i starts at element
-// src_offsets[i] of src (i * src_stride when src_offsets is NULL), and likewise in dst:
-// a gather, a scatter, or both, with the dtype conversion in the same pass (the
-// baseline variant's hand-over of the decorrelation penalty to PyTorch, whose own
-// conversions run at SSE speed there). Rows must not overlap unless dst is src row for
-// row. Returns 0, or 1 for a bad dtype.
-DECPO_API int decpo_copy_rows(const void* src, int src_dtype, const int64_t* src_offsets,
-                              int64_t src_stride, void* dst, int dst_dtype,
-                              const int64_t* dst_offsets, int64_t dst_stride, int64_t n_rows,
-                              int64_t n_cols, float scale);
-
 // Asks the OS for transparent huge pages over the whole 2 MiB pages inside a buffer
 // of at least 8 MiB not yet written (Linux; elsewhere, or smaller, nothing): what the
 // kernels do for their large outputs, exported for the benchmarks' fresh-page rate.

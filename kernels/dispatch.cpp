@@ -34,7 +34,7 @@ const KernelTable* table_for(int isa) {
   static const KernelTable ns##_table = {decpo::ns::logits_fwd, decpo::ns::logits_bwd,     \
                                          decpo::ns::softmax_tile, decpo::ns::decorrelation, \
                                          decpo::ns::exp_probe, decpo::ns::widen_bf16,      \
-                                         decpo::ns::copy_rows};                             \
+                                         decpo::ns::scale};                                 \
   return &ns##_table
   switch (isa) {
 #ifdef DECPO_X86_VARIANTS
@@ -140,7 +140,7 @@ bool targets_ok(const int64_t* targets, int64_t n_rows, int64_t n_vocab, int64_t
 
 }  // namespace
 
-DECPO_API int decpo_abi_version(void) { return 8; }
+DECPO_API int decpo_abi_version(void) { return 9; }
 
 DECPO_API int decpo_cpu_features(void) { return detect_features(); }
 
@@ -226,17 +226,7 @@ DECPO_API int decpo_scale(const void* src, int src_dtype, int64_t n, float scale
                           int dst_dtype) {
   if ((src_dtype != 0 && src_dtype != 1) || (dst_dtype != 0 && dst_dtype != 1)) return 1;
   if (dst != src) advise_huge_pages(dst, static_cast<size_t>(n) * (dst_dtype == 0 ? 4 : 2));
-  active().copy_rows(src, src_dtype, nullptr, n, dst, dst_dtype, nullptr, n, 1, n, scale);
-  return 0;
-}
-
-DECPO_API int decpo_copy_rows(const void* src, int src_dtype, const int64_t* src_offsets,
-                              int64_t src_stride, void* dst, int dst_dtype,
-                              const int64_t* dst_offsets, int64_t dst_stride, int64_t n_rows,
-                              int64_t n_cols, float scale) {
-  if ((src_dtype != 0 && src_dtype != 1) || (dst_dtype != 0 && dst_dtype != 1)) return 1;
-  active().copy_rows(src, src_dtype, src_offsets, src_stride, dst, dst_dtype, dst_offsets,
-                     dst_stride, n_rows, n_cols, scale);
+  active().scale(src, src_dtype, n, scale, dst, dst_dtype);
   return 0;
 }
 

@@ -31,9 +31,7 @@ struct KernelTable {
   void (*exp_probe)(const float* x, int64_t n, int64_t reps, double* out);
   bool (*widen_bf16)(const uint16_t* src, int64_t n_rows, int64_t n_cols, int64_t src_stride,
                      float* dst, int64_t dst_stride);
-  void (*copy_rows)(const void* src, int src_dtype, const int64_t* src_offsets, int64_t src_stride,
-                    void* dst, int dst_dtype, const int64_t* dst_offsets, int64_t dst_stride,
-                    int64_t n_rows, int64_t n_cols, float s);
+  void (*scale)(const void* src, int src_dtype, int64_t n, float s, void* dst, int dst_dtype);
 };
 
 #define DECPO_DECLARE_VARIANT(isa)                                                           \
@@ -49,8 +47,7 @@ struct KernelTable {
                     const int64_t*, int64_t, bool, bool, float, double*, void*);              \
   void exp_probe(const float*, int64_t, int64_t, double*);                                   \
   bool widen_bf16(const uint16_t*, int64_t, int64_t, int64_t, float*, int64_t);              \
-  void copy_rows(const void*, int, const int64_t*, int64_t, void*, int, const int64_t*,       \
-                 int64_t, int64_t, int64_t, float);                                          \
+  void scale(const void*, int, int64_t, float, void*, int);                                  \
   }
 
 DECPO_DECLARE_VARIANT(baseline)

@@ -188,14 +188,10 @@ def test_decorrelation_bitwise_run_to_run():
     assert torch.equal(grads[0], grads[1])
 
 
-@pytest.mark.parametrize(
-    "n,dim,handed_over", [(300, 280, True), (64, 2048, False), (300, 200, False)]
-)
-def test_baseline_hands_large_products_to_pytorch(monkeypatch, n, dim, handed_over):
-    """On the baseline variant (forced) a group whose product has min(n, D) above
-    BASELINE_PRODUCT_LIMIT runs on the torch backend (PyTorch's matmul); smaller ones
-    stay native. Both against float64; other variants never hand over."""
-    from decpo.native_backend import decorrelation as native_decorrelation
+@pytest.mark.parametrize("n,dim", [(300, 280), (64, 2048), (300, 200)])
+def test_baseline_runs_every_product_natively(monkeypatch, n, dim):
+    """Every variant, baseline (forced) included, runs the penalty on the native kernels
+    whatever the product's size (no call reaches the torch backend), against float64."""
     from decpo.torch_backend import decorrelation as torch_decorrelation
 
     calls = []
@@ -211,21 +207,20 @@ def test_baseline_hands_large_products_to_pytorch(monkeypatch, n, dim, handed_ov
     h64 = hidden.double().requires_grad_(True)
     ref = decorrelation_penalty_reference(h64)
     ref.backward()
-    for variant in ("baseline", "avx2"):
-        if not library.isa_runs(variant):
-            continue
-        monkeypatch.setattr(native_decorrelation, "active_isa", lambda v=variant: v)
-        calls.clear()
-        h = hidden.clone().requires_grad_(True)
-        loss = decpo.decorrelation_penalty(h, backend="native")
-        loss.backward()
-        assert bool(calls) == (handed_over and variant == "baseline"), variant
-        assert_close(loss, ref, torch.bfloat16, f"{variant} penalty")
-        assert_close(h.grad, h64.grad, torch.bfloat16, f"{variant} d hidden")
-        if calls:  # rows copied and converted natively: the torch backend's own bits
-            assert calls[0] == (1, n, dim) and h.grad.dtype == torch.bfloat16
-            want_loss, want = real(hidden[None], None, None, True, False, "mean", True)
-            assert torch.equal(loss, want_loss) and torch.equal(h.grad, want[0])
+    previous = library.active_isa()
+    try:
+        for variant in ("baseline", "avx2"):
+            if not library.isa_runs(variant):
+                continue
+            library.select_isa(variant)
+            h = hidden.clone().requires_grad_(True)
+            loss = decpo.decorrelation_penalty(h, backend="native")
+            loss.backward()
+            assert not calls, variant
+            assert_close(loss, ref, torch.bfloat16, f"{variant} penalty")
+            assert_close(h.grad, h64.grad, torch.bfloat16, f"{variant} d hidden")
+    finally:
+        library.select_isa(previous)
 
 
 @pytest.mark.parametrize("bf16_dot", [True, False])
@@ -389,27 +384,9 @@ def test_decorrelation_backward_scales_natively_every_variant(isa, dtype):
     double = torch.tensor(0.5, dtype=torch.float64)
     assert native_decorrelation.decorrelation_penalty_backward(stored, double) is None
     other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
-    converted = torch.empty(stored.shape, dtype=other)
-    native_decorrelation.copy_rows(stored, None, converted, None)  # a plain conversion
-    assert converted.dtype == other and torch.equal(converted, stored.to(other))
-
-
-@pytest.mark.parametrize("src_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("dst_dtype", [torch.float32, torch.bfloat16])
-def test_copy_rows_gathers_scatters_and_converts(isa, src_dtype, dst_dtype):
-    """decpo_copy_rows (the baseline hand-over's row gathers and scatters): the bits of
-    PyTorch's indexing and conversion, on strided layers, with rows long enough to be
-    split between the threads and an odd row length (vector body and scalar tail)."""
-    torch.manual_seed(12)
-    src = torch.randn(3, 50, 20001).to(src_dtype)[:, ::2]  # (3, 25, 20001), row stride 2 D
-    src[1, 3, 7] = float("nan")
-    rows = torch.tensor([3, 17, 0, 24, 8, 11, 5, 20, 1])  # unsorted, the NaN's row among them
-    gathered = torch.empty(3, 9, 20001, dtype=dst_dtype)
-    native_decorrelation.copy_rows(src, rows, gathered, None)
-    exact = {"rtol": 0, "atol": 0, "equal_nan": True, "msg": isa}
-    torch.testing.assert_close(gathered, src[:, rows].to(dst_dtype), **exact)
-    dst = torch.zeros(3, 30, 20001, dtype=dst_dtype)
-    native_decorrelation.copy_rows(gathered, None, dst, rows + 5)
-    want = torch.zeros_like(dst)
-    want[:, rows + 5] = src[:, rows].to(dst_dtype)
-    torch.testing.assert_close(dst, want, **exact)
+    converted = torch.empty(stored.shape, dtype=other)  # scale 1, two dtypes: a conversion
+    status = library.library().decpo_scale(
+        stored.data_ptr(), library.DTYPE_CODES[dtype], stored.numel(), 1.0,
+        converted.data_ptr(), library.DTYPE_CODES[other],
+    )  # fmt: skip
+    assert status == 0 and torch.equal(converted, stored.to(other))

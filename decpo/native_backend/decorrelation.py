@@ -13,29 +13,23 @@ input dtype. OpenMP runs across (layer, group) units when they share evenly betw
 the threads, otherwise inside each product. The backward scales that stored gradient
 by the upstream gradient in one native pass (decorrelation_penalty_backward).
 
-The baseline (SSE, no FMA) variant multiplies 4 lanes at a time, at most 8 flop per
-cycle and core; PyTorch's BLAS on the same CPU is never slower than that. A group's
-product costs n D min(n, D) multiply-adds against ~n D for the passes around it, so
-once min(n, D) passes BASELINE_PRODUCT_LIMIT the products decide, and the baseline
-variant hands the call to the torch backend (PyTorch's matmul), with each group's row
-gather and widening and its gradient's rounding and scatter in one native pass each
-(copy_rows): bf16 then moves half the bytes of fp32 around the same products, where
-widening the whole input first made it the slower twin (bf16 / fp32, 4 groups x 512,
-D=4096, median of same-round ratios in three runs: 1.04-1.34 before, 0.93-1.00 after).
-Measured on 2 cores with the kernels forced to baseline (bf16, fwd+bwd; native / torch
-backend, ms): 16 x 128, D=4096: 133 / 205; 8 x 256, D=4096: 223 / 221; 2 x 1024,
-D=1024: 174 / 112; 1 x 8192, D=512: 249 / 103.
+Every variant runs these kernels, baseline (SSE2, no FMA) included. Against
+PyTorch's BLAS held to the same class (MKL's SSE2 path, MKL_CBWR=COMPATIBLE) they are
+no slower at any group size measured (2 cores, kernels forced to baseline, fwd+bwd,
+median of 7 interleaved rounds; native / PyTorch's matmuls through the torch backend,
+ms): fp32 4 x 512, D=4096: 383 / 457; 16 x 512, D=1024: 245 / 365; 2 x 1024,
+D=1024: 230 / 232; 1 x 8192, D=512: 143 / 163; bf16 274 / 348, 245 / 338, 185 / 195,
+164 / 190. (An earlier hand-over of large products to PyTorch on this variant was
+measured with MKL running its AVX-512 kernels, which it does on this AMD CPU whatever
+MKL_ENABLE_INSTRUCTIONS says: a rate no SSE CPU has.)
 """
 
 from __future__ import annotations
 
 import torch
 
-from decpo.native_backend.library import DTYPE_CODES, active_isa, library
+from decpo.native_backend.library import DTYPE_CODES, library
 from decpo.numerics import accumulation_dtype, bucket_rows, grad_dtype
-from decpo.torch_backend import decorrelation as torch_decorrelation
-
-BASELINE_PRODUCT_LIMIT = 256
 
 
 def decorrelation_penalty(
@@ -60,15 +54,6 @@ def decorrelation_penalty(
     else:
         rows, sizes = bucket_rows(n, mask, segment_ids, hidden.device)
         rows = rows.to(torch.int64).contiguous()
-    largest_product = max((min(s, dim) for s in sizes), default=0)
-    if active_isa() == "baseline" and largest_product > BASELINE_PRODUCT_LIMIT:
-        # The torch backend computes in fp32; PyTorch's gathers and bf16 conversions run
-        # at SSE speed here, so each group's rows are gathered and widened, and its
-        # gradient rounded and scattered, in one native pass each: the torch backend's
-        # own bits, and bf16 moves half the bytes of its fp32 twin there.
-        return torch_decorrelation.decorrelation_penalty(
-            hidden, mask, segment_ids, normalize, offdiag, reduction, compute_grad, copy_rows
-        )
     pairs = sum(s * (s - 1) if offdiag else s * s for s in sizes)
     # Rows outside every group keep a zero gradient; the kernel writes the others.
     full = rows is None or rows.numel() == n
@@ -121,32 +106,3 @@ def decorrelation_penalty_backward(
     )
     assert status == 0, f"decpo_scale returned {status}"
     return out
-
-
-def copy_rows(
-    src: torch.Tensor,
-    src_rows: torch.Tensor | None,
-    dst: torch.Tensor,
-    dst_rows: torch.Tensor | None,
-) -> None:
-    """dst[:, dst_rows] = src[:, src_rows] (all rows where None) in dst's dtype, one
-    native pass (decpo_copy_rows): src and dst (L, *, D) fp32 or bf16 on CPU with unit
-    stride along D, the row lists (n,) int64 of the same length. The torch backend's
-    RowCopy."""
-    assert src.dim() == dst.dim() == 3 and src.shape[0] == dst.shape[0]
-    assert src.shape[2] == dst.shape[2] and src.stride(2) == 1 and dst.stride(2) == 1
-    assert src.dtype in DTYPE_CODES and dst.dtype in DTYPE_CODES
-    n_layers, n = src.shape[0], src.shape[1] if src_rows is None else src_rows.numel()
-    assert n == (dst.shape[1] if dst_rows is None else dst_rows.numel())
-
-    def offsets(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:  # (L * n,)
-        index = torch.arange(t.shape[1]) if rows is None else rows.to(torch.int64)
-        return (torch.arange(n_layers)[:, None] * t.stride(0) + index * t.stride(1)).reshape(-1)
-
-    src_off, dst_off = offsets(src, src_rows), offsets(dst, dst_rows)
-    status = library().decpo_copy_rows(
-        src.data_ptr(), DTYPE_CODES[src.dtype], src_off.data_ptr(), 0,
-        dst.data_ptr(), DTYPE_CODES[dst.dtype], dst_off.data_ptr(), 0,
-        n_layers * n, src.shape[2], 1.0,
-    )  # fmt: skip
-    assert status == 0, f"decpo_copy_rows returned {status}"

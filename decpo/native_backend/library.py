@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 LIBRARY_NAME = "libdecpo_native.so"
-ABI_VERSION = 8
+ABI_VERSION = 9
 # Instruction-set variants of the kernels, in the library's numbering (decpo_native.h).
 ISAS = ("baseline", "avx2", "avx512", "avx512bf16")
 # decpo_cpu_features() bits.
@@ -124,9 +124,6 @@ def _declare(lib: ctypes.CDLL) -> None:
     signatures["decpo_widen_bf16"] = [ptr, i64, i64, i64, ptr, i64, ptr]
     # src, src_dtype, n, scale, dst, dst_dtype
     signatures["decpo_scale"] = [ptr, i32, i64, f32, ptr, i32]
-    # src, src_dtype, src_offsets, src_stride, dst, dst_dtype, dst_offsets, dst_stride,
-    # n_rows, n_cols, scale
-    signatures["decpo_copy_rows"] = [ptr, i32, ptr, i64, ptr, i32, ptr, i64, i64, i64, f32]
     signatures["decpo_select_isa"] = [i32]
     lib.decpo_advise_huge_pages.restype = None
     lib.decpo_advise_huge_pages.argtypes = [ptr, i64]

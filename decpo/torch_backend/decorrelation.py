@@ -24,8 +24,6 @@ grad_output.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from decpo.numerics import EPS, accumulation_dtype, bucket_rows, grad_dtype
@@ -39,38 +37,6 @@ KEEP_BYTES = 64 << 20
 # diagonal are multiplied, (k + 1) / 2k of the FLOPs for k blocks (k = 4 at D = 512
 # saves 37%); blocks narrower than 128 columns lose more to matmul efficiency.
 SYMMETRIC_BLOCK = 128
-
-# An optional fused row copy with dtype conversion
-# (decpo.native_backend.decorrelation.copy_rows): (src (L, N, D), src rows (n,) or None,
-# dst (L, M, D), dst rows (n,) or None) -> None; dst[:, dst rows] = src[:, src rows] in
-# dst's dtype, one pass. Used for the rows' gather and widening and the gradient's
-# narrowing and scatter, where PyTorch's own conversions are slow (the native
-# library's baseline variant).
-RowCopy = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor, "torch.Tensor | None"], None]
-
-
-def _take_rows(
-    hidden: torch.Tensor, rows: torch.Tensor | None, dtype: torch.dtype, copy_rows: RowCopy | None
-) -> torch.Tensor:
-    """hidden[:, rows] (all rows for None) in dtype: (L, n, D)."""
-    if copy_rows is None or (rows is None and hidden.dtype == dtype):
-        return (hidden if rows is None else hidden[:, rows]).to(dtype)
-    n = hidden.shape[1] if rows is None else rows.numel()
-    out = torch.empty((hidden.shape[0], n, hidden.shape[2]), dtype=dtype, device=hidden.device)
-    copy_rows(hidden, rows, out, None)
-    return out
-
-
-def _put_rows(
-    grad: torch.Tensor, rows: torch.Tensor | None, dh: torch.Tensor, copy_rows: RowCopy | None
-) -> None:
-    """grad[:, rows] = dh (all rows for None), converted to grad's dtype."""
-    if copy_rows is not None:
-        copy_rows(dh, None, grad, rows)
-    elif rows is None:
-        grad.copy_(dh)
-    else:
-        grad[:, rows] = dh.to(grad.dtype)
 
 
 def _symmetric_product(a: torch.Tensor) -> torch.Tensor:
@@ -140,7 +106,6 @@ def _covariance_group(
     compute_dtype: torch.dtype,
     grad_out: torch.Tensor | None,
     grad_scale: float,
-    copy_rows: RowCopy | None = None,
 ) -> torch.Tensor:
     """P_sum per layer (L,) for one group with n > D; writes scaled dH into grad_out."""
     n_layers, n_total, dim = hidden.shape
@@ -151,8 +116,8 @@ def _covariance_group(
 
     def chunk(start: int) -> torch.Tensor:  # (L, c, D) in compute dtype
         if rows is None:
-            return _take_rows(hidden[:, start : start + row_chunk], None, compute_dtype, copy_rows)
-        return _take_rows(hidden, rows[start : start + row_chunk], compute_dtype, copy_rows)
+            return hidden[:, start : start + row_chunk].to(compute_dtype)
+        return hidden[:, rows[start : start + row_chunk]].to(compute_dtype)
 
     cov = hidden.new_zeros((n_layers, dim, dim), dtype=compute_dtype)  # C = Z^T Z
     sq_sum = hidden.new_zeros(n_layers, dtype=torch.float64)  # s = sum ||z||^2
@@ -180,11 +145,11 @@ def _covariance_group(
             z, denom = kept if kept is not None else _normalize(chunk(start), normalize)
             # dP/dz = 4 (C z - z), or 4 (C z - ||z||^2 z) for offdiag
             a = torch.linalg.vecdot(z, z).unsqueeze(-1) if offdiag else 1.0
-            dh = _row_gradient(z @ cov, a, z, denom, grad_scale)  # (L, c, D)
+            dh = _row_gradient(z @ cov, a, z, denom, grad_scale).to(grad_out.dtype)
             if rows is None:
-                _put_rows(grad_out[:, start : start + row_chunk], None, dh, copy_rows)
+                grad_out[:, start : start + row_chunk] = dh
             else:
-                _put_rows(grad_out, rows[start : start + row_chunk], dh, copy_rows)
+                grad_out[:, rows[start : start + row_chunk]] = dh
     return p_sum.to(compute_dtype)
 
 
@@ -206,13 +171,11 @@ def decorrelation_penalty(
     offdiag: bool,
     reduction: str,
     compute_grad: bool,
-    copy_rows: RowCopy | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Penalty and (if compute_grad) its gradient for hidden (L, N, D).
 
     Returns (loss 0-dim, grad (L, N, D) contiguous in grad_dtype(hidden.dtype), already
-    scaled for the reduction and the layer mean, or an empty tensor). copy_rows: the
-    rows' gathers and conversions, when given (RowCopy).
+    scaled for the reduction and the layer mean, or an empty tensor).
     """
     n_layers, n, dim = hidden.shape
     compute_dtype = accumulation_dtype(hidden.dtype)
@@ -236,14 +199,18 @@ def decorrelation_penalty(
         if size == 0 or (offdiag and size == 1):
             continue
         if size <= dim:
-            h = _take_rows(hidden, rows, compute_dtype, copy_rows)  # (L, n, D)
+            h = (hidden if rows is None else hidden[:, rows]).to(compute_dtype)  # (L, n, D)
             group_p, dh = _gram_group(h, normalize, offdiag, compute_grad, grad_scale)
             if dh is not None:
-                _put_rows(grad, rows, dh, copy_rows)
+                dh = dh.to(grad.dtype)
+                if rows is None:
+                    grad.copy_(dh)
+                else:
+                    grad[:, rows] = dh
         else:
             group_p = _covariance_group(
                 hidden, rows, normalize, offdiag, compute_dtype,
-                grad if compute_grad else None, grad_scale, copy_rows,
+                grad if compute_grad else None, grad_scale,
             )  # fmt: skip
         p_sum += group_p
 
