@@ -9,9 +9,10 @@ baseline user gets (decpo's kernels and PyTorch's own, eager and compiled):
 Per variant: DECPO_NATIVE_ISA selects decpo's kernels; ONEDNN_MAX_CPU_ISA,
 ATEN_CPU_CAPABILITY and MKL_ENABLE_INSTRUCTIONS (plus MKL_CBWR on baseline, see
 EMULATION) cap PyTorch's oneDNN, ATen and MKL kernels at the same class (on AVX2
-PyTorch's bf16 matmul then runs at ~0.5 GFLOP/s, as on a real AVX2 CPU). Each run is bench/test_ops.py on the cases below (headline
-fwd+bwd mode, median of 5 rounds alternating between the providers of each case,
-no memory column: it does not depend on the variant); its JSON (every
+PyTorch's bf16 matmul then runs at ~0.5 GFLOP/s, as on a real AVX2 CPU). Each run is
+bench/test_ops.py on the cases below (headline fwd+bwd mode, median of 5 rounds
+alternating between the providers of each case, no memory column: it does not depend
+on the variant); its JSON (every
 row carries cpu_features and native_isa) is saved as
 bench/results/isa-cpu-<variant>-<stamp>.json and a summary table is printed.
 """
