@@ -593,10 +593,14 @@ double gram_direct(const T* h, int64_t row_stride, const int64_t* rows, int64_t 
   // takes fp32 rows. Kernel only, bf16 8 x 64 x 14336: avx512 9.1 -> 8.5 ms, avx2 13.1
   // -> 12.0 ms against the fp32 copy.
   using Op = std::conditional_t<bf16_dot, uint32_t, float>;
-  constexpr bool widen_in_gram = !bf16_dot && std::is_same_v<T, uint16_t>;
+  // Not on 4-lane SSE: there each widened load is a shuffle on the pipes the multiplies
+  // and adds use (6 per 16 of them in the 2 x 4 tile), where a widening copy first is
+  // one pass over the group.
+  constexpr bool widen_in_gram = !bf16_dot && std::is_same_v<T, uint16_t> && W > 4;
   const bool contiguous = rows == nullptr && n % 4 == 0 && dim == dp;
   const bool in_place =
-      contiguous && (bf16_dot ? row_stride % 2 == 0 : !widen_in_gram || n <= kSkinnyRows);
+      contiguous && (bf16_dot ? row_stride % 2 == 0
+                              : std::is_same_v<T, float> || (widen_in_gram && n <= kSkinnyRows));
   const Op* x = reinterpret_cast<const Op*>(src(0));
   int64_t ldx = bf16_dot ? row_stride / 2 : row_stride;  // in operand units
   if (!in_place) {
