@@ -864,10 +864,24 @@ template <typename S, typename D>
 void scale_impl(const S* src, int64_t n, float s, D* dst) {
   constexpr int64_t kChunk = int64_t{1} << 14;  // elements per OpenMP work item
   const vf vs = vsplat(s);
+  // bf16 to bf16 by a number: a product of a bf16 value (low 16 bits zero) and a
+  // non-NaN s is finite, +-inf, or a quiet NaN whose low 16 bits are still zero, all of
+  // which round to nearest even without vstore's NaN test; two vectors per pack
+  // (vload2 / vstore2_finite). On SSE2 the NaN test and the single-vector narrowing
+  // made bf16's backward scaling 1.7x fp32's (2.6 against 1.5 ms at 8 x 64 x 14336).
+  constexpr bool kBf16 = std::is_same_v<S, uint16_t> && std::is_same_v<D, uint16_t>;
+  const bool pairs = kBf16 && s == s;
 #pragma omp parallel for schedule(static) if (n >= 4 * kChunk)
   for (int64_t c = 0; c < n; c += kChunk) {
     const int64_t end = c + kChunk < n ? c + kChunk : n;
     int64_t j = c;
+    if constexpr (kBf16) {
+      for (; pairs && j + 2 * kLanes <= end; j += 2 * kLanes) {
+        vf a, b;
+        vload2(src + j, a, b);
+        vstore2_finite(dst + j, a * vs, b * vs);
+      }
+    }
     for (; j + kLanes <= end; j += kLanes) vstore(dst + j, vload(src + j) * vs);
     for (; j < end; ++j) store(dst, j, to_float(src[j]) * s);
   }

@@ -381,6 +381,22 @@ def test_decorrelation_backward_scales_natively_every_variant(isa, dtype):
     for upstream in (-2.5, -0.0):  # -0.0: every product's sign flips, as in PyTorch
         scaled = native_decorrelation.decorrelation_penalty_backward(stored, torch.tensor(upstream))
         assert torch.equal(scaled.view(bits), (stored * torch.tensor(upstream)).view(bits))
+    # NaN and +-inf in the gradient, or as the upstream gradient, stay what PyTorch makes
+    # of them (bf16 pairs round without a NaN test: a NaN product must stay NaN).
+    special = stored.clone()
+    special.view(-1)[[3, 500, 70001]] = torch.tensor(
+        [float("nan"), float("inf"), -float("inf")]
+    ).to(dtype)
+    payload_nan = torch.tensor([0x7FFFFFFF], dtype=torch.int32).view(torch.float32)[0]
+    for upstream in (
+        torch.tensor(3.0),
+        torch.tensor(0.0),
+        torch.tensor(float("inf")),
+        payload_nan,
+    ):  # low bits set: rounding it like a number gives -0
+        scaled = native_decorrelation.decorrelation_penalty_backward(special, upstream)
+        want = special * upstream
+        torch.testing.assert_close(scaled, want, rtol=0, atol=0, equal_nan=True, msg=isa)
     double = torch.tensor(0.5, dtype=torch.float64)
     assert native_decorrelation.decorrelation_penalty_backward(stored, double) is None
     other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
