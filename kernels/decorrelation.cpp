@@ -858,20 +858,19 @@ int decorrelation(const void* hidden, int dtype, int64_t n_layers, int64_t n_row
              static_cast<uint16_t*>(grad));
 }
 
-// dst = src * s, each in its own dtype: fp32 products rounded once (to nearest even
-// for bf16 out, as PyTorch multiplies a bf16 tensor by an fp32 scalar). The
-// backward's scaling of the stored gradient by the upstream gradient, in place; with
-// s = 1 and two dtypes a plain conversion. One read, one write.
-template <typename S, typename D>
-void scale_impl(const S* src, int64_t n, float s, D* dst) {
+// dst = src * s in the same dtype: fp32 products rounded once (to nearest even for
+// bf16, as PyTorch multiplies a bf16 tensor by an fp32 scalar). The backward's scaling
+// of the stored gradient by the upstream gradient, in place. One read, one write.
+template <typename T>
+void scale_impl(const T* src, int64_t n, float s, T* dst) {
   constexpr int64_t kChunk = int64_t{1} << 14;  // elements per OpenMP work item
   const vf vs = vsplat(s);
-  // bf16 to bf16 by a number: a product of a bf16 value (low 16 bits zero) and a
-  // non-NaN s is finite, +-inf, or a quiet NaN whose low 16 bits are still zero, all of
-  // which round to nearest even without vstore's NaN test; two vectors per pack
-  // (vload2 / vstore2_finite). On SSE2 the NaN test and the single-vector narrowing
-  // made bf16's backward scaling 1.7x fp32's (2.6 against 1.5 ms at 8 x 64 x 14336).
-  constexpr bool kBf16 = std::is_same_v<S, uint16_t> && std::is_same_v<D, uint16_t>;
+  // bf16: a product of a bf16 value (low 16 bits zero) and a non-NaN s is finite,
+  // +-inf, or a quiet NaN whose low 16 bits are still zero, all of which round to
+  // nearest even without vstore's NaN test; two vectors per pack (vload2 /
+  // vstore2_finite). On SSE2 the NaN test and the single-vector narrowing made bf16's
+  // backward scaling 1.7x fp32's (2.6 against 1.5 ms at 8 x 64 x 14336).
+  constexpr bool kBf16 = std::is_same_v<T, uint16_t>;
   const bool pairs = kBf16 && s == s;
 #pragma omp parallel for schedule(static) if (n >= 4 * kChunk)
   for (int64_t c = 0; c < n; c += kChunk) {
@@ -889,20 +888,11 @@ void scale_impl(const S* src, int64_t n, float s, D* dst) {
   }
 }
 
-template <typename S>
-void scale_from(const S* src, int64_t n, float s, void* dst, int dst_dtype) {
-  if (dst_dtype == 0) {
-    scale_impl(src, n, s, static_cast<float*>(dst));
+void scale(const void* src, int dtype, int64_t n, float s, void* dst) {
+  if (dtype == 0) {
+    scale_impl(static_cast<const float*>(src), n, s, static_cast<float*>(dst));
   } else {
-    scale_impl(src, n, s, static_cast<uint16_t*>(dst));
-  }
-}
-
-void scale(const void* src, int src_dtype, int64_t n, float s, void* dst, int dst_dtype) {
-  if (src_dtype == 0) {
-    scale_from(static_cast<const float*>(src), n, s, dst, dst_dtype);
-  } else {
-    scale_from(static_cast<const uint16_t*>(src), n, s, dst, dst_dtype);
+    scale_impl(static_cast<const uint16_t*>(src), n, s, static_cast<uint16_t*>(dst));
   }
 }
 

@@ -88,12 +88,10 @@ DECPO_API int decpo_widen_bf16(const uint16_t* src, int64_t n_rows, int64_t n_co
                                int64_t src_stride, float* dst, int64_t dst_stride,
                                int* all_finite);
 
-// dst = src * scale over n contiguous elements, src and dst each fp32 (0) or bf16 (1):
-// fp32 products, rounded once to nearest even for bf16 out (the decorrelation
-// backward's scaling of the stored gradient; with scale 1 a plain conversion). dst
-// may be src when the dtypes match. Returns 0, or 1 for a bad dtype.
-DECPO_API int decpo_scale(const void* src, int src_dtype, int64_t n, float scale, void* dst,
-                          int dst_dtype);
+// dst = src * scale over n contiguous elements, both fp32 (0) or both bf16 (1): fp32
+// products, rounded once to nearest even for bf16 (the decorrelation backward's scaling
+// of the stored gradient). dst may be src. Returns 0, or 1 for a bad dtype.
+DECPO_API int decpo_scale(const void* src, int dtype, int64_t n, float scale, void* dst);
 
 // Asks the OS for transparent huge pages over the whole 2 MiB pages inside a buffer
 // of at least 8 MiB not yet written (Linux; elsewhere, or smaller, nothing): what the

@@ -140,7 +140,7 @@ bool targets_ok(const int64_t* targets, int64_t n_rows, int64_t n_vocab, int64_t
 
 }  // namespace
 
-DECPO_API int decpo_abi_version(void) { return 9; }
+DECPO_API int decpo_abi_version(void) { return 10; }
 
 DECPO_API int decpo_cpu_features(void) { return detect_features(); }
 
@@ -222,11 +222,10 @@ DECPO_API void decpo_advise_huge_pages(void* data, int64_t bytes) {
   advise_huge_pages(data, static_cast<size_t>(bytes));
 }
 
-DECPO_API int decpo_scale(const void* src, int src_dtype, int64_t n, float scale, void* dst,
-                          int dst_dtype) {
-  if ((src_dtype != 0 && src_dtype != 1) || (dst_dtype != 0 && dst_dtype != 1)) return 1;
-  if (dst != src) advise_huge_pages(dst, static_cast<size_t>(n) * (dst_dtype == 0 ? 4 : 2));
-  active().scale(src, src_dtype, n, scale, dst, dst_dtype);
+DECPO_API int decpo_scale(const void* src, int dtype, int64_t n, float scale, void* dst) {
+  if (dtype != 0 && dtype != 1) return 1;
+  if (dst != src) advise_huge_pages(dst, static_cast<size_t>(n) * (dtype == 0 ? 4 : 2));
+  active().scale(src, dtype, n, scale, dst);
   return 0;
 }
 

@@ -31,7 +31,7 @@ struct KernelTable {
   void (*exp_probe)(const float* x, int64_t n, int64_t reps, double* out);
   bool (*widen_bf16)(const uint16_t* src, int64_t n_rows, int64_t n_cols, int64_t src_stride,
                      float* dst, int64_t dst_stride);
-  void (*scale)(const void* src, int src_dtype, int64_t n, float s, void* dst, int dst_dtype);
+  void (*scale)(const void* src, int dtype, int64_t n, float s, void* dst);
 };
 
 #define DECPO_DECLARE_VARIANT(isa)                                                           \
@@ -47,7 +47,7 @@ struct KernelTable {
                     const int64_t*, int64_t, bool, bool, float, double*, void*);              \
   void exp_probe(const float*, int64_t, int64_t, double*);                                   \
   bool widen_bf16(const uint16_t*, int64_t, int64_t, int64_t, float*, int64_t);              \
-  void scale(const void*, int, int64_t, float, void*, int);                                  \
+  void scale(const void*, int, int64_t, float, void*);                                       \
   }
 
 DECPO_DECLARE_VARIANT(baseline)

@@ -100,9 +100,8 @@ def decorrelation_penalty_backward(
         return None
     assert grad.device.type == "cpu" and grad.is_contiguous()
     out = grad if in_place else torch.empty_like(grad)
-    code = DTYPE_CODES[grad.dtype]
     status = library().decpo_scale(
-        grad.data_ptr(), code, grad.numel(), float(grad_loss), out.data_ptr(), code
+        grad.data_ptr(), DTYPE_CODES[grad.dtype], grad.numel(), float(grad_loss), out.data_ptr()
     )
     assert status == 0, f"decpo_scale returned {status}"
     return out

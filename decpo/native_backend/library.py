@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 LIBRARY_NAME = "libdecpo_native.so"
-ABI_VERSION = 9
+ABI_VERSION = 10
 # Instruction-set variants of the kernels, in the library's numbering (decpo_native.h).
 ISAS = ("baseline", "avx2", "avx512", "avx512bf16")
 # decpo_cpu_features() bits.
@@ -122,8 +122,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     )
     # src, n_rows, n_cols, src_stride, dst, dst_stride, all_finite
     signatures["decpo_widen_bf16"] = [ptr, i64, i64, i64, ptr, i64, ptr]
-    # src, src_dtype, n, scale, dst, dst_dtype
-    signatures["decpo_scale"] = [ptr, i32, i64, f32, ptr, i32]
+    # src, dtype, n, scale, dst
+    signatures["decpo_scale"] = [ptr, i32, i64, f32, ptr]
     signatures["decpo_select_isa"] = [i32]
     lib.decpo_advise_huge_pages.restype = None
     lib.decpo_advise_huge_pages.argtypes = [ptr, i64]
