@@ -23,6 +23,11 @@ DECPO_API int decpo_abi_version(void);
 // oneDNN matmuls, not by these kernels).
 DECPO_API int decpo_cpu_features(void);
 
+// How many OpenMP threads the kernels called from this thread use (n >= 1; else 3).
+// The library's OpenMP runtime is not PyTorch's, so the Python loader passes on
+// PyTorch's per-thread setting (torch.set_num_threads) through this.
+DECPO_API int decpo_set_num_threads(int n);
+
 // Instruction-set variants: 0 = baseline, 1 = avx2, 2 = avx512, 3 = avx512bf16.
 // decpo_compiled_isas: bitmask (1 << isa) of the variants built into this library.
 DECPO_API int decpo_compiled_isas(void);

@@ -8,6 +8,10 @@
 #include <sys/mman.h>
 #endif
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "decpo_native.h"
 #include "isa.h"
 
@@ -140,13 +144,21 @@ bool targets_ok(const int64_t* targets, int64_t n_rows, int64_t n_vocab, int64_t
 
 }  // namespace
 
-DECPO_API int decpo_abi_version(void) { return 10; }
+DECPO_API int decpo_abi_version(void) { return 11; }
 
 DECPO_API int decpo_cpu_features(void) { return detect_features(); }
 
 DECPO_API int decpo_compiled_isas(void) { return kCompiled; }
 
 DECPO_API int decpo_active_isa(void) { return g_active.load(); }
+
+DECPO_API int decpo_set_num_threads(int n) {
+  if (n < 1) return 3;
+#ifdef _OPENMP
+  omp_set_num_threads(n);  // the calling thread's setting: other threads keep theirs
+#endif
+  return 0;
+}
 
 DECPO_API int decpo_select_isa(int isa) {
   if (isa == -1) isa = best_isa();

@@ -63,3 +63,33 @@ def test_special_values():
 def test_bad_target_is_rejected_before_reading():
     with pytest.raises(ValueError, match="targets"):
         native_logprobs.logprobs_from_logits(torch.randn(3, 5), torch.tensor([0, 5, 1]), -100, 1.0)
+
+
+def test_kernels_use_the_calling_threads_torch_thread_count():
+    """The library's OpenMP runtime is not PyTorch's: library() passes on
+    torch.get_num_threads() of the calling thread (the exp probe runs on every thread
+    of its team and counts what it computed)."""
+    import threading
+
+    from decpo.native_backend.library import library
+
+    x = torch.zeros(64)
+    previous = torch.get_num_threads()
+
+    def exps_computed(threads: int) -> int:
+        torch.set_num_threads(threads)
+        out = torch.zeros(2, dtype=torch.float64)
+        library().decpo_exp_probe(x.data_ptr(), 64, 1, out.data_ptr())
+        return int(out[1])
+
+    try:
+        assert exps_computed(1) == 64
+        assert exps_computed(2) == 128
+        seen = []  # another thread keeps its own setting
+        worker = threading.Thread(target=lambda: seen.append(exps_computed(1)))
+        worker.start()
+        worker.join()
+        assert seen == [64]
+        assert torch.get_num_threads() == 2 and exps_computed(2) == 128
+    finally:
+        torch.set_num_threads(previous)

@@ -11,6 +11,9 @@ x86-64-v3, avx512 = x86-64-v4, avx512bf16 = x86-64-v4 with bf16 dot products) an
 library runs the best one this CPU supports. DECPO_NATIVE_ISA=<name>, read when the
 library is loaded, or select_isa() forces a lesser one, so one machine can test and
 measure what a CPU with less would run; naming one the CPU cannot run is an error.
+
+The kernels use as many OpenMP threads as PyTorch's intra-op setting in the calling
+thread (torch.get_num_threads(), passed on before a call whenever it changed).
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ import ctypes
 import functools
 import importlib.metadata
 import os
+import threading
 import warnings
 from pathlib import Path
 
 import torch
 
 LIBRARY_NAME = "libdecpo_native.so"
-ABI_VERSION = 10
+ABI_VERSION = 11
 # Instruction-set variants of the kernels, in the library's numbering (decpo_native.h).
 ISAS = ("baseline", "avx2", "avx512", "avx512bf16")
 # decpo_cpu_features() bits.
@@ -125,6 +129,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     # src, dtype, n, scale, dst
     signatures["decpo_scale"] = [ptr, i32, i64, f32, ptr]
     signatures["decpo_select_isa"] = [i32]
+    signatures["decpo_set_num_threads"] = [i32]
     lib.decpo_advise_huge_pages.restype = None
     lib.decpo_advise_huge_pages.argtypes = [ptr, i64]
     lib.decpo_exp_probe.restype = None
@@ -154,11 +159,21 @@ def loaded_path() -> str:
     return _load()[1]
 
 
+# The thread count last passed to the library from each thread (its OpenMP runtime is
+# not PyTorch's, and keeps one setting per calling thread).
+_threads_set = threading.local()
+
+
 def library() -> ctypes.CDLL:
-    """The loaded library; RuntimeError with the reason when it cannot be loaded."""
+    """The loaded library, its kernels set to use torch.get_num_threads() threads when
+    called from this thread; RuntimeError with the reason when it cannot be loaded."""
     lib, reason = _load()
     if lib is None:
         raise RuntimeError(f"decpo native library unavailable: {reason}")
+    threads = torch.get_num_threads()
+    if getattr(_threads_set, "threads", 0) != threads:
+        lib.decpo_set_num_threads(threads)
+        _threads_set.threads = threads
     return lib
 
 

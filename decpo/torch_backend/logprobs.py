@@ -22,7 +22,11 @@ one read and one write in the backward.
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -64,9 +68,10 @@ class _ChunkCaster:
 
     def __init__(
         self, weight: torch.Tensor, rows: int, matmul_dtype: torch.dtype | None,
-        widen: ChunkWidener | None = None,
+        widen: ChunkWidener | None = None, lo: int = 0, hi: int | None = None,
     ):  # fmt: skip
         self.weight = weight
+        self.hi = weight.shape[0] if hi is None else hi  # this caster's rows: [lo, hi)
         self.buffer = (
             None
             if matmul_dtype is None
@@ -75,7 +80,7 @@ class _ChunkCaster:
         widens = weight.dtype == torch.bfloat16 and matmul_dtype == torch.float32
         self.widen = widen if widens else None
         self.finite = True  # every element widened so far
-        self.rows_seen = 0  # weight rows [0, rows_seen) went through widen
+        self.rows_seen = lo  # weight rows [lo, rows_seen) went through widen
 
     def __call__(self, v0: int, v1: int) -> torch.Tensor:
         if self.buffer is None:
@@ -91,8 +96,9 @@ class _ChunkCaster:
         return out
 
     def weight_finite(self) -> torch.Tensor | None:
-        """0-dim bool: no NaN or Inf in the weight, when widen saw all of it; else None."""
-        if self.widen is None or self.rows_seen < self.weight.shape[0]:
+        """0-dim bool: no NaN or Inf in weight rows [lo, hi), when widen saw all of
+        them; else None."""
+        if self.widen is None or self.rows_seen < self.hi:
             return None
         return torch.tensor(self.finite, device=self.weight.device)
 
@@ -131,85 +137,116 @@ def _target_columns(targets: torch.Tensor, v0: int, v1: int) -> tuple[torch.Tens
     return local.clamp(0, v1 - v0 - 1)[:, None], inside
 
 
-def token_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-    bias: torch.Tensor | None, ignore_index: int, temperature: float, softcap: float,
-    logit_scale: float, frozen_grad: bool, with_stats: bool,
-    epilogue: TileEpilogue | None = None, matmul_dtype: torch.dtype | None = None,
-    widen: ChunkWidener | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Forward for hidden (N, D), weight (V, D), targets (N,).
+@dataclasses.dataclass
+class _Running:
+    """The online-softmax state of R rows over part of the vocabulary (see
+    token_logprobs): running max m, sum of exp(z - m) over v != y (s_other) and at
+    v = y (s_target), the target's logit (0 until its tile is seen), the statistics
+    sums [x, q, sum z] (3, R) or None, and sum_{v != y} exp(z_v - m) c'_v W_v (R, D)
+    or None. All (R,) unless stated, in the accumulation dtype."""
 
-    Final logits z = c(logit_scale (h W^T + b)) / T with c(x) = softcap tanh(x / softcap)
-    (the identity when softcap == 0). epilogue: a fused implementation of the per-tile
-    softmax steps (the native CPU library's); None runs them as torch ops.
-    matmul_dtype: the dtype the matmuls run in (None: the inputs'); each weight chunk
-    is converted as it is used, never the whole head (the native backend passes fp32
-    for bf16 inputs on CPUs without bf16 dot products, where bf16 matmuls crawl).
-    widen: a fused bf16 -> fp32 chunk conversion that also checks the head for NaN and
-    Inf (the native backend's), used in place of a conversion plus a separate pass.
+    m: torch.Tensor
+    s_other: torch.Tensor
+    s_target: torch.Tensor
+    target_logit: torch.Tensor
+    acc: torch.Tensor | None
+    other_w: torch.Tensor | None
 
-    Returns logp (N,), lse (N,) = logsumexp_v z in fp32 (float64 for float64 input; 0
-    at ignored rows); if frozen_grad, d logp / d hidden (N, D) in hidden's dtype (else
-    an empty tensor); if with_stats, (N, 4) columns [entropy, logit_sum, argmax_match,
-    log_sum_p2] (else empty), 0 at ignored rows. Ignored rows are compacted away first
-    and cost nothing.
+    @classmethod
+    def start(cls, rows: int, dim: int, like: torch.Tensor, dtype: torch.dtype,
+              with_stats: bool, frozen_grad: bool) -> _Running:  # fmt: skip
+        def zeros(*shape: int) -> torch.Tensor:
+            return like.new_zeros(shape, dtype=dtype)
 
-    Statistics, accumulated online beside the logsumexp (sums rescaled when the
-    running max m moves): s = sum_v e_v with e_v = exp(z_v - m); x = sum_v e_v (z_v - m);
-    q = sum_v e_v^2; then entropy = log s - x / s, log_sum_p2 = log q - 2 log s.
-    """
-    n, dim = hidden.shape
-    n_vocab = weight.shape[0]
-    cdt = accumulation_dtype(hidden.dtype)
-    inv_t = 1.0 / temperature
-    logp = hidden.new_zeros(n, dtype=cdt)
-    lse = hidden.new_zeros(n, dtype=cdt)
-    grad = hidden.new_zeros((n, dim)) if frozen_grad else hidden.new_empty(0)
-    stats = hidden.new_zeros((n, 4), dtype=cdt) if with_stats else hidden.new_empty(0, dtype=cdt)
-    rows = valid_rows(targets, ignore_index)
-    h_all = hidden if rows is None else hidden[rows]  # (M, D) valid rows
-    t_all = targets if rows is None else targets[rows]  # (M,)
-    m_rows = h_all.shape[0]
-    if m_rows == 0:
-        return logp, lse, grad, stats
+        return cls(
+            like.new_full((rows,), float("-inf"), dtype=dtype), zeros(rows), zeros(rows),
+            zeros(rows), zeros(3, rows) if with_stats else None,
+            zeros(rows, dim) if frozen_grad else None,
+        )  # fmt: skip
 
-    row_chunk, vocab_chunk = _tile(m_rows, n_vocab, hidden.device)
-    cast_chunk = _ChunkCaster(weight, vocab_chunk, matmul_dtype, widen)
-    # The fused epilogue's logit tiles, one buffer for every tile of the call: a fresh
-    # (R, Vc) product per tile (8 MiB at 256 x 8192 fp32) page-faults its memory in
-    # each time. fp32 N=256, D=512, V=32000 forward+backward: 2-5% faster (median of
-    # interleaved calls, 15-21 rounds), the epilogue and both products unchanged.
-    tile_dtype = hidden.dtype if matmul_dtype is None else matmul_dtype
-    tile_buffer = None
-    if epilogue is not None:
-        tile_buffer = hidden.new_empty(min(row_chunk, m_rows) * vocab_chunk, dtype=tile_dtype)
-    out_logp, out_lse, out_grad, out_stats = [], [], [], []
-    for r0 in range(0, m_rows, row_chunk):
-        h = h_all[r0 : r0 + row_chunk]  # (R, D)
-        h_mm = h if matmul_dtype is None else h.to(matmul_dtype)  # (R, D)
-        t = t_all[r0 : r0 + row_chunk]  # (R,)
-        m = h.new_full((h.shape[0],), float("-inf"), dtype=cdt)  # running max
-        s_other = h.new_zeros(h.shape[0], dtype=cdt)  # sum of exp(z - m) over v != y
-        s_target = h.new_zeros(h.shape[0], dtype=cdt)  # exp(z_y - m)
-        target_logit = h.new_zeros(h.shape[0], dtype=cdt)
-        # Running statistics (with_stats): x, q, sum of z (see the docstring).
-        acc = h.new_zeros((3, h.shape[0]), dtype=cdt) if with_stats else None
-        # sum over v != y of exp(z_v - m) (dz_v / da_v) / (logit_scale / T) W_v. The
-        # target's own term is kept out so that the gradient's W_y - E never subtracts
-        # two nearly equal low-precision vectors when p_y is close to 1.
-        other_w = h.new_zeros((h.shape[0], dim), dtype=cdt) if frozen_grad else None
-        for v0 in range(0, n_vocab, vocab_chunk):
-            v1 = min(v0 + vocab_chunk, n_vocab)
+    @staticmethod
+    def merge(parts: list[_Running]) -> _Running:
+        """The state of the union of disjoint vocabulary parts: each part's sums are
+        moved to the common max, exp(m_part - m) (the same rescale the sequential fold
+        applies when its running max moves)."""
+        m = parts[0].m
+        for part in parts[1:]:
+            m = torch.maximum(m, part.m)
+        m_safe = _safe_max(m)
+        first = parts[0]
+        out = _Running(
+            m, torch.zeros_like(m), torch.zeros_like(m), torch.zeros_like(m),
+            None if first.acc is None else torch.zeros_like(first.acc),
+            None if first.other_w is None else torch.zeros_like(first.other_w),
+        )  # fmt: skip
+        for part in parts:
+            rescale = torch.exp(part.m - m_safe)  # (R,), 0 for a part with no mass
+            out.s_other += part.s_other * rescale
+            out.s_target += part.s_target * rescale
+            out.target_logit += part.target_logit  # one part holds each row's target
+            if out.acc is not None:
+                assert part.acc is not None
+                s_part = part.s_other + part.s_target
+                shift = torch.where(s_part > 0, s_part * (part.m - m_safe), 0.0)
+                out.acc[0] += rescale * (part.acc[0] + shift)  # sum e (z - m)
+                out.acc[1] += part.acc[1] * rescale * rescale  # sum e^2
+                out.acc[2] += part.acc[2]  # sum z
+            if out.other_w is not None:
+                assert part.other_w is not None
+                out.other_w.addcmul_(part.other_w, rescale[:, None])
+        return out
+
+
+class _VocabFold:
+    """Folds the logit tiles of weight rows [lo, hi) into a fresh _Running state, one
+    row chunk per call, with its own chunk and tile buffers (one fold per stream)."""
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, lo: int, hi: int,
+        vocab_chunk: int, max_rows: int, tile_dtype: torch.dtype,
+        matmul_dtype: torch.dtype | None, widen: ChunkWidener | None,
+        epilogue: TileEpilogue | None, inv_t: float, softcap: float, logit_scale: float,
+        frozen_grad: bool, with_stats: bool,
+    ):  # fmt: skip
+        self.weight, self.bias, self.lo, self.hi = weight, bias, lo, hi
+        self.vocab_chunk = min(vocab_chunk, hi - lo)
+        self.matmul_dtype, self.epilogue = matmul_dtype, epilogue
+        self.inv_t, self.softcap, self.logit_scale = inv_t, softcap, logit_scale
+        self.frozen_grad, self.with_stats = frozen_grad, with_stats
+        self.cast_chunk = _ChunkCaster(weight, self.vocab_chunk, matmul_dtype, widen, lo, hi)
+        # The fused epilogue's logit tiles, one buffer for every tile of the call: a
+        # fresh (R, Vc) product per tile (8 MiB at 256 x 8192 fp32) page-faults its
+        # memory in each time. fp32 N=256, D=512, V=32000 forward+backward: 2-5% faster
+        # (median of interleaved calls, 15-21 rounds), the epilogue and both products
+        # unchanged.
+        self.tile_buffer = None
+        if epilogue is not None:
+            self.tile_buffer = weight.new_empty(max_rows * self.vocab_chunk, dtype=tile_dtype)
+
+    def __call__(self, h_mm: torch.Tensor, t: torch.Tensor) -> _Running:
+        """h_mm (R, D) in the matmul dtype, t (R,) targets."""
+        with torch.no_grad():  # a stream thread starts with grad mode on
+            return self._fold(h_mm, t)
+
+    def _fold(self, h_mm: torch.Tensor, t: torch.Tensor) -> _Running:
+        weight, bias, inv_t = self.weight, self.bias, self.inv_t
+        softcap, logit_scale = self.softcap, self.logit_scale
+        rows, dim = h_mm.shape
+        cdt = accumulation_dtype(h_mm.dtype)  # the same as the hidden states'
+        state = _Running.start(rows, dim, h_mm, cdt, self.with_stats, self.frozen_grad)
+        m, s_other, s_target = state.m, state.s_other, state.s_target
+        target_logit, acc, other_w = state.target_logit, state.acc, state.other_w
+        for v0 in range(self.lo, self.hi, self.vocab_chunk):
+            v1 = min(v0 + self.vocab_chunk, self.hi)
             local, inside = _target_columns(t, v0, v1)
-            w_chunk = cast_chunk(v0, v1)  # (Vc, D)
-            if epilogue is not None:
-                assert tile_buffer is not None
+            w_chunk = self.cast_chunk(v0, v1)  # (Vc, D)
+            if self.epilogue is not None:
+                assert self.tile_buffer is not None
                 # (R, Vc), becomes exp(z - m_new) c' in place
                 p_tile = torch.mm(
-                    h_mm, w_chunk.T, out=tile_buffer[: h.shape[0] * (v1 - v0)].view(-1, v1 - v0)
+                    h_mm, w_chunk.T, out=self.tile_buffer[: rows * (v1 - v0)].view(-1, v1 - v0)
                 )
-                rescale = epilogue(
+                rescale = self.epilogue(
                     p_tile, None if bias is None else bias[v0:v1], inv_t, softcap, logit_scale,
                     torch.where(inside, local.squeeze(1), -1), m, s_other, s_target,
                     target_logit, acc,
@@ -245,12 +282,140 @@ def token_logprobs(
                     other_w.addmm_(p_tile, w_chunk)  # no (R, D) temporary
                 else:  # bf16 tiles: the product in bf16, accumulated in fp32
                     other_w += p_tile @ w_chunk
+        return _Running(m, s_other, s_target, target_logit, acc, other_w)
+
+
+def _vocab_parts(
+    n_vocab: int, vocab_chunk: int, device: torch.device, tile_dtype: torch.dtype,
+    streams: int | None,
+) -> list[tuple[int, int]]:  # fmt: skip
+    """The vocabulary split into `streams` contiguous parts of near-equal size, folded
+    at once by as many threads (None: default_streams)."""
+    if streams is None:
+        streams = default_streams(n_vocab, vocab_chunk, device, tile_dtype)
+    streams = max(1, min(streams, n_vocab))
+    return [(n_vocab * i // streams, n_vocab * (i + 1) // streams) for i in range(streams)]
+
+
+def default_streams(
+    n_vocab: int, vocab_chunk: int, device: torch.device, tile_dtype: torch.dtype
+) -> int:
+    """How many threads fold the vocabulary at once: on CPU with fp32 (or float64)
+    products, one per PyTorch thread, up to one whole vocabulary chunk each; else 1.
+
+    A row chunk of a frozen head costs two products of 2 R Vc D FLOPs per vocabulary
+    chunk, h W_c^T with K = D and P W_c with K = Vc. With small R (N=256) and K = 512
+    MKL's two-thread sgemm runs h W_c^T at 115-123 GFLOP/s on 2 cores, against 67-75
+    GFLOP/s for the same product on one thread, so two single-threaded folds over
+    halves of the vocabulary, merged at the end (their states moved to the common
+    max), beat one two-threaded fold: N=256 D=512 V=32000 fp32 forward+backward, median
+    of 15 interleaved calls, 2 streams / 1 = 0.92 (avx512; avx2 0.93, baseline 0.94,
+    bf16 weights widened to fp32 tiles 0.90), Llama-2-7B N=512 0.85, N=2048 D=512
+    0.98. oneDNN's bf16 products scale across threads by themselves and lose on one
+    (bf16 tiles with AVX512_BF16: 1.14), so bf16 and fp16 tiles keep one fold."""
+    if device.type != "cpu" or tile_dtype not in (torch.float32, torch.float64):
+        return 1
+    return max(1, min(torch.get_num_threads(), n_vocab // vocab_chunk))
+
+
+_POOL_LOCK = threading.Lock()
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+
+
+def _single_threaded() -> None:
+    torch.set_num_threads(1)  # per thread: the caller's setting is left alone
+
+
+def _stream_pool(streams: int) -> ThreadPoolExecutor:
+    """Threads that run one fold each with single-threaded PyTorch ops, kept for the
+    life of the process (a forked child makes its own: the parent's threads are not
+    in it)."""
+    key = (os.getpid(), streams)
+    with _POOL_LOCK:
+        pool = _POOLS.get(key)
+        if pool is None:
+            pool = _POOLS[key] = ThreadPoolExecutor(
+                streams, thread_name_prefix="decpo-vocab", initializer=_single_threaded
+            )
+    return pool
+
+
+def token_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+    bias: torch.Tensor | None, ignore_index: int, temperature: float, softcap: float,
+    logit_scale: float, frozen_grad: bool, with_stats: bool,
+    epilogue: TileEpilogue | None = None, matmul_dtype: torch.dtype | None = None,
+    widen: ChunkWidener | None = None, streams: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Forward for hidden (N, D), weight (V, D), targets (N,).
+
+    Final logits z = c(logit_scale (h W^T + b)) / T with c(x) = softcap tanh(x / softcap)
+    (the identity when softcap == 0). epilogue: a fused implementation of the per-tile
+    softmax steps (the native CPU library's); None runs them as torch ops.
+    matmul_dtype: the dtype the matmuls run in (None: the inputs'); each weight chunk
+    is converted as it is used, never the whole head (the native backend passes fp32
+    for bf16 inputs on CPUs without bf16 dot products, where bf16 matmuls crawl).
+    widen: a fused bf16 -> fp32 chunk conversion that also checks the head for NaN and
+    Inf (the native backend's), used in place of a conversion plus a separate pass.
+    streams: how many threads fold disjoint parts of the vocabulary at once, each
+    running single-threaded matmuls, their states merged at the end (None: the
+    default of _vocab_parts; 1: one pass in the calling thread).
+
+    Returns logp (N,), lse (N,) = logsumexp_v z in fp32 (float64 for float64 input; 0
+    at ignored rows); if frozen_grad, d logp / d hidden (N, D) in hidden's dtype (else
+    an empty tensor); if with_stats, (N, 4) columns [entropy, logit_sum, argmax_match,
+    log_sum_p2] (else empty), 0 at ignored rows. Ignored rows are compacted away first
+    and cost nothing.
+
+    Statistics, accumulated online beside the logsumexp (sums rescaled when the
+    running max m moves): s = sum_v e_v with e_v = exp(z_v - m); x = sum_v e_v (z_v - m);
+    q = sum_v e_v^2; then entropy = log s - x / s, log_sum_p2 = log q - 2 log s.
+    """
+    n, dim = hidden.shape
+    n_vocab = weight.shape[0]
+    cdt = accumulation_dtype(hidden.dtype)
+    inv_t = 1.0 / temperature
+    logp = hidden.new_zeros(n, dtype=cdt)
+    lse = hidden.new_zeros(n, dtype=cdt)
+    grad = hidden.new_zeros((n, dim)) if frozen_grad else hidden.new_empty(0)
+    stats = hidden.new_zeros((n, 4), dtype=cdt) if with_stats else hidden.new_empty(0, dtype=cdt)
+    rows = valid_rows(targets, ignore_index)
+    h_all = hidden if rows is None else hidden[rows]  # (M, D) valid rows
+    t_all = targets if rows is None else targets[rows]  # (M,)
+    m_rows = h_all.shape[0]
+    if m_rows == 0:
+        return logp, lse, grad, stats
+
+    row_chunk, vocab_chunk = _tile(m_rows, n_vocab, hidden.device)
+    tile_dtype = hidden.dtype if matmul_dtype is None else matmul_dtype
+    parts = _vocab_parts(n_vocab, vocab_chunk, hidden.device, tile_dtype, streams)
+    folds = []
+    for lo, hi in parts:
+        fold = _VocabFold(
+            weight, bias, lo, hi, vocab_chunk, min(row_chunk, m_rows), tile_dtype,
+            matmul_dtype, widen, epilogue, inv_t, softcap, logit_scale, frozen_grad,
+            with_stats,
+        )  # fmt: skip
+        folds.append(fold)
+    out_logp, out_lse, out_grad, out_stats = [], [], [], []
+    for r0 in range(0, m_rows, row_chunk):
+        h = h_all[r0 : r0 + row_chunk]  # (R, D)
+        h_mm = h if matmul_dtype is None else h.to(matmul_dtype)  # (R, D)
+        t = t_all[r0 : r0 + row_chunk]  # (R,)
+        if len(folds) == 1:
+            state = folds[0](h_mm, t)
+        else:
+            pool = _stream_pool(len(folds))
+            futures = [pool.submit(fold, h_mm, t) for fold in folds]
+            state = _Running.merge([future.result() for future in futures])
+        m, s_other, s_target = state.m, state.s_other, state.s_target
+        target_logit = state.target_logit
         s = s_other + s_target
         log_s = torch.log(s)
         row_lse = _safe_max(m) + log_s
         out_logp.append(target_logit - row_lse)
         out_lse.append(row_lse)
-        if other_w is not None:
+        if state.other_w is not None:
             # d logp / d h = sum_v (1[v = y] - p_v) dz_v/da_v W_v
             #             = (c_y s_other W_y - other_w) logit_scale / (s T)
             w_target = weight[t].to(cdt)  # (R, D)
@@ -258,9 +423,10 @@ def token_logprobs(
             if softcap:
                 c_target = s_other * (1.0 - (target_logit * (temperature / softcap)).square())
             scale = (logit_scale * inv_t) / s
-            grad_rows = (c_target[:, None] * w_target - other_w) * scale[:, None]
+            grad_rows = (c_target[:, None] * w_target - state.other_w) * scale[:, None]
             out_grad.append(grad_rows.to(hidden.dtype))
-        if acc is not None:
+        if state.acc is not None:
+            acc = state.acc
             out_stats.append(
                 torch.stack(
                     [
@@ -273,7 +439,9 @@ def token_logprobs(
                 )
             )
 
-    head_finite = head_ok(weight, bias, weight_finite=cast_chunk.weight_finite())
+    finite = [fold.cast_chunk.weight_finite() for fold in folds]
+    weight_finite = None if any(f is None for f in finite) else torch.stack(finite).all()
+    head_finite = head_ok(weight, bias, weight_finite=weight_finite)
     out_logp = [torch.where(head_finite, x, float("nan")) for x in out_logp]
     if rows is None:
         logp, lse = torch.cat(out_logp), torch.cat(out_lse)

@@ -14,7 +14,7 @@ from decpo.reference import (
     token_logprobs_reference,
 )
 from decpo.torch_backend import logprobs as torch_impl
-from tests.helpers import assert_close, backends, skip_unless_runs, upstream_like
+from tests.helpers import assert_close, backends, rel_err, skip_unless_runs, upstream_like
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -465,3 +465,72 @@ def test_token_logprobs_strided_bias_and_weight(backend):
     out = decpo.token_logprobs(hidden, weight, targets, bias=bias, backend=backend)
     ref = token_logprobs_reference(hidden.double(), weight.double(), targets, bias.double())
     assert_close(out, ref, torch.float32, "logp")
+
+
+def _fold_inputs(dtype=torch.float32, n=37, dim=13, vocab=101):
+    hidden = torch.randn(n, dim).to(dtype)
+    weight = (torch.randn(vocab, dim) / dim**0.25).to(dtype)
+    bias = torch.randn(vocab) * 0.5
+    bias[: vocab // 3] = float("-inf")  # the first of three streams sees only masked logits
+    targets = torch.randint(vocab // 3, vocab, (n,))
+    targets[::5] = -100
+    return hidden, weight, bias, targets
+
+
+@pytest.mark.parametrize("epilogue", ["torch", "native"])
+@pytest.mark.parametrize("streams", [2, 3])
+def test_token_logprobs_vocab_streams_merge_like_one_fold(streams, epilogue, small_tiles):
+    """The vocabulary folded by several threads, the states merged at the end, gives
+    what one fold gives (float64 reference), with a softcap, logit scale, temperature,
+    bias, statistics, ignored rows, and a stream whose every logit is masked."""
+    if epilogue == "native":
+        skip_unless_runs("native", torch.float32)
+        from decpo.native_backend.logprobs import online_softmax_tile as fused
+    else:
+        fused = None
+    hidden, weight, bias, targets = _fold_inputs()
+    # ignore_index, temperature, softcap, logit_scale, frozen_grad, with_stats
+    args = (-100, 0.8, 30.0, 0.5, True, True)
+
+    def run(h, w, b, **kw):
+        return torch_impl.token_logprobs(h, w, targets, b, *args, **kw)
+
+    ref = run(hidden.double(), weight.double(), bias.double(), streams=1)
+    one = run(hidden, weight, bias, epilogue=fused, streams=1)
+    many = run(hidden, weight, bias, epilogue=fused, streams=streams)
+    for name, r, o, m in zip(["logp", "lse", "d hidden", "stats"], ref, one, many, strict=True):
+        assert torch.isfinite(m).all(), name
+        err_one, err_many = rel_err(o, r), rel_err(m, r)
+        assert err_many <= 2 * err_one + 1e-6, f"{name}: {err_many:.2e} vs one fold {err_one:.2e}"
+
+
+@pytest.mark.parametrize("bad_row", [0, -1])
+def test_token_logprobs_vocab_streams_see_a_nan_in_any_part(bad_row, small_tiles):
+    """bf16 heads widened chunk by chunk answer the head check from the widening: a
+    NaN in either stream's part of the head makes every log-prob NaN."""
+    skip_unless_runs("native", torch.bfloat16)
+    from decpo.native_backend.logprobs import online_softmax_tile, widen_bf16
+
+    hidden, weight, _, targets = _fold_inputs(torch.bfloat16)
+    weight[bad_row, 3] = float("nan")
+    logp = torch_impl.token_logprobs(
+        hidden, weight, targets, None, -100, 1.0, 0.0, 1.0, True, False,
+        epilogue=online_softmax_tile, matmul_dtype=torch.float32, widen=widen_bf16, streams=2,
+    )[0]  # fmt: skip
+    assert torch.isnan(logp[targets != -100]).all()
+
+
+def test_default_streams_follow_threads_and_tile_dtype():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch_impl.default_streams(32000, 8192, cpu, torch.float32) == 2
+        assert torch_impl.default_streams(32000, 8192, cpu, torch.float64) == 2
+        assert torch_impl.default_streams(8192, 8192, cpu, torch.float32) == 1  # one chunk
+        assert torch_impl.default_streams(32000, 8192, cpu, torch.bfloat16) == 1
+        assert torch_impl.default_streams(32000, 8192, cuda, torch.float32) == 1
+        torch.set_num_threads(1)
+        assert torch_impl.default_streams(32000, 8192, cpu, torch.float32) == 1
+    finally:
+        torch.set_num_threads(previous)
