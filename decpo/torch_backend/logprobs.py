@@ -464,13 +464,10 @@ def token_logprobs_backward(
     bias: torch.Tensor | None, lse: torch.Tensor, ignore_index: int, temperature: float,
     softcap: float, logit_scale: float, need_hidden: bool, need_weight: bool, need_bias: bool,
     matmul_dtype: torch.dtype | None = None, widen: ChunkWidener | None = None,
-    streams: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Recompute-in-backward for a trainable head: (d hidden, d weight, d bias), each
-    an empty tensor when not needed; matmul_dtype, widen and streams as in
-    token_logprobs (the head check is the forward's, so only the widening is used
-    here; each stream writes its own rows of d weight and sums its own share of
-    d hidden, added at the end). Vocabulary
+    an empty tensor when not needed; matmul_dtype and widen as in token_logprobs (the
+    head check is the forward's, so only the widening is used here). Vocabulary
     chunks outside, row chunks inside, so d weight is accumulated per chunk in fp32 and
     every tile is computed once.
 
@@ -490,63 +487,40 @@ def token_logprobs_backward(
     m_rows = h_all.shape[0]
     dz_da = logit_scale * inv_t
 
+    d_hidden = hidden.new_zeros((m_rows, dim), dtype=cdt) if need_hidden else None
     d_weight = weight.new_zeros(weight.shape) if need_weight else weight.new_empty(0)
     d_bias = bias.new_zeros(bias.shape) if (need_bias and bias is not None) else weight.new_empty(0)
     row_chunk, vocab_chunk = _tile(max(m_rows, 1), n_vocab, hidden.device)
-    tile_dtype = hidden.dtype if matmul_dtype is None else matmul_dtype
-    parts = _vocab_parts(n_vocab, vocab_chunk, hidden.device, tile_dtype, streams)
-
-    def backward_part(lo: int, hi: int) -> torch.Tensor | None:
-        """Weight rows [lo, hi): writes their d weight and d bias rows and returns this
-        part's share of d hidden (M, D) (None when not needed)."""
-        d_hidden = hidden.new_zeros((m_rows, dim), dtype=cdt) if need_hidden else None
-        chunk = min(vocab_chunk, hi - lo)
-        cast_chunk = _ChunkCaster(weight, chunk, matmul_dtype, widen, lo, hi)
-        for v0 in range(lo, hi, chunk):
-            v1 = min(v0 + chunk, hi)
-            dw = weight.new_zeros((v1 - v0, dim), dtype=cdt) if need_weight else None
-            db = weight.new_zeros(v1 - v0, dtype=cdt) if need_bias else None
-            w_chunk = cast_chunk(v0, v1)  # (Vc, D)
-            for r0 in range(0, m_rows, row_chunk):
-                r1 = min(r0 + row_chunk, m_rows)
-                h = h_all[r0:r1] if matmul_dtype is None else h_all[r0:r1].to(matmul_dtype)
-                tile, tanh_tile = _logit_tile(
-                    h, weight, bias, v0, v1, inv_t, cdt, softcap, logit_scale, w_chunk
-                )  # (R, Vc)
-                g = g_all[r0:r1]
-                # d a = g * (onehot - p) * dz/da
-                tile.sub_(lse_all[r0:r1, None]).exp_().mul_(-g[:, None])
-                local, inside = _target_columns(t_all[r0:r1], v0, v1)
-                tile.scatter_add_(1, local, torch.where(inside, g, 0.0)[:, None])
-                if tanh_tile is not None:
-                    tile.mul_(1.0 - tanh_tile.square_())
-                tile.mul_(dz_da)
-                if d_hidden is not None:
-                    d_hidden[r0:r1] += (tile.to(w_chunk.dtype) @ w_chunk).to(cdt)
-                if dw is not None:
-                    dw += (tile.T.to(h.dtype) @ h).to(cdt)
-                if db is not None:
-                    db += tile.sum(0)
+    cast_chunk = _ChunkCaster(weight, vocab_chunk, matmul_dtype, widen)
+    for v0 in range(0, n_vocab, vocab_chunk):
+        v1 = min(v0 + vocab_chunk, n_vocab)
+        dw = weight.new_zeros((v1 - v0, dim), dtype=cdt) if need_weight else None
+        db = weight.new_zeros(v1 - v0, dtype=cdt) if need_bias else None
+        w_chunk = cast_chunk(v0, v1)  # (Vc, D)
+        for r0 in range(0, m_rows, row_chunk):
+            r1 = min(r0 + row_chunk, m_rows)
+            h = h_all[r0:r1] if matmul_dtype is None else h_all[r0:r1].to(matmul_dtype)
+            tile, tanh_tile = _logit_tile(
+                h, weight, bias, v0, v1, inv_t, cdt, softcap, logit_scale, w_chunk
+            )  # (R, Vc)
+            g = g_all[r0:r1]
+            # d a = g * (onehot - p) * dz/da
+            tile.sub_(lse_all[r0:r1, None]).exp_().mul_(-g[:, None])
+            local, inside = _target_columns(t_all[r0:r1], v0, v1)
+            tile.scatter_add_(1, local, torch.where(inside, g, 0.0)[:, None])
+            if tanh_tile is not None:
+                tile.mul_(1.0 - tanh_tile.square_())
+            tile.mul_(dz_da)
+            if d_hidden is not None:
+                d_hidden[r0:r1] += (tile.to(w_chunk.dtype) @ w_chunk).to(cdt)
             if dw is not None:
-                d_weight[v0:v1] = dw.to(weight.dtype)
+                dw += (tile.T.to(h.dtype) @ h).to(cdt)
             if db is not None:
-                d_bias[v0:v1] = db.to(d_bias.dtype)
-        return d_hidden
-
-    def in_stream(lo: int, hi: int) -> torch.Tensor | None:
-        with torch.no_grad():  # a stream thread starts with grad mode on
-            return backward_part(lo, hi)
-
-    if len(parts) == 1:
-        d_hidden = backward_part(*parts[0])
-    else:  # one single-threaded stream per part, as in the forward
-        pool = _stream_pool(len(parts))
-        futures = [pool.submit(in_stream, lo, hi) for lo, hi in parts]
-        shares = [future.result() for future in futures]
-        d_hidden = shares[0]
-        for share in shares[1:]:
-            if d_hidden is not None and share is not None:
-                d_hidden += share
+                db += tile.sum(0)
+        if dw is not None:
+            d_weight[v0:v1] = dw.to(weight.dtype)
+        if db is not None:
+            d_bias[v0:v1] = db.to(d_bias.dtype)
 
     if d_hidden is None:
         d_hidden_out = hidden.new_empty(0)

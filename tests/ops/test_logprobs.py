@@ -504,32 +504,6 @@ def test_token_logprobs_vocab_streams_merge_like_one_fold(streams, epilogue, sma
         assert err_many <= 2 * err_one + 1e-6, f"{name}: {err_many:.2e} vs one fold {err_one:.2e}"
 
 
-@pytest.mark.parametrize("streams", [2, 3])
-def test_token_logprobs_backward_vocab_streams_like_one_pass(streams, small_tiles):
-    """A trainable head's backward split over vocabulary streams: each writes its own
-    rows of d weight and d bias, the shares of d hidden are summed (float64 reference)."""
-    hidden, weight, _, targets = _fold_inputs()
-    bias = torch.randn(weight.shape[0]) * 0.5
-    grad_logp = torch.randn(targets.shape)
-    # ignore_index, temperature, softcap, logit_scale, need_hidden, need_weight, need_bias
-    args = (-100, 0.8, 30.0, 0.5, True, True, True)
-    lse = torch_impl.token_logprobs(
-        hidden.double(), weight.double(), targets, bias.double(), -100, 0.8, 30.0, 0.5,
-        False, False,
-    )[1]  # fmt: skip
-
-    def run(*inputs, **kw):
-        g, h, w, b, x = inputs
-        return torch_impl.token_logprobs_backward(g, h, w, targets, b, x, *args, **kw)
-
-    ref = run(grad_logp.double(), hidden.double(), weight.double(), bias.double(), lse, streams=1)
-    one = run(grad_logp, hidden, weight, bias, lse.float(), streams=1)
-    many = run(grad_logp, hidden, weight, bias, lse.float(), streams=streams)
-    for name, r, o, m in zip(["d hidden", "d weight", "d bias"], ref, one, many, strict=True):
-        err_one, err_many = rel_err(o, r), rel_err(m, r)
-        assert err_many <= 2 * err_one + 1e-6, f"{name}: {err_many:.2e} vs one pass {err_one:.2e}"
-
-
 @pytest.mark.parametrize("bad_row", [0, -1])
 def test_token_logprobs_vocab_streams_see_a_nan_in_any_part(bad_row, small_tiles):
     """bf16 heads widened chunk by chunk answer the head check from the widening: a
