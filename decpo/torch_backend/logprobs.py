@@ -286,36 +286,43 @@ class _VocabFold:
 
 
 def _vocab_parts(
-    n_vocab: int, vocab_chunk: int, device: torch.device, tile_dtype: torch.dtype,
+    n_vocab: int, vocab_chunk: int, dim: int, device: torch.device, tile_dtype: torch.dtype,
     streams: int | None,
 ) -> list[tuple[int, int]]:  # fmt: skip
     """The vocabulary split into `streams` contiguous parts of near-equal size, folded
     at once by as many threads (None: default_streams)."""
     if streams is None:
-        streams = default_streams(n_vocab, vocab_chunk, device, tile_dtype)
+        streams = default_streams(n_vocab, vocab_chunk, dim, device, tile_dtype)
     streams = max(1, min(streams, n_vocab))
     return [(n_vocab * i // streams, n_vocab * (i + 1) // streams) for i in range(streams)]
 
 
 def default_streams(
-    n_vocab: int, vocab_chunk: int, device: torch.device, tile_dtype: torch.dtype
+    n_vocab: int, vocab_chunk: int, dim: int, device: torch.device, tile_dtype: torch.dtype
 ) -> int:
-    """How many threads fold the vocabulary at once: on CPU with fp32 (or float64)
-    products, one per PyTorch thread, up to one whole vocabulary chunk each; else 1.
+    """How many threads fold the vocabulary at once: on CPU, one per PyTorch thread (up
+    to one whole vocabulary chunk each) for fp32 or float64 products, and for bf16
+    products when D >= 2048; else 1.
 
     A row chunk of a frozen head costs two products of 2 R Vc D FLOPs per vocabulary
     chunk, h W_c^T with K = D and P W_c with K = Vc. With small R (N=256) and K = 512
     MKL's two-thread sgemm runs h W_c^T at 115-123 GFLOP/s on 2 cores, against 67-75
     GFLOP/s for the same product on one thread, so two single-threaded folds over
     halves of the vocabulary, merged at the end (their states moved to the common
-    max), beat one two-threaded fold: N=256 D=512 V=32000 fp32 forward+backward, median
-    of 15 interleaved calls, 2 streams / 1 = 0.92 (avx512; avx2 0.93, baseline 0.94,
-    bf16 weights widened to fp32 tiles 0.90), Llama-2-7B N=512 0.85, N=2048 D=512
-    0.98. oneDNN's bf16 products scale across threads by themselves and lose on one
-    (bf16 tiles with AVX512_BF16: 1.14), so bf16 and fp16 tiles keep one fold."""
-    if device.type != "cpu" or tile_dtype not in (torch.float32, torch.float64):
+    max), beat one two-threaded fold. Forward+backward, median of 9-15 interleaved
+    calls, 2 streams / 1, on 2 cores: fp32 N=256 D=512 V=32000 0.92 (avx512; avx2 0.93,
+    baseline 0.94, bf16 weights widened to fp32 tiles 0.90), Llama-2-7B N=512 0.85,
+    N=2048 D=512 0.98. oneDNN's bf16 products (AVX512_BF16) scale across threads by
+    themselves at small K and lose on one: bf16 tiles at N=256 D=512 1.14; at large K
+    they gain a little (Llama-3-8B N=256 0.92, Qwen2.5-7B N=256 0.97, Llama-2-7B N=512
+    1.01)."""
+    if device.type != "cpu":
         return 1
-    return max(1, min(torch.get_num_threads(), n_vocab // vocab_chunk))
+    if tile_dtype in (torch.float32, torch.float64) or (
+        tile_dtype == torch.bfloat16 and dim >= 2048
+    ):
+        return max(1, min(torch.get_num_threads(), n_vocab // vocab_chunk))
+    return 1
 
 
 _POOL_LOCK = threading.Lock()
@@ -388,7 +395,7 @@ def token_logprobs(
 
     row_chunk, vocab_chunk = _tile(m_rows, n_vocab, hidden.device)
     tile_dtype = hidden.dtype if matmul_dtype is None else matmul_dtype
-    parts = _vocab_parts(n_vocab, vocab_chunk, hidden.device, tile_dtype, streams)
+    parts = _vocab_parts(n_vocab, vocab_chunk, dim, hidden.device, tile_dtype, streams)
     folds = []
     for lo, hi in parts:
         fold = _VocabFold(

@@ -525,12 +525,14 @@ def test_default_streams_follow_threads_and_tile_dtype():
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        assert torch_impl.default_streams(32000, 8192, cpu, torch.float32) == 2
-        assert torch_impl.default_streams(32000, 8192, cpu, torch.float64) == 2
-        assert torch_impl.default_streams(8192, 8192, cpu, torch.float32) == 1  # one chunk
-        assert torch_impl.default_streams(32000, 8192, cpu, torch.bfloat16) == 1
-        assert torch_impl.default_streams(32000, 8192, cuda, torch.float32) == 1
+        assert torch_impl.default_streams(32000, 8192, 512, cpu, torch.float32) == 2
+        assert torch_impl.default_streams(32000, 8192, 512, cpu, torch.float64) == 2
+        assert torch_impl.default_streams(8192, 8192, 512, cpu, torch.float32) == 1  # 1 chunk
+        assert torch_impl.default_streams(32000, 8192, 512, cpu, torch.bfloat16) == 1
+        assert torch_impl.default_streams(128256, 8192, 4096, cpu, torch.bfloat16) == 2
+        assert torch_impl.default_streams(32000, 8192, 4096, cpu, torch.float16) == 1
+        assert torch_impl.default_streams(32000, 8192, 512, cuda, torch.float32) == 1
         torch.set_num_threads(1)
-        assert torch_impl.default_streams(32000, 8192, cpu, torch.float32) == 1
+        assert torch_impl.default_streams(32000, 8192, 512, cpu, torch.float32) == 1
     finally:
         torch.set_num_threads(previous)
