@@ -27,6 +27,7 @@ LOGITS_BACKENDS = backends("logprobs_from_logits")
 def small_tiles(monkeypatch):
     """Tiny tiles so that small shapes exercise every chunking loop."""
     monkeypatch.setattr(torch_impl, "VOCAB_CHUNK", 16)
+    monkeypatch.setattr(torch_impl, "WIDENED_VOCAB_CHUNK", 16)
     monkeypatch.setattr(torch_impl, "TILE_ELEMENTS", {"cpu": 64})
 
 
