@@ -72,8 +72,8 @@ class _ChunkCaster:
     in every time: on 2 cores, converting a 32000 x 512 bf16 head chunk by chunk took
     13-18 ms that way, most of the gap between bf16-as-fp32-tiles and plain fp32.
     widen: a fused bf16 -> fp32 conversion that also checks finiteness; once it has
-    seen every row of the head, weight_finite() answers the head check without another
-    pass over the head."""
+    seen every row of its range [lo, hi) of the head (a stream's part), weight_finite()
+    answers the head check for those rows without another pass over them."""
 
     def __init__(
         self, weight: torch.Tensor, rows: int, matmul_dtype: torch.dtype | None,
@@ -152,7 +152,9 @@ class _Running:
     token_logprobs): running max m, sum of exp(z - m) over v != y (s_other) and at
     v = y (s_target), the target's logit (0 until its tile is seen), the statistics
     sums [x, q, sum z] (3, R) or None, and sum_{v != y} exp(z_v - m) c'_v W_v (R, D)
-    or None. All (R,) unless stated, in the accumulation dtype."""
+    or None. All (R,) unless stated, in the accumulation dtype. The target's own term
+    is kept out of the accumulator so that the gradient's W_y - E never subtracts two
+    nearly equal low-precision vectors when p_y is close to 1."""
 
     m: torch.Tensor
     s_other: torch.Tensor
@@ -219,7 +221,7 @@ class _VocabFold:
     ):  # fmt: skip
         self.weight, self.bias, self.lo, self.hi = weight, bias, lo, hi
         self.vocab_chunk = min(vocab_chunk, hi - lo)
-        self.matmul_dtype, self.epilogue = matmul_dtype, epilogue
+        self.epilogue = epilogue
         self.inv_t, self.softcap, self.logit_scale = inv_t, softcap, logit_scale
         self.frozen_grad, self.with_stats = frozen_grad, with_stats
         self.cast_chunk = _ChunkCaster(weight, self.vocab_chunk, matmul_dtype, widen, lo, hi)
@@ -374,8 +376,8 @@ def token_logprobs(
     widen: a fused bf16 -> fp32 chunk conversion that also checks the head for NaN and
     Inf (the native backend's), used in place of a conversion plus a separate pass.
     streams: how many threads fold disjoint parts of the vocabulary at once, each
-    running single-threaded matmuls, their states merged at the end (None: the
-    default of _vocab_parts; 1: one pass in the calling thread).
+    running single-threaded matmuls, their states merged at the end (None:
+    default_streams; 1: one pass in the calling thread).
 
     Returns logp (N,), lse (N,) = logsumexp_v z in fp32 (float64 for float64 input; 0
     at ignored rows); if frozen_grad, d logp / d hidden (N, D) in hidden's dtype (else
