@@ -48,6 +48,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from bench.render import git_commit
 from decpo.triton_backend import common
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -370,9 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.only:
         out = Path(args.out) if args.out else RESULTS / f"kernel-stats-sm{args.arch}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-        ).stdout.strip()
+        commit = git_commit()
         meta = {
             "triton": triton.__version__,
             "torch": torch.__version__,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -20,17 +21,27 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 DECPO = ("decpo", "decpo-torch")
 
 
-def environment(device: str) -> dict:
-    """device, commit and versions recorded with every result file."""
+def git_commit() -> str:
+    """The checkout's short commit (with -dirty for uncommitted changes to tracked
+    files), or DECPO_COMMIT where set: a copy without .git, such as the tree a GPU
+    machine receives, is told its commit by the command that runs it."""
+    if commit := os.environ.get("DECPO_COMMIT"):
+        return commit
     try:
         git = ["git", "-C", str(BENCH)]
         commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True).stdout.strip()  # fmt: skip
         dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True).stdout.strip()  # fmt: skip
-        commit += "-dirty" if dirty else ""
+        commit += "-dirty" if dirty and commit else ""
     except OSError:
-        commit = "unknown"
+        commit = ""
+    return commit or "unknown"
+
+
+def environment(device: str) -> dict:
+    """device, commit and versions recorded with every result file."""
+    commit = git_commit()
     if device == "cuda":
         name = torch.cuda.get_device_name()
     else:

@@ -34,8 +34,9 @@ def decorrelation_penalty_reference(
             ]
         ).mean()
     n = hidden.shape[0]
-    keep = torch.ones(n, dtype=torch.bool) if mask is None else mask.cpu()
-    seg = torch.zeros(n, dtype=torch.long) if segment_ids is None else segment_ids.cpu()
+    cpu = torch.device("cpu")  # the grouping is done on the host, whatever the default device
+    keep = torch.ones(n, dtype=torch.bool, device=cpu) if mask is None else mask.cpu()
+    seg = torch.zeros(n, dtype=torch.long, device=cpu) if segment_ids is None else segment_ids.cpu()
     total = hidden.new_zeros(())
     pairs = 0
     for group in torch.unique(seg[keep]).tolist():

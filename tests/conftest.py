@@ -8,6 +8,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# DECPO_TEST_DEVICE=cuda runs the op tests on the GPU (tests/helpers.py: DEVICE):
+#   DECPO_TEST_DEVICE=cuda python -m pytest tests/ops tests/triton_backend
+if (_device := os.environ.get("DECPO_TEST_DEVICE", "cpu")) != "cpu":
+    if _device != "cuda" or not torch.cuda.is_available():
+        raise pytest.UsageError(
+            f"DECPO_TEST_DEVICE={_device!r}: only 'cuda' is supported, on a machine with a GPU"
+        )
+    torch.set_default_device(_device)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -19,16 +19,20 @@ from decpo.train import METRIC_KEYS
 ROOT = Path(__file__).resolve().parents[1]
 
 CPU = torch.device("cpu")
+# The device the op tests run on: cpu (CI), or cuda on a GPU machine
+# (DECPO_TEST_DEVICE=cuda; tests/conftest.py makes it torch's default device, so
+# every tensor a test builds lands there and backend availability is asked for it).
+DEVICE = torch.device(os.environ.get("DECPO_TEST_DEVICE", "cpu"))
 # Set in CI: the native library must build and load (tests/test_native.py fails
 # instead of skipping).
 NATIVE_REQUIRED = os.environ.get("DECPO_REQUIRE_NATIVE") == "1"
 
 
 def unavailable(name: str, dtype: torch.dtype = torch.float32) -> str:
-    """Why backend `name` cannot run on CPU tensors of `dtype` here ('' when it can).
-    Triton runs on CPU under TRITON_INTERPRET=1, which tests/conftest.py sets when
-    there is no GPU."""
-    return backend.AVAILABILITY[name](CPU, dtype)
+    """Why backend `name` cannot run on DEVICE tensors of `dtype` here ('' when it
+    can). Triton runs on CPU under TRITON_INTERPRET=1, which tests/conftest.py sets
+    when there is no GPU."""
+    return backend.AVAILABILITY[name](DEVICE, dtype)
 
 
 def backends(op: str) -> list:
@@ -87,6 +91,11 @@ def assert_close(
         assert err <= eager_err + slack, (
             f"{what}: error {err:.3g} worse than PyTorch's own {eager_err:.3g} + {slack:.0e}"
         )
+
+
+def generator(seed: int) -> torch.Generator:
+    """A seeded generator on the test device (random draws must match its device)."""
+    return torch.Generator(device=DEVICE).manual_seed(seed)
 
 
 def upstream_like(t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

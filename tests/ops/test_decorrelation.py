@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import decpo
 from decpo.reference import decorrelation_penalty_reference
 from decpo.torch_backend import decorrelation as torch_impl
-from tests.helpers import TOL, assert_close, backends, rel_err, skip_unless_runs
+from tests.helpers import TOL, assert_close, backends, generator, rel_err, skip_unless_runs
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -216,7 +216,7 @@ dims = st.integers(1, 12)
 @settings(max_examples=40, deadline=None)
 @given(n=rows, d=dims, seed=st.integers(0, 2**31 - 1), offdiag=st.booleans())
 def test_invariant_to_row_scaling_when_normalized(n, d, seed, offdiag):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     hidden = torch.randn(n, d, generator=g, dtype=torch.float64)
     scales = torch.rand(n, 1, generator=g, dtype=torch.float64) * 100 + 0.01
     a = decpo.decorrelation_penalty(hidden, offdiag=offdiag)
@@ -228,7 +228,7 @@ def test_invariant_to_row_scaling_when_normalized(n, d, seed, offdiag):
 @given(d=st.integers(1, 16), k=st.integers(1, 16), seed=st.integers(0, 2**31 - 1))
 def test_zero_for_orthonormal_rows(d, k, seed):
     k = min(k, d)
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
     hidden = q[:k]  # k orthonormal rows
     for normalize in (True, False):
@@ -239,7 +239,7 @@ def test_zero_for_orthonormal_rows(d, k, seed):
 @settings(max_examples=30, deadline=None)
 @given(n=st.integers(1, 20), d=dims, seed=st.integers(0, 2**31 - 1))
 def test_invariant_to_row_permutation_and_group_relabeling(n, d, seed):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     hidden = torch.randn(n, d, generator=g, dtype=torch.float64)
     seg = torch.randint(0, 3, (n,), generator=g)
     perm = torch.randperm(n, generator=g)

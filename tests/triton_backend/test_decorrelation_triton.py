@@ -1,5 +1,6 @@
 """The Triton decorrelation kernels, path by path, against float64 (under the
-interpreter where there is no GPU; tests/conftest.py sets TRITON_INTERPRET=1) and
+interpreter where there is no GPU, tests/conftest.py sets TRITON_INTERPRET=1; on one
+with DECPO_TEST_DEVICE=cuda) and
 against eager PyTorch at the same dtype. Interpreter tiles are 16 wide, so groups of
 <= 16 rows take the fused single-tile Gram kernel, 17..D rows the tile-pair kernels
 (E stored, then dZ = E Z; with atomics when E exceeds its budget), and > D rows the
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 import decpo
-from decpo.numerics import bucket_rows
+from decpo.numerics import bucket_rows, interpreting
 from decpo.reference import decorrelation_penalty_reference
 from tests.helpers import assert_close
 
@@ -49,7 +50,10 @@ def _check(hidden, dtype, expect: set[str], upstream=-1.7, **options):
         options.get("normalize", True),
         options.get("offdiag", False),
     )
-    assert kinds == expect, kinds
+    # The paths follow the tile size: 16 under the interpreter, 64-128 on a GPU
+    # (DECPO_TEST_DEVICE=cuda), where these small shapes mostly take one tile.
+    if interpreting():
+        assert kinds == expect, kinds
     loss, grad = _run(hidden, dtype, upstream, **options)
     h64 = hidden.detach().to(dtype).double().requires_grad_(True)
     ref = decorrelation_penalty_reference(h64, **options)

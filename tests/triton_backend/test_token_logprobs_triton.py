@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import TOL, assert_close, rel_err, upstream_like
+from tests.helpers import TOL, assert_close, generator, rel_err, upstream_like
 
 pytest.importorskip("triton")
 
@@ -44,7 +44,7 @@ def _reference(h, w, b, t, ignore_index, temperature, softcap, scale):
 
 
 def _inputs(n, d, v, dtype, seed=0, ignore_frac=0.2, bias=True):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     h = torch.randn(n, d, generator=g).to(dtype)
     w = (torch.randn(v, d, generator=g) / d**0.5 * 3).to(dtype)
     b = torch.randn(v, generator=g).to(dtype) if bias else None
