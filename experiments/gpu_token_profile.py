@@ -1,0 +1,95 @@
+# ruff: noqa: E501
+"""Where the GPU time of token_logprobs goes: per-kernel CUDA times of one frozen-head
+forward (which computes the gradient) under torch.profiler, and each GEMM 2 config
+timed alone (scaled A as in the frozen forward, and unscaled as in the trainable
+backward), against a cuBLAS product of the same shape.
+
+    python -m experiments.gpu_token_profile [--n 8192 --d 4096 --v 128256]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from triton.testing import do_bench
+
+import decpo
+from decpo.triton_backend import common
+from decpo.triton_backend import logprobs as tlp
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=8192)
+    parser.add_argument("--d", type=int, default=4096)
+    parser.add_argument("--v", type=int, default=128256)
+    args = parser.parse_args()
+    n, d, v = args.n, args.d, args.v
+    torch.manual_seed(0)
+    h = torch.randn(n, d, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+    w = (torch.randn(v, d, device="cuda") / d**0.5).bfloat16()
+    t = torch.randint(0, v, (n,), device="cuda")
+
+    def step() -> None:
+        h.grad = None
+        decpo.token_logprobs(h, w, t).backward(torch.ones(n, device="cuda"))
+
+    def forward_only() -> None:
+        with torch.no_grad():
+            decpo.token_logprobs(h, w, t)
+
+    step()
+    print(f"fwd+bwd {do_bench(step, warmup=50, rep=300, return_mode='median'):.2f} ms; "
+          f"fwd (no grad) {do_bench(forward_only, warmup=50, rep=300, return_mode='median'):.2f} ms")  # fmt: skip
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(
+        prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60)
+    )
+
+    # GEMM 2 alone, each config: out (C, D) = A (C, V_padded) W (V, D).
+    tile_v = tlp._tile_v(w.dtype)
+    chunk = tlp.chunk_rows(n, v, 2, tile_v)
+    n_t = (v + tile_v - 1) // tile_v
+    q = torch.rand(chunk, n_t * tile_v, device="cuda").bfloat16()
+    scale = torch.rand(chunk, n_t, device="cuda")
+    coef = torch.rand(chunk, device="cuda")
+    out = torch.empty(chunk, d, device="cuda", dtype=torch.bfloat16)
+    flops = 2 * chunk * n_t * tile_v * d
+    ref = do_bench(
+        lambda: torch.mm(
+            q,
+            w[: q.shape[1]]
+            if v >= q.shape[1]
+            else torch.nn.functional.pad(w, (0, 0, 0, q.shape[1] - v)),
+        ),
+        warmup=25,
+        rep=200,
+        return_mode="median",
+    )
+    print(f"cuBLAS (C, Vp) @ (Vp, D): {ref:.2f} ms, {flops / ref / 1e9:.0f} TFLOP/s")
+    for config in tlp._GEMM2:
+        for scaled in (True, False):
+            args = dict(q_ptr=q, scale_ptr=scale if scaled else None, w_ptr=w, t_ptr=t[:chunk],
+                        coef_ptr=coef if scaled else None, out_ptr=out, M=chunk, V=v, D=d,
+                        KP=q.shape[1], NT=n_t, stride_qm=q.stride(0), stride_wv=w.stride(0),
+                        stride_wd=w.stride(1), stride_om=out.stride(0), SCALED=scaled,
+                        INTERPRET=False, TILE_V=tile_v, GROUP_M=8)  # fmt: skip
+            grid = (
+                triton_cdiv(chunk, config.blocks["BLOCK_M"])
+                * triton_cdiv(d, config.blocks["BLOCK_N"]),
+            )
+            ms = do_bench(lambda c=config, a=args, g=grid: common.launch(tlp._grad_kernel, g, c, **a),
+                          warmup=25, rep=200, return_mode="median")  # fmt: skip
+            print(f"GEMM 2 {config.name:<14} scaled={scaled!s:<5} {ms:7.2f} ms "
+                  f"{flops / ms / 1e9:5.0f} TFLOP/s")  # fmt: skip
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+if __name__ == "__main__":
+    main()
