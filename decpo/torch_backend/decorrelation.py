@@ -73,7 +73,9 @@ def _row_gradient(
     so the whole epilogue is one row dot, one multiply-add and one scaling pass.
     """
     if denom is None:
-        return torch.addcmul(y, torch.as_tensor(a, dtype=y.dtype), z, value=-1.0).mul_(4 * scale)
+        # a is a number here: as a 0-dim host tensor it must be addcmul's second factor
+        # (CUDA takes a host scalar there, not as the first).
+        return torch.addcmul(y, z, torch.as_tensor(a, dtype=y.dtype), value=-1.0).mul_(4 * scale)
     yz = torch.linalg.vecdot(y, z).unsqueeze(-1)  # (L, n, 1)
     zz = torch.linalg.vecdot(z, z).unsqueeze(-1)
     b = a + torch.where(denom > EPS, yz - a * zz, torch.zeros_like(yz))

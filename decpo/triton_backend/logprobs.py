@@ -361,16 +361,19 @@ def _grad_kernel(
     rows64 = tl.where(row_ok, rows, 0).to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
     q_ptrs = q_ptr + rows64[:, None] * stride_qm + ks[None, :]
-    w_ptrs = (
-        w_ptr + ks.to(tl.int64)[:, None] * stride_wv + tl.where(d_ok, dcols, 0)[None, :] * stride_wd
-    )
+    # The W tile's columns (D) are its contiguous axis: left unclamped (masked instead)
+    # so that the compiler sees BLOCK_N consecutive addresses and issues 16-byte
+    # cp.async copies. A clamp (tl.where(d_ok, dcols, 0)) hides that: on an H100 this
+    # GEMM then ran at 52 TFLOP/s against cuBLAS's 768 on the same shape.
+    w_ptrs = w_ptr + ks.to(tl.int64)[:, None] * stride_wv + dcols[None, :] * stride_wd
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k in range(0, tl.cdiv(KP, BLOCK_K)):
         a = tl.load(q_ptrs)  # (BLOCK_M, BLOCK_K); rows past M read row 0, masked at the store
         if SCALED:
             f = tl.load(scale_ptr + rows64 * NT + (k * BLOCK_K) // TILE_V)  # (BLOCK_M,)
             a = cast(a.to(tl.float32) * f[:, None], q_ptr.dtype.element_ty, INTERPRET)
-        w = tl.load(w_ptrs, mask=ks[:, None] < V - k * BLOCK_K, other=0.0)  # (BLOCK_K, BLOCK_N)
+        w_ok = (ks[:, None] < V - k * BLOCK_K) & d_ok[None, :]
+        w = tl.load(w_ptrs, mask=w_ok, other=0.0)  # (BLOCK_K, BLOCK_N)
         acc = dot(a, w, acc, INTERPRET)
         q_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wv
@@ -427,16 +430,15 @@ def _dweight_kernel(
     d_ok = dcols < D
     ks = tl.arange(0, BLOCK_K)
     g_ptrs = g_ptr + ks.to(tl.int64)[:, None] * stride_gm + cols[None, :]
-    h_ptrs = (
-        h_ptr + ks.to(tl.int64)[:, None] * stride_hm + tl.where(d_ok, dcols, 0)[None, :] * stride_hd
-    )
+    # Unclamped columns, masked: contiguous to the compiler (see _grad_kernel).
+    h_ptrs = h_ptr + ks.to(tl.int64)[:, None] * stride_hm + dcols[None, :] * stride_hd
     acc = tl.zeros([BLOCK_V, BLOCK_N], tl.float32)
     db = tl.zeros([BLOCK_V], tl.float32)
     for k in range(0, tl.cdiv(M, BLOCK_K)):
         k_ok = ks[:, None] < M - k * BLOCK_K
         g = tl.load(g_ptrs, mask=k_ok, other=0.0)  # (BLOCK_K, BLOCK_V), zero-padded past V
         if NEED_WEIGHT:
-            h = tl.load(h_ptrs, mask=k_ok, other=0.0)  # (BLOCK_K, BLOCK_N)
+            h = tl.load(h_ptrs, mask=k_ok & d_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
             acc = dot(tl.trans(g), h, acc, INTERPRET)
         if NEED_BIAS:
             db += tl.sum(g.to(tl.float32), 0)

@@ -23,7 +23,7 @@ from decpo.triton_backend import decorrelation as dec
 
 
 def _sizes(n: int, mask, segment_ids) -> list[int]:
-    _rows, sizes = bucket_rows(n, mask, segment_ids, torch.device("cpu"))
+    _rows, sizes = bucket_rows(n, mask, segment_ids, torch.get_default_device())
     return sizes
 
 
@@ -92,7 +92,8 @@ def test_tile_pairs_atomic_fallback(dtype, offdiag, monkeypatch):
     monkeypatch.setattr(dec, "E_BUDGET", 0)
     with common.recording() as launches:
         dec.decorrelation_penalty(torch.randn(1, 41, 53), None, None, True, offdiag, "mean", True)
-    assert "_gram_pair_kernel" in {launch.kernel.fn.__name__ for launch in launches}
+    if interpreting():  # GPU tiles hold these 41 rows in one tile: no pairs
+        assert "_gram_pair_kernel" in {launch.kernel.fn.__name__ for launch in launches}
     _check(torch.randn(41, 53), dtype, {"pair"}, offdiag=offdiag, upstream=0.37)
     seg = torch.tensor([0] * 7 + [1] * 20 + [2] * 40)
     _check(torch.randn(67, 29) * 0.3, dtype, {"fused", "pair", "cov"}, segment_ids=seg,
@@ -108,7 +109,8 @@ def test_tile_pairs_bit_identical_run_to_run(dtype):
     with common.recording() as launches:
         dec.decorrelation_penalty(hidden.to(dtype), None, seg, True, False, "mean", True)
     names = {launch.kernel.fn.__name__ for launch in launches}
-    assert {"_gram_error_kernel", "_gram_grad_kernel"} <= names
+    if interpreting():  # on a GPU's larger tiles every group here fits one tile (fused)
+        assert {"_gram_error_kernel", "_gram_grad_kernel"} <= names
     assert "_gram_pair_kernel" not in names and "_finish_kernel" not in names
     first = _run(hidden, dtype, 0.37, segment_ids=seg)
     again = _run(hidden, dtype, 0.37, segment_ids=seg)

@@ -125,7 +125,7 @@ def test_masked_vocabulary_bias_is_finite():
     """A -inf bias entry is a masked vocabulary entry: finite log-probs elsewhere."""
     h, w, b, t = _inputs(20, 16, 40, torch.float32, seed=4, ignore_frac=0.0)
     b[::3] = float("-inf")
-    t = torch.where(t % 3 == 0, t + 1, t)
+    t = torch.where(t % 3 == 0, torch.where(t + 1 < 40, t + 1, t - 2), t)  # unmasked, < V
     logp, _, grad, _stats = tlp.token_logprobs(h, w, t, b, -100, 1.0, 0.0, 1.0, True, True)
     ref_logp, _ = _reference(h, w, b, t, -100, 1.0, 0.0, 1.0)
     assert torch.isfinite(logp).all() and torch.isfinite(grad).all()
