@@ -5,6 +5,7 @@ timed alone (scaled A as in the frozen forward, and unscaled as in the trainable
 backward), against a cuBLAS product of the same shape.
 
     python -m experiments.gpu_token_profile [--n 8192 --d 4096 --v 128256]
+    python -m experiments.gpu_token_profile --sweep   # GEMM 1 / GEMM 2 block configs
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8192)
     parser.add_argument("--d", type=int, default=4096)
     parser.add_argument("--v", type=int, default=128256)
+    parser.add_argument("--sweep", action="store_true")
     args = parser.parse_args()
+    if args.sweep:
+        sweep(args.n, args.d, args.v)
+        return
     n, d, v = args.n, args.d, args.v
     torch.manual_seed(0)
     h = torch.randn(n, d, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
@@ -85,6 +90,60 @@ def main() -> None:
                           warmup=25, rep=200, return_mode="median")  # fmt: skip
             print(f"GEMM 2 {config.name:<14} scaled={scaled!s:<5} {ms:7.2f} ms "
                   f"{flops / ms / 1e9:5.0f} TFLOP/s")  # fmt: skip
+
+
+def sweep(n: int, d: int, v: int) -> None:
+    """Forward (no grad: GEMM 1 alone) and forward+backward (GEMM 1 storing q, then
+    GEMM 2) with each candidate block config as the default, the other GEMM fixed."""
+    from decpo.triton_backend.common import KernelConfig as K
+
+    torch.manual_seed(0)
+    h = torch.randn(n, d, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+    w = (torch.randn(v, d, device="cuda") / d**0.5).bfloat16()
+    t = torch.randint(0, v, (n,), device="cuda")
+    ones = torch.ones(n, device="cuda")
+
+    def step() -> None:
+        h.grad = None
+        decpo.token_logprobs(h, w, t).backward(ones)
+
+    def forward_only() -> None:
+        with torch.no_grad():
+            decpo.token_logprobs(h, w, t)
+
+    base1, base2 = tlp._GEMM1, tlp._GEMM2
+    gemm1 = [
+        K("m128v128d64w8s3", {"BLOCK_M": 128, "BLOCK_V": 128, "BLOCK_D": 64}, 8, 3),
+        K("m128v128d64w8s4", {"BLOCK_M": 128, "BLOCK_V": 128, "BLOCK_D": 64}, 8, 4),
+        K("m128v256d64w8s3", {"BLOCK_M": 128, "BLOCK_V": 256, "BLOCK_D": 64}, 8, 3),
+        K("m256v128d64w8s3", {"BLOCK_M": 256, "BLOCK_V": 128, "BLOCK_D": 64}, 8, 3),
+        K("m128v128d128w8s2", {"BLOCK_M": 128, "BLOCK_V": 128, "BLOCK_D": 128}, 8, 2),
+        K("m128v256d64w8s4", {"BLOCK_M": 128, "BLOCK_V": 256, "BLOCK_D": 64}, 8, 4),
+    ]
+    gemm2 = [
+        K("m128n256k64w8s3", {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, 8, 3),
+        K("m128n256k64w8s4", {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, 8, 4),
+        K("m256n128k64w8s3", {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64}, 8, 3),
+        K("m128n256k128w8s2", {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128}, 8, 2),
+        K("m256n128k64w8s4", {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64}, 8, 4),
+    ]
+    for c in gemm1:
+        tlp._GEMM1 = (c, *base1[1:])
+        try:
+            fwd = do_bench(forward_only, warmup=25, rep=150, return_mode="median")
+            both = do_bench(step, warmup=25, rep=150, return_mode="median")
+            print(f"GEMM 1 {c.name:<18} fwd {fwd:7.2f} ms  fwd+bwd {both:7.2f} ms", flush=True)
+        except Exception as exc:  # a config that does not compile (shared memory) is skipped
+            print(f"GEMM 1 {c.name:<18} failed: {type(exc).__name__}: {str(exc)[:120]}")
+    tlp._GEMM1 = base1
+    for c in gemm2:
+        tlp._GEMM2 = (c, *base2[1:])
+        try:
+            both = do_bench(step, warmup=25, rep=150, return_mode="median")
+            print(f"GEMM 2 {c.name:<18} fwd+bwd {both:7.2f} ms", flush=True)
+        except Exception as exc:
+            print(f"GEMM 2 {c.name:<18} failed: {type(exc).__name__}: {str(exc)[:120]}")
+    tlp._GEMM2 = base2
 
 
 def triton_cdiv(a: int, b: int) -> int:
