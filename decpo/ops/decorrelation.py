@@ -62,6 +62,12 @@ def _scale_torch(grad: Tensor, grad_loss: Tensor, dtype: torch.dtype) -> Tensor:
     one_pass = grad.dtype in (torch.bfloat16, torch.float32)
     if one_pass and grad.device.type == "cpu" and grad_loss.dtype == torch.float32:
         return (grad * grad_loss).to(dtype)
+    if grad.device.type == "cuda" and grad_loss.dtype == torch.float32 and dtype == grad.dtype:
+        # CUDA casts a 0-dim operand to the other's dtype (bf16) before multiplying; a
+        # one-element tensor with dimensions takes part in type promotion instead, so
+        # the product is formed in fp32 and rounded once into the output: one kernel
+        # rather than upcast, multiply and cast back.
+        return torch.mul(grad, grad_loss.reshape([1] * grad.dim()), out=torch.empty_like(grad))
     return (grad.to(torch.promote_types(grad.dtype, torch.float32)) * grad_loss).to(dtype)
 
 
@@ -116,6 +122,8 @@ def _backward(
             scaled = native(grad, grad_loss, in_place=True)
             if scaled is not None:
                 return input_grads(ctx, scaled)
+        if grad.device.type == "cuda":  # one fp32 product, one rounding (see _scale_torch)
+            return input_grads(ctx, torch.mul(grad, grad_loss.reshape([1] * grad.dim()), out=grad))
         return input_grads(ctx, grad.mul_(grad_loss))
     if ctx.backend == "native" and grad.dtype == ctx.hidden_dtype:
         return input_grads(ctx, _scale_native_op(grad, grad_loss))
@@ -126,15 +134,13 @@ def _last_use(grad: Tensor, grad_loss: Tensor, hidden_dtype: torch.dtype) -> boo
     """Whether the stored gradient may be scaled in place: eager (not traced by
     torch.compile), the graph freed after this backward (no retain_graph, which would
     run it again on the scaled values), and an in-place multiply with the bits of the
-    out-of-place one (gradient in the input's dtype times a 0-dim fp32 scalar on the
-    same device: fp32 products, one rounding). That holds for fp32 everywhere and for
-    bf16 on CPU; CUDA's in-place bf16 multiply rounds the fp32 scalar to bf16 first
-    (a relative error of up to 2^-9 in the whole gradient), so bf16 on CUDA is scaled
-    out of place, in fp32."""
+    out-of-place one (gradient in the input's dtype, fp32 or bf16, times a 0-dim fp32
+    scalar on the same device: fp32 products, one rounding). On CUDA a bf16 tensor
+    times a 0-dim fp32 one rounds the scalar to bf16 first (up to 2^-9 relative error
+    in the whole gradient), so there the scalar is given a shape (see _scale_torch)."""
     if torch.compiler.is_compiling() or torch._C._autograd._get_current_graph_task_keep_graph():
         return False
-    exact = (torch.float32,) if grad.device.type == "cuda" else (torch.bfloat16, torch.float32)
-    same_math = grad.dtype == hidden_dtype and grad.dtype in exact
+    same_math = grad.dtype == hidden_dtype and grad.dtype in (torch.bfloat16, torch.float32)
     return same_math and grad_loss.dtype == torch.float32 and grad_loss.dim() == 0
 
 

@@ -104,7 +104,7 @@ import triton.language as tl
 
 from decpo.numerics import bucket_rows, grad_dtype, interpreting
 from decpo.triton_backend import common
-from decpo.triton_backend.common import KernelConfig, cast, dot
+from decpo.triton_backend.common import KernelConfig, cast, dot, host_table
 
 PAD = 16  # feature padding of the packed rows: 16-byte aligned rows for cp.async
 
@@ -1286,8 +1286,8 @@ def decorrelation_penalty(
 
     if plan.fused:
         g = len(plan.fused)
-        starts = torch.tensor(_starts(plan.fused), dtype=torch.int32, device=device)
-        counts = torch.tensor(plan.fused, dtype=torch.int32, device=device)
+        starts = host_table(_starts(plan.fused), torch.int32, device)
+        counts = host_table(plan.fused, torch.int32, device)
         partial = torch.empty((L, g), dtype=torch.float32, device=device)
         _launch(
             _gram_fused_kernel,
@@ -1322,7 +1322,7 @@ def decorrelation_penalty(
     for same, table in ((True, _diag_pairs(plan)), (False, _off_pairs(plan))):
         if not table or stores_e:
             continue
-        t = torch.tensor(table, dtype=torch.int32).T.contiguous().to(device)
+        t = host_table(table, torch.int32, device, transpose=True)
         npairs = t.shape[1]
         partial = torch.empty((L, npairs), dtype=torch.float32, device=device)
         _launch(
@@ -1355,11 +1355,11 @@ def decorrelation_penalty(
         k = len(plan.cov)
         first = n_fused + n_pair
         starts_l = _starts(plan.cov, first)
-        group_start = torch.tensor(starts_l, dtype=torch.int32, device=device)
-        group_n = torch.tensor(plan.cov, dtype=torch.int32, device=device)
+        group_start = host_table(starts_l, torch.int32, device)
+        group_n = host_table(plan.cov, torch.int32, device)
         # s = sum ||z||^2 and q = sum ||z||^4 per (group, layer), in float64.
         seg = torch.repeat_interleave(
-            torch.arange(k, device=device), torch.tensor(plan.cov, device=device)
+            torch.arange(k, device=device), host_table(plan.cov, torch.int64, device)
         )
         sq_cov = sq[:, first:].double()  # (L, n_cov)
         s_tot = torch.zeros((L, k), dtype=torch.float64, device=device).index_add_(1, seg, sq_cov)
@@ -1371,7 +1371,7 @@ def decorrelation_penalty(
             table = _cov_tiles(plan, same)
             if not table:
                 continue
-            t = torch.tensor(table, dtype=torch.int32).T.contiguous().to(device)
+            t = host_table(table, torch.int32, device, transpose=True)
             npairs = t.shape[1]
             partial = torch.empty((L, npairs), dtype=torch.float32, device=device)
             _launch(
@@ -1399,7 +1399,7 @@ def decorrelation_penalty(
                 INTERPRET=interpret,
             )
             p_sum += partial.double().sum(1)
-        n_g = torch.tensor(plan.cov, dtype=torch.float64, device=device)
+        n_g = host_table(plan.cov, torch.float64, device)
         if offdiag:
             extra = s_tot.square() / dim - q_tot
         else:
@@ -1407,7 +1407,7 @@ def decorrelation_penalty(
         p_sum += extra.sum(1)
         if compute_grad:
             blocks = _cov_blocks(plan)
-            bt = torch.tensor(blocks, dtype=torch.int32).T.contiguous().to(device)
+            bt = host_table(blocks, torch.int32, device, transpose=True)
             _launch(
                 _cov_grad_kernel,
                 lambda c_: (triton.cdiv(dp, c_.blocks["BLOCK_N"]), len(blocks), L),
@@ -1490,7 +1490,7 @@ def _gram_error_path(
         if not table:
             continue
         rows_t = [(*row, off_of[row[0]]) for row in table]
-        t = torch.tensor(rows_t, dtype=torch.int32).T.contiguous().to(device)
+        t = host_table(rows_t, torch.int32, device, transpose=True)
         npairs = t.shape[1]
         partial = torch.empty((L, npairs), dtype=torch.float32, device=device)
         _launch(
@@ -1520,7 +1520,7 @@ def _gram_error_path(
         )
         p_sum += partial.double().sum(1)
     blocks = _pair_blocks(plan)
-    bt = torch.tensor(blocks, dtype=torch.int32).T.contiguous().to(device)
+    bt = host_table(blocks, torch.int32, device, transpose=True)
     assert all(tile_r % c.blocks["BLOCK_K"] == 0 for c in cfg.pair_grad[1])
     _launch(
         _gram_grad_kernel,
