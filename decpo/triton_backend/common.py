@@ -132,7 +132,7 @@ def host_table(
     through pinned memory and copied asynchronously on CUDA. A plain
     torch.tensor(values, device="cuda") waits for all the GPU work queued before it
     (on an H100 the decorrelation launcher's tables held a 1 ms call at 3-4 ms)."""
-    host = torch.tensor(values, dtype=dtype)
+    host = torch.tensor(values, dtype=dtype, device="cpu")
     if transpose:
         host = host.T.contiguous()
     if device.type != "cuda":
