@@ -15,6 +15,7 @@ writes shows up as NaN instead of a plausible stale value.
 
     python -m bench.gpu_check            # table; bench/results/gpu-check-cuda-<date>.json
     python -m bench.gpu_check --only decorrelation
+    TRITON_INTERPRET=1 python -m bench.gpu_check --device cpu --tiny   # CI: the script itself
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 
 import decpo
 from bench.render import git_commit
+from decpo.numerics import interpreting
 from decpo.reference import (
     decorrelation_penalty_reference,
     eager_logprobs_from_logits,
@@ -42,6 +44,8 @@ from decpo.reference import (
 from tests.helpers import TOL, rel_err
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DEVICE = torch.device("cuda")  # --device cpu (with TRITON_INTERPRET=1 and --tiny): CI's run
+TINY = False  # --tiny: every size shrunk to 17..63 (shrink), for the CPU interpreter
 # Rows per float64 reference chunk: (1024, 152064) fp64 logits = 1.2 GB. PyTorch at the
 # input dtype runs unchunked, as a user would (chunks would add rounding to a trainable
 # head's gradient, summed over them).
@@ -56,10 +60,18 @@ class Check:
     run: Callable[[str], Outputs]  # "decpo" | "eager" | "float64" -> named outputs
 
 
+def shrink(size: int) -> int:
+    """The size itself, or with --tiny a small stand-in (17..63) that keeps sizes
+    distinct and mostly unaligned."""
+    return 17 + size % 47 if TINY else size
+
+
 def _poison_cache(gib: float = 16.0) -> None:
     """Fill the CUDA caching allocator's free memory with NaN: the kernels' outputs are
     carved from it next, so an unwritten element reads NaN."""
-    block = torch.full((int(gib * (1 << 28)),), float("nan"), device="cuda")  # (gib 2^28,) fp32
+    if DEVICE.type != "cuda":
+        return
+    block = torch.full((int(gib * (1 << 28)),), float("nan"), device=DEVICE)  # (gib 2^28,) fp32
     del block
 
 
@@ -87,18 +99,19 @@ def _chunked(
 def token_check(name: str, n: int, d: int, v: int, dtype: torch.dtype, *, trainable: bool = False,
                 bias: bool = False, stats: bool = False, **options) -> Check:  # fmt: skip
     """token_logprobs on a (V, D) head; 5% of the targets ignored."""
-    gen = torch.Generator(device="cuda").manual_seed(n + d + v)
-    h = torch.randn(n, d, device="cuda", generator=gen).to(dtype)  # (N, D)
-    w = (torch.randn(v, d, device="cuda", generator=gen) / d**0.5).to(dtype)  # (V, D)
-    b = (torch.randn(v, device="cuda", generator=gen) * 0.5).to(dtype) if bias else None
-    t = torch.randint(0, v, (n,), device="cuda", generator=gen)
+    n, d, v = shrink(n), shrink(d), shrink(v)
+    gen = torch.Generator(device=DEVICE).manual_seed(n + d + v)
+    h = torch.randn(n, d, device=DEVICE, generator=gen).to(dtype)  # (N, D)
+    w = (torch.randn(v, d, device=DEVICE, generator=gen) / d**0.5).to(dtype)  # (V, D)
+    b = (torch.randn(v, device=DEVICE, generator=gen) * 0.5).to(dtype) if bias else None
+    t = torch.randint(0, v, (n,), device=DEVICE, generator=gen)
     if stats:  # a third of the targets at the row's argmax, so argmax_match is not all 0
         top = torch.cat([(h[s : s + ROW_CHUNK].float() @ w.float().T).argmax(-1)
                          for s in range(0, n, ROW_CHUNK)])  # fmt: skip
-        pick = torch.rand(n, device="cuda", generator=gen) < 0.3
+        pick = torch.rand(n, device=DEVICE, generator=gen) < 0.3
         t = torch.where(pick, top, t)
-    t[torch.rand(n, device="cuda", generator=gen) < 0.05] = -100
-    g = torch.randn(n, device="cuda", generator=gen)  # upstream d logp
+    t[torch.rand(n, device=DEVICE, generator=gen) < 0.05] = -100
+    g = torch.randn(n, device=DEVICE, generator=gen)  # upstream d logp
 
     def run(provider: str) -> Outputs:
         work = torch.float64 if provider == "float64" else dtype
@@ -134,11 +147,12 @@ def token_check(name: str, n: int, d: int, v: int, dtype: torch.dtype, *, traina
 
 
 def logits_check(name: str, n: int, v: int, dtype: torch.dtype, temperature: float = 1.0) -> Check:
-    gen = torch.Generator(device="cuda").manual_seed(n + v)
-    x = (torch.randn(n, v, device="cuda", generator=gen) * 3).to(dtype)  # (N, V)
-    t = torch.randint(0, v, (n,), device="cuda", generator=gen)
-    t[torch.rand(n, device="cuda", generator=gen) < 0.05] = -100
-    g = torch.randn(n, device="cuda", generator=gen)
+    n, v = shrink(n), shrink(v)
+    gen = torch.Generator(device=DEVICE).manual_seed(n + v)
+    x = (torch.randn(n, v, device=DEVICE, generator=gen) * 3).to(dtype)  # (N, V)
+    t = torch.randint(0, v, (n,), device=DEVICE, generator=gen)
+    t[torch.rand(n, device=DEVICE, generator=gen) < 0.05] = -100
+    g = torch.randn(n, device=DEVICE, generator=gen)
 
     def run(provider: str) -> Outputs:
         if provider == "decpo":
@@ -160,15 +174,16 @@ def decorrelation_check(name: str, shape: tuple[int, ...], dtype: torch.dtype, g
                         ragged: bool = False, **options) -> Check:  # fmt: skip
     """hidden of `shape`, (N, D) or (L, N, D); `groups` contiguous equal groups, or with
     `ragged` unsorted ids of uneven groups and a mask dropping ~10% of the rows."""
-    gen = torch.Generator(device="cuda").manual_seed(sum(shape))
-    h = torch.randn(*shape, device="cuda", generator=gen).to(dtype)
+    shape = (*shape[:-2], *(shrink(x) for x in shape[-2:]))
+    gen = torch.Generator(device=DEVICE).manual_seed(sum(shape))
+    h = torch.randn(*shape, device=DEVICE, generator=gen).to(dtype)
     n = shape[-2]
     seg = mask = None
     if groups > 1:
-        seg = torch.arange(n, device="cuda") // (n // groups)
+        seg = torch.arange(n, device=DEVICE) // (n // groups)
     if ragged:
-        seg = torch.randint(0, 5, (n,), device="cuda", generator=gen) ** 2  # uneven, unsorted
-        mask = torch.rand(n, device="cuda", generator=gen) > 0.1
+        seg = torch.randint(0, 5, (n,), device=DEVICE, generator=gen) ** 2  # uneven, unsorted
+        mask = torch.rand(n, device=DEVICE, generator=gen) > 0.1
     upstream = -1.7
 
     def run(provider: str) -> Outputs:
@@ -253,7 +268,8 @@ def evaluate(check: Check) -> dict:
     ref = check.run("float64")
     eager = check.run("eager")
     ours = check.run("decpo")
-    torch.cuda.synchronize()
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
     again = check.run("decpo")  # run to run: bit-identical?
     tol = TOL[check.dtype]
     outputs, ok = {}, True
@@ -267,19 +283,30 @@ def evaluate(check: Check) -> dict:
                         "bit_identical_rerun": bool(torch.equal(ours[key], again[key])),
                         "passed": passed}  # fmt: skip
     del ref, eager, ours, again
-    torch.cuda.empty_cache()
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
     return {"check": check.name, "dtype": str(check.dtype).removeprefix("torch."),
             "tolerance": tol, "passed": ok, "outputs": outputs,
             "seconds": time.perf_counter() - start}  # fmt: skip
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    global DEVICE, TINY
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default="", help="only checks whose name contains this")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/...)")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("bench.gpu_check needs a CUDA GPU", file=sys.stderr)
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                        help="cpu: the Triton interpreter, with --tiny")  # fmt: skip
+    parser.add_argument("--tiny", action="store_true", help="sizes shrunk to 17..63")
+    args = parser.parse_args(argv)
+    DEVICE, TINY = torch.device(args.device), args.tiny
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        print("bench.gpu_check needs a CUDA GPU (or --device cpu --tiny under "
+              "TRITON_INTERPRET=1)", file=sys.stderr)  # fmt: skip
+        return 2
+    if DEVICE.type == "cpu" and not (interpreting() and TINY):
+        print("--device cpu runs the Triton interpreter: set TRITON_INTERPRET=1 and pass --tiny",
+              file=sys.stderr)  # fmt: skip
         return 2
     import triton
 
@@ -291,7 +318,8 @@ def main() -> int:
             row = evaluate(check)
         except Exception as exc:  # record and go on: one broken kernel must not hide the rest
             row = {"check": check.name, "passed": False, "error": f"{type(exc).__name__}: {exc}"}
-            torch.cuda.empty_cache()
+            if DEVICE.type == "cuda":
+                torch.cuda.empty_cache()
         rows.append(row)
         worst = max((o["decpo_err"] for o in row.get("outputs", {}).values()), default=float("nan"))
         status = "ok  " if row["passed"] else "FAIL"
@@ -302,10 +330,11 @@ def main() -> int:
                   f"  rerun identical {o['bit_identical_rerun']}", flush=True)  # fmt: skip
     commit = git_commit()
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu (Triton interpreter)"
+    result = {"device": name, "tiny": TINY, "torch": torch.__version__,
               "triton": triton.__version__, "commit": commit, "date": stamp,
               "rows": rows}  # fmt: skip
-    out = Path(args.out) if args.out else RESULTS / f"gpu-check-cuda-{stamp}.json"
+    out = Path(args.out) if args.out else RESULTS / f"gpu-check-{DEVICE.type}-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     failed = [r["check"] for r in rows if not r["passed"]]

@@ -141,3 +141,19 @@ def test_native_ab_compares_two_builds(op, tmp_path, capsys):
     assert "on baseline" in out and "DIFFER" not in out
     assert out.count("bitwise equal") == (2 if op == "logits_bwd" else 1)
     assert library.active_isa() == before  # the process's own library is restored
+
+
+def test_gpu_check_runs_its_checks_on_the_interpreter(tmp_path):
+    """bench.gpu_check's own logic (references, eager baselines, the pass rule, JSON)
+    at tiny sizes on the Triton interpreter; on a GPU it runs the benchmark shapes."""
+    from bench import gpu_check
+
+    out = tmp_path / "check.json"
+    assert gpu_check.main(["--device", "cpu", "--tiny", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert len(result["rows"]) == len(gpu_check.checks()) >= 15
+    for row in result["rows"]:
+        assert row["passed"], row
+        assert {"logp", "penalty"} & set(row["outputs"])
+        for o in row["outputs"].values():
+            assert o["finite"] and o["decpo_err"] <= row["tolerance"]
