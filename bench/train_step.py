@@ -60,10 +60,34 @@ def _setup(device: str) -> tuple[torch.nn.Module, object, list[data.PreferencePa
             eos_token_id=tokenizer.eos_token_id, **LLAMA_1B,
         )).to(torch.bfloat16)  # fmt: skip
         short = data.synthetic_pairs(cfg["pairs"] * (cfg["steps"] + 1), seed=0)
-        # Prompts longer than max_length (cut from the left): every sequence fills it.
-        pairs = [data.PreferencePair(p.prompt * 80, p.chosen * 4, p.rejected * 4) for p in short]
+        # Long prompts cut from the left on the host so that prompt + longer completion
+        # just fits max_length: every trainer sees the same full sequences. (Left
+        # longer, decpo.train would cut them from the left while TRL's DPOTrainer,
+        # truncating from the right, drops every pair whose prompt fills max_length:
+        # on the first GPU run it was left with no data.)
+        pairs = [_fit(data.PreferencePair(p.prompt * 80, p.chosen * 4, p.rejected * 4),
+                      tokenizer, cfg["max_length"]) for p in short]  # fmt: skip
     model = models.add_lora(model, cfg["lora_r"], None, list(models.DEFAULT_LORA_TARGETS))
     return model.to(device), tokenizer, pairs, cfg
+
+
+def _fit(
+    pair: data.PreferencePair, tokenizer: object, max_length: int, margin: int = 8
+) -> data.PreferencePair:
+    """The pair with its prompt cut from the left until prompt + either completion is
+    at most max_length - margin tokens (the margin covers special tokens and merges
+    across the boundary)."""
+
+    def length(prompt: str) -> int:
+        return max(len(tokenizer(prompt + c)["input_ids"]) for c in (pair.chosen, pair.rejected))
+
+    lo, hi = 0, len(pair.prompt)  # characters dropped: lo too few (unless 0 fits), hi enough
+    if length(pair.prompt) <= max_length - margin:
+        return pair
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if length(pair.prompt[mid:]) <= max_length - margin else (mid, hi)
+    return data.PreferencePair(pair.prompt[hi:], pair.chosen, pair.rejected)
 
 
 def step_timer(device: str, times: list[float], memory: dict[str, float]) -> object:

@@ -157,3 +157,19 @@ def test_gpu_check_runs_its_checks_on_the_interpreter(tmp_path):
         assert {"logp", "penalty"} & set(row["outputs"])
         for o in row["outputs"].values():
             assert o["finite"] and o["decpo_err"] <= row["tolerance"]
+
+
+def test_train_step_gpu_pairs_fit_max_length():
+    """The GPU training-step setup cuts long prompts from the left on the host, so that
+    TRL (which drops pairs whose prompt fills max_length) and decpo.train see the same
+    full sequences."""
+    from bench import train_step
+    from decpo import data, models
+
+    tokenizer = models.build_tokenizer(data.demo_corpus())
+    for p in data.synthetic_pairs(20, seed=1):
+        long = data.PreferencePair(p.prompt * 80, p.chosen * 4, p.rejected * 4)
+        fit = train_step._fit(long, tokenizer, 1024)
+        assert long.prompt.endswith(fit.prompt) and fit.chosen == long.chosen
+        lengths = [len(tokenizer(fit.prompt + c)["input_ids"]) for c in (fit.chosen, fit.rejected)]
+        assert 900 < max(lengths) <= 1016
