@@ -112,21 +112,23 @@ def sweep(n: int, d: int, v: int) -> None:
             decpo.token_logprobs(h, w, t)
 
     base1, base2 = tlp._GEMM1, tlp._GEMM2
-    gemm1 = [
-        K("m128v128d64w8s3", {"BLOCK_M": 128, "BLOCK_V": 128, "BLOCK_D": 64}, 8, 3),
-        K("m128v128d64w8s4", {"BLOCK_M": 128, "BLOCK_V": 128, "BLOCK_D": 64}, 8, 4),
-        K("m128v256d64w8s3", {"BLOCK_M": 128, "BLOCK_V": 256, "BLOCK_D": 64}, 8, 3),
-        K("m256v128d64w8s3", {"BLOCK_M": 256, "BLOCK_V": 128, "BLOCK_D": 64}, 8, 3),
-        K("m128v128d128w8s2", {"BLOCK_M": 128, "BLOCK_V": 128, "BLOCK_D": 128}, 8, 2),
-        K("m128v256d64w8s4", {"BLOCK_M": 128, "BLOCK_V": 256, "BLOCK_D": 64}, 8, 4),
-    ]
-    gemm2 = [
-        K("m128n256k64w8s3", {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, 8, 3),
-        K("m128n256k64w8s4", {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, 8, 4),
-        K("m256n128k64w8s3", {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64}, 8, 3),
-        K("m128n256k128w8s2", {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128}, 8, 2),
-        K("m256n128k64w8s4", {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64}, 8, 4),
-    ]
+
+    def configs(axes: tuple[str, str, str], *shapes: tuple[int, ...]) -> list:
+        """KernelConfigs from (block, block, block, warps, stages) tuples, named like
+        m128v128d64w8s3."""
+        letters = [a.removeprefix("BLOCK_").lower() for a in axes]
+        out = []
+        for *blocks, warps, stages in shapes:
+            name = "".join(f"{x}{b}" for x, b in zip(letters, blocks, strict=True))
+            out.append(K(f"{name}w{warps}s{stages}", dict(zip(axes, blocks, strict=True)),
+                         warps, stages))  # fmt: skip
+        return out
+
+    gemm1 = configs(("BLOCK_M", "BLOCK_V", "BLOCK_D"), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
+                    (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 8, 2),
+                    (128, 256, 64, 8, 4))  # fmt: skip
+    gemm2 = configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4),
+                    (256, 128, 64, 8, 3), (128, 256, 128, 8, 2), (256, 128, 64, 8, 4))  # fmt: skip
     for c in gemm1:
         tlp._GEMM1 = (c, *base1[1:])
         try:
