@@ -193,9 +193,7 @@ def decorrelation_check(name: str, shape: tuple[int, ...], dtype: torch.dtype, g
             _poison_cache()
             loss = decpo.decorrelation_penalty(x, mask=mask, segment_ids=seg, backend="triton",
                                                **options)  # fmt: skip
-        elif provider == "float64":
-            loss = decorrelation_penalty_reference(x, mask, seg, **options)
-        else:  # PyTorch at the input dtype: the reference formula run in `dtype`
+        else:  # float64, or PyTorch's own at the input dtype: the reference formula
             loss = decorrelation_penalty_reference(x, mask, seg, **options)
         (loss * upstream).backward()
         return {"penalty": loss.detach(), "d hidden": x.grad}

@@ -24,7 +24,7 @@ fi
 {
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv
   python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
-  git rev-parse --short HEAD 2>/dev/null
+  python3 -c 'from bench.render import git_commit; print("commit", git_commit())'
   date -u
 } 2>&1 | tee "$OUT/gpu-$stage.txt"
 

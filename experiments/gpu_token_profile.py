@@ -11,8 +11,10 @@ backward), against a cuBLAS product of the same shape.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import torch
+import triton
 from triton.testing import do_bench
 
 import decpo
@@ -20,83 +22,8 @@ from decpo.triton_backend import common
 from decpo.triton_backend import logprobs as tlp
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--n", type=int, default=8192)
-    parser.add_argument("--d", type=int, default=4096)
-    parser.add_argument("--v", type=int, default=128256)
-    parser.add_argument("--sweep", action="store_true")
-    args = parser.parse_args()
-    if args.sweep:
-        sweep(args.n, args.d, args.v)
-        return
-    n, d, v = args.n, args.d, args.v
-    torch.manual_seed(0)
-    h = torch.randn(n, d, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
-    w = (torch.randn(v, d, device="cuda") / d**0.5).bfloat16()
-    t = torch.randint(0, v, (n,), device="cuda")
-
-    def step() -> None:
-        h.grad = None
-        decpo.token_logprobs(h, w, t).backward(torch.ones(n, device="cuda"))
-
-    def forward_only() -> None:
-        with torch.no_grad():
-            decpo.token_logprobs(h, w, t)
-
-    step()
-    print(f"fwd+bwd {do_bench(step, warmup=50, rep=300, return_mode='median'):.2f} ms; "
-          f"fwd (no grad) {do_bench(forward_only, warmup=50, rep=300, return_mode='median'):.2f} ms")  # fmt: skip
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    print(
-        prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60)
-    )
-
-    # GEMM 2 alone, each config: out (C, D) = A (C, V_padded) W (V, D).
-    tile_v = tlp._tile_v(w.dtype)
-    chunk = tlp.chunk_rows(n, v, 2, tile_v)
-    n_t = (v + tile_v - 1) // tile_v
-    q = torch.rand(chunk, n_t * tile_v, device="cuda").bfloat16()
-    scale = torch.rand(chunk, n_t, device="cuda")
-    coef = torch.rand(chunk, device="cuda")
-    out = torch.empty(chunk, d, device="cuda", dtype=torch.bfloat16)
-    flops = 2 * chunk * n_t * tile_v * d
-    ref = do_bench(
-        lambda: torch.mm(
-            q,
-            w[: q.shape[1]]
-            if v >= q.shape[1]
-            else torch.nn.functional.pad(w, (0, 0, 0, q.shape[1] - v)),
-        ),
-        warmup=25,
-        rep=200,
-        return_mode="median",
-    )
-    print(f"cuBLAS (C, Vp) @ (Vp, D): {ref:.2f} ms, {flops / ref / 1e9:.0f} TFLOP/s")
-    for config in tlp._GEMM2:
-        for scaled in (True, False):
-            args = dict(q_ptr=q, scale_ptr=scale if scaled else None, w_ptr=w, t_ptr=t[:chunk],
-                        coef_ptr=coef if scaled else None, out_ptr=out, M=chunk, V=v, D=d,
-                        KP=q.shape[1], NT=n_t, stride_qm=q.stride(0), stride_wv=w.stride(0),
-                        stride_wd=w.stride(1), stride_om=out.stride(0), SCALED=scaled,
-                        INTERPRET=False, TILE_V=tile_v, GROUP_M=8)  # fmt: skip
-            grid = (
-                triton_cdiv(chunk, config.blocks["BLOCK_M"])
-                * triton_cdiv(d, config.blocks["BLOCK_N"]),
-            )
-            ms = do_bench(lambda c=config, a=args, g=grid: common.launch(tlp._grad_kernel, g, c, **a),
-                          warmup=25, rep=200, return_mode="median")  # fmt: skip
-            print(f"GEMM 2 {config.name:<14} scaled={scaled!s:<5} {ms:7.2f} ms "
-                  f"{flops / ms / 1e9:5.0f} TFLOP/s")  # fmt: skip
-
-
-def sweep(n: int, d: int, v: int) -> None:
-    """Forward (no grad: GEMM 1 alone) and forward+backward (GEMM 1 storing q, then
-    GEMM 2) with each candidate block config as the default, the other GEMM fixed."""
-    from decpo.triton_backend.common import KernelConfig as K
-
+def _calls(n: int, d: int, v: int) -> tuple[torch.Tensor, torch.Tensor, Callable, Callable]:
+    """(head, targets, forward+backward, forward without grad) on random bf16 inputs."""
     torch.manual_seed(0)
     h = torch.randn(n, d, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
     w = (torch.randn(v, d, device="cuda") / d**0.5).bfloat16()
@@ -111,6 +38,64 @@ def sweep(n: int, d: int, v: int) -> None:
         with torch.no_grad():
             decpo.token_logprobs(h, w, t)
 
+    return w, t, step, forward_only
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=8192)
+    parser.add_argument("--d", type=int, default=4096)
+    parser.add_argument("--v", type=int, default=128256)
+    parser.add_argument("--sweep", action="store_true")
+    args = parser.parse_args()
+    if args.sweep:
+        sweep(args.n, args.d, args.v)
+        return
+    n, d, v = args.n, args.d, args.v
+    w, t, step, forward_only = _calls(n, d, v)
+    step()
+    print(f"fwd+bwd {do_bench(step, warmup=50, rep=300, return_mode='median'):.2f} ms; "
+          f"fwd (no grad) {do_bench(forward_only, warmup=50, rep=300, return_mode='median'):.2f} ms")  # fmt: skip
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(
+        prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60)
+    )
+
+    # GEMM 2 alone, each config: out (C, D) = A (C, V_padded) W (V, D).
+    tile_v = tlp._tile_v(w.dtype)
+    chunk = tlp.chunk_rows(n, v, 2, tile_v)
+    n_t = triton.cdiv(v, tile_v)
+    q = torch.rand(chunk, n_t * tile_v, device="cuda").bfloat16()
+    scale = torch.rand(chunk, n_t, device="cuda")
+    coef = torch.rand(chunk, device="cuda")
+    out = torch.empty(chunk, d, device="cuda", dtype=torch.bfloat16)
+    flops = 2 * chunk * n_t * tile_v * d
+    w_padded = torch.nn.functional.pad(w, (0, 0, 0, q.shape[1] - v))  # (V_padded, D)
+    ref = do_bench(lambda: torch.mm(q, w_padded), warmup=25, rep=200, return_mode="median")
+    print(f"cuBLAS (C, Vp) @ (Vp, D): {ref:.2f} ms, {flops / ref / 1e9:.0f} TFLOP/s")
+    for config in tlp._GEMM2:
+        for scaled in (True, False):
+            args = dict(q_ptr=q, scale_ptr=scale if scaled else None, w_ptr=w, t_ptr=t[:chunk],
+                        coef_ptr=coef if scaled else None, out_ptr=out, M=chunk, V=v, D=d,
+                        KP=q.shape[1], NT=n_t, stride_qm=q.stride(0), stride_wv=w.stride(0),
+                        stride_wd=w.stride(1), stride_om=out.stride(0), SCALED=scaled,
+                        INTERPRET=False, TILE_V=tile_v, GROUP_M=8)  # fmt: skip
+            grid = (triton.cdiv(chunk, config.blocks["BLOCK_M"])
+                    * triton.cdiv(d, config.blocks["BLOCK_N"]),)  # fmt: skip
+            ms = do_bench(lambda c=config, a=args, g=grid: common.launch(tlp._grad_kernel, g, c, **a),
+                          warmup=25, rep=200, return_mode="median")  # fmt: skip
+            print(f"GEMM 2 {config.name:<14} scaled={scaled!s:<5} {ms:7.2f} ms "
+                  f"{flops / ms / 1e9:5.0f} TFLOP/s")  # fmt: skip
+
+
+def sweep(n: int, d: int, v: int) -> None:
+    """Forward (no grad: GEMM 1 alone) and forward+backward (GEMM 1 storing q, then
+    GEMM 2) with each candidate block config as the default, the other GEMM fixed."""
+    from decpo.triton_backend.common import KernelConfig as K
+
+    _w, _t, step, forward_only = _calls(n, d, v)
     base1, base2 = tlp._GEMM1, tlp._GEMM2
 
     def configs(axes: tuple[str, str, str], *shapes: tuple[int, ...]) -> list:
@@ -146,10 +131,6 @@ def sweep(n: int, d: int, v: int) -> None:
         except Exception as exc:
             print(f"GEMM 2 {c.name:<18} failed: {type(exc).__name__}: {str(exc)[:120]}")
     tlp._GEMM2 = base2
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from decpo.train import METRIC_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CPU = torch.device("cpu")
 # The device the op tests run on: cpu (CI), or cuda on a GPU machine
 # (DECPO_TEST_DEVICE=cuda; tests/conftest.py makes it torch's default device, so
 # every tensor a test builds lands there and backend availability is asked for it).

@@ -1358,8 +1358,10 @@ def decorrelation_penalty(
         group_start = host_table(starts_l, torch.int32, device)
         group_n = host_table(plan.cov, torch.int32, device)
         # s = sum ||z||^2 and q = sum ||z||^4 per (group, layer), in float64.
-        seg = torch.repeat_interleave(
-            torch.arange(k, device=device), host_table(plan.cov, torch.int64, device)
+        seg = torch.repeat_interleave(  # output_size given: no host sync
+            torch.arange(k, device=device),
+            host_table(plan.cov, torch.int64, device),
+            output_size=sum(plan.cov),
         )
         sq_cov = sq[:, first:].double()  # (L, n_cov)
         s_tot = torch.zeros((L, k), dtype=torch.float64, device=device).index_add_(1, seg, sq_cov)
