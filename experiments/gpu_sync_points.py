@@ -26,9 +26,9 @@ def main() -> None:
         "decorrelation 16 groups": lambda: decpo.decorrelation_penalty(
             g, segment_ids=seg
         ).backward(),
-        "decorrelation covariance (1 group, n > D)": lambda: (
-            decpo.decorrelation_penalty(g).backward()
-        ),
+        "decorrelation covariance (1 group, n > D)": lambda: decpo.decorrelation_penalty(
+            g
+        ).backward(),
         "token_logprobs": lambda: decpo.token_logprobs(x, w, t).sum().backward(),
     }
     for name, run in runs.items():
