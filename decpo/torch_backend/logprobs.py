@@ -71,16 +71,16 @@ class _ChunkCaster:
     of a call (None: the view itself). A fresh tensor per chunk page-faults its memory
     in every time: on 2 cores, converting a 32000 x 512 bf16 head chunk by chunk took
     13-18 ms that way, most of the gap between bf16-as-fp32-tiles and plain fp32.
-    widen: a fused bf16 -> fp32 conversion that also checks finiteness; once it has
-    seen every row of its range [lo, hi) of the head (a stream's part), weight_finite()
-    answers the head check for those rows without another pass over them."""
+    widen: a fused bf16 -> fp32 conversion that also checks finiteness; `widened`
+    holds the first row of every chunk it converted, so that once the chunks of all
+    casters of a call cover the head, their `finite` flags answer the head check
+    without another pass over it (_head_finite)."""
 
     def __init__(
         self, weight: torch.Tensor, rows: int, matmul_dtype: torch.dtype | None,
-        widen: ChunkWidener | None = None, lo: int = 0, hi: int | None = None,
+        widen: ChunkWidener | None = None,
     ):  # fmt: skip
         self.weight = weight
-        self.hi = weight.shape[0] if hi is None else hi  # this caster's rows: [lo, hi)
         self.buffer = (
             None
             if matmul_dtype is None
@@ -89,7 +89,7 @@ class _ChunkCaster:
         widens = weight.dtype == torch.bfloat16 and matmul_dtype == torch.float32
         self.widen = widen if widens else None
         self.finite = True  # every element widened so far
-        self.rows_seen = lo  # weight rows [lo, rows_seen) went through widen
+        self.widened: set[int] = set()  # v0 of every chunk that went through widen
 
     def __call__(self, v0: int, v1: int) -> torch.Tensor:
         if self.buffer is None:
@@ -100,16 +100,19 @@ class _ChunkCaster:
             self.widen = None
             return out.copy_(self.weight[v0:v1])
         self.finite = self.finite and finite
-        if v0 == self.rows_seen:
-            self.rows_seen = v1
+        self.widened.add(v0)
         return out
 
-    def weight_finite(self) -> torch.Tensor | None:
-        """0-dim bool: no NaN or Inf in weight rows [lo, hi), when widen saw all of
-        them; else None."""
-        if self.widen is None or self.rows_seen < self.hi:
-            return None
-        return torch.tensor(self.finite, device=self.weight.device)
+
+def _head_finite(casters: list[_ChunkCaster], chunks: list[tuple[int, int]]) -> torch.Tensor | None:
+    """0-dim bool: no NaN or Inf in the weight, when the casters widened every chunk
+    between them; else None (the caller checks the head itself)."""
+    if any(c.widen is None for c in casters):
+        return None
+    widened = set().union(*(c.widened for c in casters))
+    if any(v0 not in widened for v0, _ in chunks):
+        return None
+    return torch.tensor(all(c.finite for c in casters), device=casters[0].weight.device)
 
 
 def _safe_max(m: torch.Tensor) -> torch.Tensor:
@@ -172,59 +175,52 @@ class _Running:
         return cls(
             like.new_full((rows,), float("-inf"), dtype=dtype), zeros(rows), zeros(rows),
             zeros(rows), zeros(3, rows) if with_stats else None,
-            zeros(rows, dim) if frozen_grad else None,
+            like.new_empty((rows, dim), dtype=dtype) if frozen_grad else None,
         )  # fmt: skip
 
-    @staticmethod
-    def merge(parts: list[_Running]) -> _Running:
-        """The state of the union of disjoint vocabulary parts: each part's sums are
-        moved to the common max, exp(m_part - m) (the same rescale the sequential fold
+    def absorb(self, part: _Running) -> None:
+        """Folds in the state of a disjoint part of the vocabulary, in place: both sums
+        are moved to the common max, exp(m_x - m) (the rescale the sequential fold
         applies when its running max moves)."""
-        m = parts[0].m
-        for part in parts[1:]:
-            m = torch.maximum(m, part.m)
+        m = torch.maximum(self.m, part.m)
         m_safe = _safe_max(m)
-        first = parts[0]
-        out = _Running(
-            m, torch.zeros_like(m), torch.zeros_like(m), torch.zeros_like(m),
-            None if first.acc is None else torch.zeros_like(first.acc),
-            None if first.other_w is None else torch.zeros_like(first.other_w),
-        )  # fmt: skip
-        for part in parts:
-            rescale = torch.exp(part.m - m_safe)  # (R,), 0 for a part with no mass
-            out.s_other += part.s_other * rescale
-            out.s_target += part.s_target * rescale
-            out.target_logit += part.target_logit  # one part holds each row's target
-            if out.acc is not None:
-                assert part.acc is not None
-                s_part = part.s_other + part.s_target
-                shift = torch.where(s_part > 0, s_part * (part.m - m_safe), 0.0)
-                out.acc[0] += rescale * (part.acc[0] + shift)  # sum e (z - m)
-                out.acc[1] += part.acc[1] * rescale * rescale  # sum e^2
-                out.acc[2] += part.acc[2]  # sum z
-            if out.other_w is not None:
-                assert part.other_w is not None
-                out.other_w.addcmul_(part.other_w, rescale[:, None])
-        return out
+        own = torch.exp(self.m - m_safe)  # (R,), 0 for a side with no mass yet
+        other = torch.exp(part.m - m_safe)
+        if self.acc is not None:
+            assert part.acc is not None
+
+            def moved(x: _Running, rescale: torch.Tensor) -> torch.Tensor:
+                s_x = x.s_other + x.s_target
+                shift = torch.where(s_x > 0, s_x * (x.m - m_safe), 0.0)
+                return rescale * (x.acc[0] + shift)  # sum e (z - m) in the new frame
+
+            self.acc[0] = moved(self, own) + moved(part, other)
+            self.acc[1] = self.acc[1] * own * own + part.acc[1] * other * other  # sum e^2
+            self.acc[2] += part.acc[2]  # sum z
+        self.s_other = self.s_other * own + part.s_other * other
+        self.s_target = self.s_target * own + part.s_target * other
+        self.target_logit = self.target_logit + part.target_logit  # one part holds y
+        if self.other_w is not None:
+            assert part.other_w is not None
+            self.other_w.mul_(own[:, None]).addcmul_(part.other_w, other[:, None])
+        self.m = m
 
 
 class _VocabFold:
-    """Folds the logit tiles of weight rows [lo, hi) into a fresh _Running state, one
-    row chunk per call, with its own chunk and tile buffers (one fold per stream)."""
+    """Folds the logit tiles of vocabulary chunks into a fresh _Running state, one row
+    chunk per call, with its own chunk and tile buffers (one fold per stream)."""
 
     def __init__(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, lo: int, hi: int,
-        vocab_chunk: int, max_rows: int, tile_dtype: torch.dtype,
-        matmul_dtype: torch.dtype | None, widen: ChunkWidener | None,
-        epilogue: TileEpilogue | None, inv_t: float, softcap: float, logit_scale: float,
-        frozen_grad: bool, with_stats: bool,
+        self, weight: torch.Tensor, bias: torch.Tensor | None, vocab_chunk: int,
+        max_rows: int, tile_dtype: torch.dtype, matmul_dtype: torch.dtype | None,
+        widen: ChunkWidener | None, epilogue: TileEpilogue | None, inv_t: float,
+        softcap: float, logit_scale: float, frozen_grad: bool, with_stats: bool,
     ):  # fmt: skip
-        self.weight, self.bias, self.lo, self.hi = weight, bias, lo, hi
-        self.vocab_chunk = min(vocab_chunk, hi - lo)
+        self.weight, self.bias = weight, bias
         self.epilogue = epilogue
         self.inv_t, self.softcap, self.logit_scale = inv_t, softcap, logit_scale
         self.frozen_grad, self.with_stats = frozen_grad, with_stats
-        self.cast_chunk = _ChunkCaster(weight, self.vocab_chunk, matmul_dtype, widen, lo, hi)
+        self.cast_chunk = _ChunkCaster(weight, vocab_chunk, matmul_dtype, widen)
         # The fused epilogue's logit tiles, one buffer for every tile of the call: a
         # fresh (R, Vc) product per tile (8 MiB at 256 x 8192 fp32) page-faults its
         # memory in each time. fp32 N=256, D=512, V=32000 forward+backward: 2-5% faster
@@ -232,14 +228,24 @@ class _VocabFold:
         # unchanged.
         self.tile_buffer = None
         if epilogue is not None:
-            self.tile_buffer = weight.new_empty(max_rows * self.vocab_chunk, dtype=tile_dtype)
+            self.tile_buffer = weight.new_empty(max_rows * vocab_chunk, dtype=tile_dtype)
 
-    def __call__(self, h_mm: torch.Tensor, t: torch.Tensor) -> _Running:
-        """h_mm (R, D) in the matmul dtype, t (R,) targets."""
+    def __call__(
+        self, h_mm: torch.Tensor, t: torch.Tensor, chunks: list[tuple[int, int]]
+    ) -> _Running:
+        """The state of h_mm (R, D) in the matmul dtype with targets t (R,) over the
+        vocabulary chunks [v0, v1), folded in order."""
+        with torch.no_grad():
+            return self._fold(h_mm, t, chunks)
+
+    def take(self, h_mm: torch.Tensor, t: torch.Tensor, schedule: _ChunkSchedule) -> None:
+        """Folds chunks taken from the schedule one at a time, each into a fresh state
+        handed back to it, until none is left (a stream thread's work)."""
         with torch.no_grad():  # a stream thread starts with grad mode on
-            return self._fold(h_mm, t)
+            while (index := schedule.next_chunk()) is not None:
+                schedule.deliver(index, self._fold(h_mm, t, [schedule.chunks[index]]))
 
-    def _fold(self, h_mm: torch.Tensor, t: torch.Tensor) -> _Running:
+    def _fold(self, h_mm: torch.Tensor, t: torch.Tensor, chunks: list[tuple[int, int]]) -> _Running:
         weight, bias, inv_t = self.weight, self.bias, self.inv_t
         softcap, logit_scale = self.softcap, self.logit_scale
         rows, dim = h_mm.shape
@@ -247,8 +253,7 @@ class _VocabFold:
         state = _Running.start(rows, dim, h_mm, cdt, self.with_stats, self.frozen_grad)
         m, s_other, s_target = state.m, state.s_other, state.s_target
         target_logit, acc, other_w = state.target_logit, state.acc, state.other_w
-        for v0 in range(self.lo, self.hi, self.vocab_chunk):
-            v1 = min(v0 + self.vocab_chunk, self.hi)
+        for v0, v1 in chunks:
             local, inside = _target_columns(t, v0, v1)
             w_chunk = self.cast_chunk(v0, v1)  # (Vc, D)
             if self.epilogue is not None:
@@ -287,7 +292,12 @@ class _VocabFold:
                 if other_w is not None and tanh_tile is not None:
                     e.mul_(1.0 - tanh_tile.square_())  # dz / da up to logit_scale / T
                 p_tile = e.to(w_chunk.dtype) if other_w is not None else e
-            if other_w is not None:
+            if other_w is not None and v0 == chunks[0][0]:  # other_w is uninitialized
+                if p_tile.dtype == other_w.dtype:
+                    torch.mm(p_tile, w_chunk, out=other_w)
+                else:  # bf16 tiles: the product in bf16
+                    other_w.copy_(p_tile @ w_chunk)
+            elif other_w is not None:
                 other_w.mul_(rescale[:, None])
                 if p_tile.dtype == other_w.dtype:
                     other_w.addmm_(p_tile, w_chunk)  # no (R, D) temporary
@@ -296,16 +306,60 @@ class _VocabFold:
         return _Running(m, s_other, s_target, target_logit, acc, other_w)
 
 
-def _vocab_parts(
-    n_vocab: int, vocab_chunk: int, dim: int, device: torch.device, tile_dtype: torch.dtype,
-    streams: int | None,
-) -> list[tuple[int, int]]:  # fmt: skip
-    """The vocabulary split into `streams` contiguous parts of near-equal size, folded
-    at once by as many threads (None: default_streams)."""
-    if streams is None:
-        streams = default_streams(n_vocab, vocab_chunk, dim, device, tile_dtype)
-    streams = max(1, min(streams, n_vocab))
-    return [(n_vocab * i // streams, n_vocab * (i + 1) // streams) for i in range(streams)]
+class _ChunkSchedule:
+    """The vocabulary chunks of one row chunk, handed out one at a time to the stream
+    threads that ask, and their states merged in chunk order whichever thread folded
+    them: the result does not depend on timing, and a thread slowed by anything else
+    on the machine takes fewer chunks instead of holding up the call. Two fixed halves
+    of the vocabulary, one per thread, measured that: fp32 N=256 D=512 V=32000
+    forward+backward on 2 cores, 12 calls, one thread finished 20-40 ms (of 110-150)
+    after the other in most of them, by turns."""
+
+    def __init__(self, chunks: list[tuple[int, int]]):
+        self.chunks = chunks
+        self._lock = threading.Lock()
+        self._taken = 0  # chunks handed out
+        self._merged = 0  # chunks [0, _merged) are folded into state
+        self._pending: dict[int, _Running] = {}
+        self.state: _Running | None = None
+
+    def next_chunk(self) -> int | None:
+        with self._lock:
+            if self._taken == len(self.chunks):
+                return None
+            self._taken += 1
+            return self._taken - 1
+
+    def deliver(self, index: int, state: _Running) -> None:
+        with self._lock:
+            self._pending[index] = state
+            while self._merged in self._pending:
+                part = self._pending.pop(self._merged)
+                if self.state is None:
+                    self.state = part
+                else:
+                    self.state.absorb(part)
+                self._merged += 1
+
+
+# Chunks per stream thread when the vocabulary is scheduled across threads: enough
+# that the wait for the last chunk is short next to the call, not so many that the
+# products get small. Forward+backward on 2 cores, the schedule against two fixed
+# halves, median of same-round ratios (alternating calls in one process): fp32 N=256
+# D=512 V=32000 (avx512 caps) 0.95-0.96 with 4 or 8 chunks per thread; bf16 Llama-2-7B
+# N=512 (bf16 products) 0.98 with 2, 0.985 with 4, 1.06 with 8 (2048-row chunks at
+# D = 4096); fp32 Llama-2-7B N=512 0.985 and bf16 Llama-3-8B N=256 1.01 with 4.
+CHUNKS_PER_STREAM = 4
+
+
+def _stream_chunk(n_vocab: int, vocab_chunk: int, streams: int) -> int:
+    """The vocabulary chunk for `streams` threads: at most vocab_chunk, small enough
+    for CHUNKS_PER_STREAM chunks per thread, a multiple of 256 rows (4096 for V =
+    32000 on 2 threads)."""
+    if streams == 1:
+        return vocab_chunk
+    share = -(-n_vocab // (CHUNKS_PER_STREAM * streams))
+    return max(1, min(vocab_chunk, -(-share // 256) * 256))
 
 
 def default_streams(
@@ -318,10 +372,11 @@ def default_streams(
     A row chunk of a frozen head costs two products of 2 R Vc D FLOPs per vocabulary
     chunk, h W_c^T with K = D and P W_c with K = Vc. With small R (N=256) and K = 512
     MKL's two-thread sgemm runs h W_c^T at 115-123 GFLOP/s on 2 cores, against 67-75
-    GFLOP/s for the same product on one thread, so two single-threaded folds over
-    halves of the vocabulary, merged at the end (their states moved to the common
-    max), beat one two-threaded fold. Forward+backward, median of 9-15 interleaved
-    calls, 2 streams / 1, on 2 cores: fp32 N=256 D=512 V=32000 0.92 (avx512; avx2 0.93,
+    GFLOP/s for the same product on one thread, so threads that each fold vocabulary
+    chunks with single-threaded products (_ChunkSchedule), their states merged at the
+    end (moved to the common max), beat one two-threaded fold. Forward+backward, median
+    of 9-15 interleaved calls, 2 streams / 1 (measured with two fixed halves of the
+    vocabulary), on 2 cores: fp32 N=256 D=512 V=32000 0.92 (avx512; avx2 0.93,
     baseline 0.94, bf16 weights widened to fp32 tiles 0.90), Llama-2-7B N=512 0.85,
     N=2048 D=512 0.98. oneDNN's bf16 products (AVX512_BF16) scale across threads by
     themselves at small K and lose on one: bf16 tiles at N=256 D=512 1.14; at large K
@@ -407,26 +462,31 @@ def token_logprobs(
     widened = matmul_dtype is not None and matmul_dtype != weight.dtype
     row_chunk, vocab_chunk = _tile(m_rows, n_vocab, hidden.device, widened)
     tile_dtype = hidden.dtype if matmul_dtype is None else matmul_dtype
-    parts = _vocab_parts(n_vocab, vocab_chunk, dim, hidden.device, tile_dtype, streams)
-    folds = []
-    for lo, hi in parts:
-        fold = _VocabFold(
-            weight, bias, lo, hi, vocab_chunk, min(row_chunk, m_rows), tile_dtype,
-            matmul_dtype, widen, epilogue, inv_t, softcap, logit_scale, frozen_grad,
-            with_stats,
-        )  # fmt: skip
-        folds.append(fold)
+    if streams is None:
+        streams = default_streams(n_vocab, vocab_chunk, dim, hidden.device, tile_dtype)
+    streams = max(1, min(streams, n_vocab))
+    vocab_chunk = _stream_chunk(n_vocab, vocab_chunk, streams)
+    chunks = [(v0, min(v0 + vocab_chunk, n_vocab)) for v0 in range(0, n_vocab, vocab_chunk)]
+    streams = min(streams, len(chunks))
+    fold_args = (
+        weight, bias, vocab_chunk, min(row_chunk, m_rows), tile_dtype, matmul_dtype, widen,
+        epilogue, inv_t, softcap, logit_scale, frozen_grad, with_stats,
+    )  # fmt: skip
+    folds = [_VocabFold(*fold_args) for _ in range(streams)]
     out_logp, out_lse, out_grad, out_stats = [], [], [], []
     for r0 in range(0, m_rows, row_chunk):
         h = h_all[r0 : r0 + row_chunk]  # (R, D)
         h_mm = h if matmul_dtype is None else h.to(matmul_dtype)  # (R, D)
         t = t_all[r0 : r0 + row_chunk]  # (R,)
-        if len(folds) == 1:
-            state = folds[0](h_mm, t)
+        if streams == 1:
+            state = folds[0](h_mm, t, chunks)
         else:
-            pool = _stream_pool(len(folds))
-            futures = [pool.submit(fold, h_mm, t) for fold in folds]
-            state = _Running.merge([future.result() for future in futures])
+            schedule = _ChunkSchedule(chunks)
+            pool = _stream_pool(streams)
+            for future in [pool.submit(fold.take, h_mm, t, schedule) for fold in folds]:
+                future.result()
+            assert schedule.state is not None
+            state = schedule.state
         m, s_other, s_target = state.m, state.s_other, state.s_target
         target_logit = state.target_logit
         s = s_other + s_target
@@ -458,8 +518,7 @@ def token_logprobs(
                 )
             )
 
-    finite = [fold.cast_chunk.weight_finite() for fold in folds]
-    weight_finite = None if any(f is None for f in finite) else torch.stack(finite).all()
+    weight_finite = _head_finite([fold.cast_chunk for fold in folds], chunks)
     head_finite = head_ok(weight, bias, weight_finite=weight_finite)
     out_logp = [torch.where(head_finite, x, float("nan")) for x in out_logp]
     if rows is None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+import time
+
 import pytest
 import torch
 
@@ -503,6 +506,58 @@ def test_token_logprobs_vocab_streams_merge_like_one_fold(streams, epilogue, sma
         assert torch.isfinite(m).all(), name
         err_one, err_many = rel_err(o, r), rel_err(m, r)
         assert err_many <= 2 * err_one + 1e-6, f"{name}: {err_many:.2e} vs one fold {err_one:.2e}"
+
+
+@pytest.mark.parametrize("epilogue", ["torch", "native"])
+def test_token_logprobs_vocab_streams_give_the_same_bits_whatever_the_timing(
+    epilogue, small_tiles, monkeypatch
+):
+    """The threads take vocabulary chunks as they come free, but the chunks' states are
+    merged in chunk order: the same bits on every call, for any number of threads and
+    whichever thread folded which chunk (here each chunk is delayed at random)."""
+    if epilogue == "native":
+        skip_unless_runs("native", torch.float32)
+        from decpo.native_backend.logprobs import online_softmax_tile as fused
+    else:
+        fused = None
+    hidden, weight, bias, targets = _fold_inputs()
+    fold = torch_impl._VocabFold._fold
+    delays = random.Random(0)
+
+    def slow_fold(self, h_mm, t, chunks):
+        time.sleep(delays.random() * 2e-3)
+        return fold(self, h_mm, t, chunks)
+
+    monkeypatch.setattr(torch_impl._VocabFold, "_fold", slow_fold)
+    args = (hidden, weight, targets, bias, -100, 0.8, 30.0, 0.5, True, True)
+    outs = [torch_impl.token_logprobs(*args, epilogue=fused, streams=n) for n in (2, 2, 3, 3, 4)]
+    for out in outs[1:]:
+        for name, a, b in zip(["logp", "lse", "d hidden", "stats"], outs[0], out, strict=True):
+            assert torch.equal(a, b), name
+
+
+def test_token_logprobs_vocab_schedule_gives_a_slow_thread_fewer_chunks(monkeypatch):
+    """A thread slowed by something else on the machine takes fewer chunks, so the
+    call does not wait for it: the first thread to start is made 20x slower here."""
+    hidden, weight, _, targets = _fold_inputs(vocab=64 * 16)
+    monkeypatch.setattr(torch_impl, "VOCAB_CHUNK", 16)  # 64 chunks
+    fold = torch_impl._VocabFold._fold
+    taken: dict[int, int] = {}
+    slow: list[int] = []
+
+    def timed_fold(self, h_mm, t, chunks):
+        if not slow:
+            slow.append(id(self))
+        time.sleep(2e-2 if id(self) == slow[0] else 1e-3)
+        taken[id(self)] = taken.get(id(self), 0) + 1
+        return fold(self, h_mm, t, chunks)
+
+    monkeypatch.setattr(torch_impl._VocabFold, "_fold", timed_fold)
+    torch_impl.token_logprobs(
+        hidden, weight, targets, None, -100, 1.0, 0.0, 1.0, True, False, streams=2
+    )
+    assert sum(taken.values()) == 64
+    assert taken[slow[0]] <= 8, taken
 
 
 @pytest.mark.parametrize("bad_row", [0, -1])
