@@ -8,9 +8,10 @@
 // Backward, one read and one write of each row: d logit_v = g (1[v = y] - p_v) / T.
 // Bytes per element: 2 (bf16) read forward; 2 read + 2 written backward; one exp
 // per element each way (vexp, vec_math.h: 14 vector ops per kLanes elements on
-// AVX-512, ~27 on AVX2 and SSE, where the chain's latency is the bound). On 2 AVX-512 cores the exps, not the bytes, bound
-// both passes (8.7-9.2 G exp/s against ~40 GB/s); bench/cases.py counts both, with
-// the exp rate measured on the machine (decpo.native_backend.library.exp_rate).
+// AVX-512, ~27 on AVX2 and SSE, where the chain's latency is the bound). On 2 AVX-512
+// cores the exps, not the bytes, bound both passes (8.7-9.2 G exp/s against ~40
+// GB/s); bench/cases.py counts both, with the exp rate measured on the machine
+// (decpo.native_backend.library.exp_rate).
 // Measured (bf16, N=4096, V=32000, 2 cores, avx512bf16): forward 18-19 ms (20-27 ms
 // with a separate max pass per block), backward 20-21 ms into a reused output and
 // 35-37 ms into a fresh one (the OS zeroes the new pages). Outputs of 16 MiB or more
