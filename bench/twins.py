@@ -6,10 +6,10 @@ the slower one?
 
 For each variant a child process (forced as in bench/isa_sweep.py: DECPO_NATIVE_ISA
 and PyTorch capped at the same CPU class) times decpo (backend "auto", forward +
-backward) on each case below in bf16 and in fp32, alternating the two dtypes round
-by round, so that both see the same machine: on this project's 2-core virtual
-machines one case's time moves by 10-20% between whole benchmark runs, more than
-the differences asked about here. The verdict per case is the median of the
+backward) on each case below in bf16 and in fp32, alternating the two dtypes call
+by call (the order reversed every round), so that both see the same machine: on
+this project's 2-core virtual machines one case's time moves by 10-20% between
+whole benchmark runs, more than the differences asked about here. The verdict per case is the median of the
 same-round ratios bf16 / fp32 (< 1: bf16 faster). Results go to
 bench/results/twins-cpu-<stamp>.json.
 """
@@ -52,8 +52,11 @@ def measure(rounds: int) -> list[dict]:
         for setup, run in runs.values():
             run(setup())  # warm-up
         times: dict[str, list[float]] = {name: [] for name in runs}
-        for _ in range(rounds):
-            for name, (setup, run) in runs.items():
+        for i in range(rounds):
+            # The order alternates round by round: whichever dtype runs first in a round
+            # runs right after the other one's memory was freed.
+            for name in list(runs) if i % 2 == 0 else list(runs)[::-1]:
+                setup, run = runs[name]
                 state = setup()
                 start = time.perf_counter()
                 run(state)
