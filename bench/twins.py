@@ -9,9 +9,9 @@ and PyTorch capped at the same CPU class) times decpo (backend "auto", forward +
 backward) on each case below in bf16 and in fp32, alternating the two dtypes call
 by call (the order reversed every round), so that both see the same machine: on
 this project's 2-core virtual machines one case's time moves by 10-20% between
-whole benchmark runs, more than the differences asked about here. The verdict per case is the median of the
-same-round ratios bf16 / fp32 (< 1: bf16 faster). Results go to
-bench/results/twins-cpu-<stamp>.json.
+whole benchmark runs, more than the differences asked about here. The verdict per
+case is the median of the same-round ratios bf16 / fp32 (< 1: bf16 faster). Results
+go to bench/results/twins-cpu-<stamp>.json.
 """
 
 from __future__ import annotations
