@@ -98,7 +98,7 @@ float block_sum_two_pass(const T* block, int64_t len, float inv_t, float* m_b_ou
 // The first block is summed in the frame of its own max (two passes over it, in L1).
 // Every later block is summed in ONE pass in the frame of the running max m, its max
 // taken in the same pass (one vmaxps per vector on values already in registers,
-// against a second load, widening and max: about 3 of ~22 vector ops per element):
+// against a second load, widening and max: about 3 of ~20-27 vector ops per element):
 // accepted when the block's max lies at most kOnePassSlack above m (then m moves to
 // it), else (a new max far above, +inf, all -inf so far) the block is redone in two
 // passes. NaN propagates through the sums either way.
