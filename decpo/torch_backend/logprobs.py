@@ -155,7 +155,8 @@ class _Running:
     token_logprobs): running max m, sum of exp(z - m) over v != y (s_other) and at
     v = y (s_target), the target's logit (0 until its tile is seen), the statistics
     sums [x, q, sum z] (3, R) or None, and sum_{v != y} exp(z_v - m) c'_v W_v (R, D)
-    or None. All (R,) unless stated, in the accumulation dtype. The target's own term
+    or None (allocated uninitialized: the fold's first chunk writes it). All (R,)
+    unless stated, in the accumulation dtype. The target's own term
     is kept out of the accumulator so that the gradient's W_y - E never subtracts two
     nearly equal low-precision vectors when p_y is close to 1."""
 
@@ -430,9 +431,10 @@ def token_logprobs(
     for bf16 inputs on CPUs without bf16 dot products, where bf16 matmuls crawl).
     widen: a fused bf16 -> fp32 chunk conversion that also checks the head for NaN and
     Inf (the native backend's), used in place of a conversion plus a separate pass.
-    streams: how many threads fold disjoint parts of the vocabulary at once, each
-    running single-threaded matmuls, their states merged at the end (None:
-    default_streams; 1: one pass in the calling thread).
+    streams: how many threads fold the vocabulary at once, each running
+    single-threaded matmuls on the chunks it takes as it comes free, the chunks'
+    states merged in chunk order (_ChunkSchedule; the same bits on every call at a
+    given thread count) (None: default_streams; 1: one pass in the calling thread).
 
     Returns logp (N,), lse (N,) = logsumexp_v z in fp32 (float64 for float64 input; 0
     at ignored rows); if frozen_grad, d logp / d hidden (N, D) in hidden's dtype (else

@@ -513,8 +513,10 @@ def test_token_logprobs_vocab_streams_give_the_same_bits_whatever_the_timing(
     epilogue, small_tiles, monkeypatch
 ):
     """The threads take vocabulary chunks as they come free, but the chunks' states are
-    merged in chunk order: the same bits on every call, for any number of threads and
-    whichever thread folded which chunk (here each chunk is delayed at random)."""
+    merged in chunk order: the same bits on every call whichever thread folded which
+    chunk (here each chunk is delayed at random), and for any number of threads with
+    the same chunks (here capped by VOCAB_CHUNK; by default the chunk size depends on
+    the thread count)."""
     if epilogue == "native":
         skip_unless_runs("native", torch.float32)
         from decpo.native_backend.logprobs import online_softmax_tile as fused
