@@ -16,7 +16,9 @@ computed the same bits. Ops (bench/cases.py shapes):
 
     logits_fwd     decpo_logprobs_from_logits_fwd, N=4096 V=32000
     logits_bwd     decpo_logprobs_from_logits_bwd into a reused output, then a fresh one
-    decorrelation  decpo_decorrelation_penalty, 8 layers x 64 rows, D=14336, gradient
+    decorrelation  decpo_decorrelation_penalty with its gradient: 8 layers x 64 rows,
+                   D=14336 (--shape last-token), or 4 groups x 512 rows, D=4096
+                   (--shape groups)
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ SIGNATURES = {
 }  # fmt: skip
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 OPS = ("logits_fwd", "logits_bwd", "decorrelation")
+# Decorrelation shapes (layers, groups per layer, rows per group, D), bench/cases.py's.
+SHAPES = {"last-token": (8, 1, 64, 14336), "groups": (1, 4, 512, 4096)}
 
 
 def load(path: Path, isa: str) -> ctypes.CDLL:
@@ -56,11 +60,12 @@ def load(path: Path, isa: str) -> ctypes.CDLL:
 
 
 def calls(
-    op: str, dtype: torch.dtype, first: ctypes.CDLL, tiny: bool = False
-) -> tuple[Callable[[], torch.Tensor], list[tuple[str, Callable]]]:
+    op: str, dtype: torch.dtype, first: ctypes.CDLL, tiny: bool = False,
+    shape: str = "last-token",
+) -> tuple[Callable[[], torch.Tensor], list[tuple[str, Callable]]]:  # fmt: skip
     """(make_out() -> an output tensor, [(label, call(lib, out) -> what it wrote)]);
     `first` computes what a call needs from another one (the backward's lse); tiny:
-    small shapes, for the tests."""
+    small shapes, for the tests; shape: the decorrelation case (SHAPES)."""
     code = library.DTYPE_CODES[dtype]
     if op.startswith("logits"):
         n, v = (16, 1000) if tiny else (4096, 32000)
@@ -92,20 +97,21 @@ def calls(
             ("backward, reused output", backward),
             ("backward, fresh output", lambda lib, _out: backward(lib, None)),
         ]
-    layers, rows, dim = (2, 8, 100) if tiny else (8, 64, 14336)
-    hidden = torch.randn(layers, rows, dim).to(dtype)  # (L, n, D)
-    offsets = torch.tensor([0, rows], dtype=torch.int64)
+    layers, groups, rows, dim = (2, 2, 8, 100) if tiny else SHAPES[shape]
+    hidden = torch.randn(layers, groups * rows, dim).to(dtype)  # (L, G n, D)
+    offsets = torch.arange(groups + 1, dtype=torch.int64) * rows  # (G + 1,)
     p_sum = torch.empty(layers, dtype=torch.float64)
 
     def penalty(lib: ctypes.CDLL, out: torch.Tensor) -> torch.Tensor:
         lib.decpo_decorrelation_penalty(
-            hidden.data_ptr(), code, layers, rows, dim, rows * dim, dim, None,
-            offsets.data_ptr(), 1, 1, 0, 1.0 / (layers * rows * rows), p_sum.data_ptr(),
+            hidden.data_ptr(), code, layers, groups * rows, dim, groups * rows * dim, dim,
+            None, offsets.data_ptr(), groups, 1, 0, 1.0 / (layers * groups * rows * rows),
+            p_sum.data_ptr(),
             out.data_ptr(),
         )  # fmt: skip
         return out
 
-    return lambda: torch.empty(layers, rows, dim, dtype=dtype), [("loss + gradient", penalty)]
+    return lambda: torch.empty_like(hidden), [("loss + gradient", penalty)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -117,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--tiny", action="store_true", help="small shapes (the tests)")
+    parser.add_argument("--shape", choices=SHAPES, default="last-token",
+                        help="the decorrelation case")  # fmt: skip
     args = parser.parse_args(argv)
     new = args.new or Path(library.loaded_path())
     previous = library.active_isa()
@@ -131,7 +139,7 @@ def compare(args: argparse.Namespace, new: Path, isa: str) -> None:
     """Times and checks args.op on the two builds, both forced to `isa`."""
     libs = {"old": load(args.old, isa), "new": load(new, isa)}
     torch.manual_seed(0)
-    make_out, timed = calls(args.op, DTYPES[args.dtype], libs["old"], args.tiny)
+    make_out, timed = calls(args.op, DTYPES[args.dtype], libs["old"], args.tiny, args.shape)
     print(f"{args.op} {args.dtype} on {isa}: old {args.old}, new {new}")
     for label, call in timed:
         outs = {name: make_out() for name in libs}

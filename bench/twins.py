@@ -10,8 +10,12 @@ backward) on each case below in bf16 and in fp32, alternating the two dtypes cal
 by call (the order reversed every round), so that both see the same machine: on
 this project's 2-core virtual machines one case's time moves by 10-20% between
 whole benchmark runs, more than the differences asked about here. The verdict per
-case is the median of the same-round ratios bf16 / fp32 (< 1: bf16 faster). Results
-go to bench/results/twins-cpu-<stamp>.json.
+case is the median of the same-round ratios bf16 / fp32 (< 1: bf16 faster), with a
+95% confidence interval for it that assumes nothing about the distribution of the
+ratios (order statistics of the rounds: median_interval). A case is "bf16 slower"
+only when the whole interval lies above 1, "bf16 faster" when it lies below 1, and a
+"tie" otherwise: a median of 1.02 from rounds that range 0.7-1.5 says nothing about
+which dtype is faster. Results go to bench/results/twins-cpu-<stamp>.json.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -37,15 +42,41 @@ CASES = (
 )
 
 
-def measure(rounds: int) -> list[dict]:
-    """This process's rows: per case, both dtypes' median ms and the median ratio."""
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free confidence interval for the median of `values`: the k-th
+    smallest and k-th largest, with k the largest rank whose binomial tail,
+    P(Binomial(n, 1/2) < k), is at most (1 - confidence) / 2 (n = 11 gives the 2nd
+    smallest and 2nd largest, 98.8% coverage). Fewer than 6 values cannot reach 95%:
+    the full range is returned."""
+    x = sorted(values)
+    n = len(x)
+    assert n > 0
+    k, tail = 0, 0.0  # tail = P(Binomial(n, 1/2) <= k - 1)
+    while True:
+        next_tail = tail + math.comb(n, k) / 2**n
+        if next_tail > (1 - confidence) / 2:
+            break
+        k, tail = k + 1, next_tail
+    k = max(k, 1)
+    return x[k - 1], x[n - k]
+
+
+def verdict(interval: tuple[float, float]) -> str:
+    """bf16 slower / faster only when the whole interval of bf16 / fp32 says so."""
+    low, high = interval
+    return "bf16 slower" if low > 1.0 else "bf16 faster" if high < 1.0 else "tie"
+
+
+def measure(rounds: int, only: tuple[str, ...] = ()) -> list[dict]:
+    """This process's rows: per case (those whose key contains one of `only`, or
+    all), both dtypes' median ms, the median ratio and its 95% interval."""
     from bench.cases import build, cases_for
     from bench.measure import cpu_info, warm_memory
 
     warm_memory()
     by_key = {case.key: case for case in cases_for("cpu")}
     rows = []
-    for key in CASES:
+    for key in [k for k in CASES if not only or any(o in k for o in only)]:
         bf16_case = by_key[key]
         twins = {"bf16": bf16_case, "fp32": dataclasses.replace(bf16_case, dtype=torch.float32)}
         runs = {name: build(case, "decpo", "fwd+bwd", "cpu") for name, case in twins.items()}
@@ -62,21 +93,25 @@ def measure(rounds: int) -> list[dict]:
                 run(state)
                 times[name].append(time.perf_counter() - start)
         ratios = [b / f for b, f in zip(times["bf16"], times["fp32"], strict=True)]
+        interval = median_interval(ratios)
         rows.append({
             "case": key, "rounds": rounds,
             "bf16_ms": 1e3 * statistics.median(times["bf16"]),
             "fp32_ms": 1e3 * statistics.median(times["fp32"]),
             "ratio_median": statistics.median(ratios),
-            "ratio_range": [min(ratios), max(ratios)], **cpu_info(),
+            "ratio_range": [min(ratios), max(ratios)], "ratio_interval95": list(interval),
+            "verdict": verdict(interval), **cpu_info(),
         })  # fmt: skip
     return rows
 
 
-def run_variant(isa: str, rounds: int) -> list[dict]:
+def run_variant(isa: str, rounds: int, only: tuple[str, ...] = ()) -> list[dict]:
     from bench.isa_sweep import EMULATION
 
     env = {**os.environ, **EMULATION[isa], "DECPO_NATIVE_ISA": isa}
     cmd = [sys.executable, "-m", "bench.twins", "--child", "--rounds", str(rounds)]
+    if only:
+        cmd += ["--cases", ",".join(only)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         print(f"the {isa} run failed:\n{done.stderr[-3000:]}", file=sys.stderr)
@@ -94,12 +129,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("variants", nargs="*", metavar="VARIANT",
                         help=f"{' | '.join(library.ISAS)} (default: every one this CPU "
                         "runs)")  # fmt: skip
-    parser.add_argument("--rounds", type=int, default=9, help="alternating rounds per case")
+    parser.add_argument("--rounds", type=int, default=21, help="alternating rounds per case")
+    parser.add_argument(
+        "--cases", default="", help="comma-separated substrings of the case keys (default: all)"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    only = tuple(c for c in args.cases.split(",") if c)
     if args.child:
-        print(json.dumps(measure(args.rounds)))
+        print(json.dumps(measure(args.rounds, only)))
         return 0
+    if args.rounds < 6:
+        parser.error("--rounds must be at least 6 (a 95% interval for the median needs 6)")
     if not library.is_available():
         parser.error(f"the native library is unavailable: {library.unavailable_reason()}")
     if unknown := [isa for isa in args.variants if isa not in library.ISAS]:
@@ -107,21 +148,22 @@ def main(argv: list[str] | None = None) -> int:
     if cannot := [isa for isa in args.variants if not library.isa_runs(isa)]:
         parser.error(f"this CPU cannot run {', '.join(cannot)}")
     wanted = args.variants or [isa for isa in reversed(library.ISAS) if library.isa_runs(isa)]
-    rows = [row for isa in wanted for row in run_variant(isa, args.rounds)]
+    rows = [row for isa in wanted for row in run_variant(isa, args.rounds, only)]
     from bench.render import RESULTS_DIR, environment
 
     stamp = datetime.datetime.now(datetime.timezone.utc)
     path = RESULTS_DIR / f"twins-cpu-{stamp:%Y%m%d-%H%M%S}.json"
     record = {**environment("cpu"), "date": stamp.isoformat(timespec="seconds"), "results": rows}
     path.write_text(json.dumps(record, indent=1))
-    print(
-        "| variant | case | bf16 ms | fp32 ms | bf16 / fp32 (median of same-round ratios, range) |"
-    )
-    print("| --- | --- | ---: | ---: | --- |")
+    print("| variant | case | rounds | bf16 ms | fp32 ms | bf16 / fp32 median [95% interval] "
+          "(range) | verdict |")  # fmt: skip
+    print("| --- | --- | ---: | ---: | ---: | --- | --- |")
     for r in rows:
         low, high = r["ratio_range"]
-        print(f"| {r['native_isa']} | {r['case']} | {r['bf16_ms']:.1f} | {r['fp32_ms']:.1f} | "
-              f"{r['ratio_median']:.2f} ({low:.2f}-{high:.2f}) |")  # fmt: skip
+        ci_low, ci_high = r["ratio_interval95"]
+        print(f"| {r['native_isa']} | {r['case']} | {r['rounds']} | {r['bf16_ms']:.1f} | "
+              f"{r['fp32_ms']:.1f} | {r['ratio_median']:.3f} [{ci_low:.3f}, {ci_high:.3f}] "
+              f"({low:.2f}-{high:.2f}) | {r['verdict']} |")  # fmt: skip
     print(f"written to {path}")
     return 0 if rows else 1
 

@@ -123,6 +123,21 @@ def test_twins_times_both_dtypes_on_tiny_shapes(monkeypatch):
         assert r["bf16_ms"] > 0 and r["fp32_ms"] > 0 and low <= r["ratio_median"] <= high
 
 
+def test_twins_interval_is_the_order_statistic_interval_of_the_median():
+    """n = 11: the 2nd smallest and 2nd largest (98.8% coverage; the 3rd would give
+    93.5%); n < 6: the whole range; the verdict needs the whole interval past 1."""
+    from bench import twins
+
+    values = [float(v) for v in range(11)][::-1]
+    assert twins.median_interval(values) == (1.0, 9.0)
+    assert twins.median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0)
+    # n = 100: ranks 40 and 61 (1-based), the textbook 95% interval for the median.
+    assert twins.median_interval([float(v) for v in range(1, 101)]) == (40.0, 61.0)
+    assert twins.verdict((1.01, 1.2)) == "bf16 slower"
+    assert twins.verdict((0.8, 0.99)) == "bf16 faster"
+    assert twins.verdict((0.97, 1.04)) == "tie"
+
+
 @pytest.mark.parametrize("op", ["logits_fwd", "logits_bwd", "decorrelation"])
 def test_native_ab_compares_two_builds(op, tmp_path, capsys):
     """bench.native_ab loads two copies of the library side by side, forces both to one

@@ -89,6 +89,35 @@ def test_logprobs_from_logits_every_variant(isa, shape, dtype):
     assert_close(x.grad, x64.grad, dtype, f"{isa} d logits")
 
 
+def test_bf16_logits_gradient_within_half_an_ulp_every_variant(isa):
+    """The bf16 backward's exp (vexp_bf16, ~3e-6 relative) is rounded to bf16 next:
+    every element within half a bf16 ulp of the exact gradient plus 2e-5 relative (an
+    exact exp rounds to within half an ulp), across p from 1 down to underflow and at
+    -inf logits (exactly 0)."""
+    torch.manual_seed(7)
+    n, v = 24, 3000
+    scale = torch.logspace(-1, 1.7, n)[:, None]  # spreads 0.1-50: p near 1/V to p ~ 1
+    logits = (torch.randn(n, v) * scale).to(torch.bfloat16)
+    logits[3, :100] = float("-inf")
+    logits[5, 7] = 120.0  # one dominant logit: p ~ 1 there, the rest underflow
+    targets = torch.randint(0, v, (n,))
+    upstream = torch.randn(n)
+    x = logits.clone().requires_grad_(True)
+    decpo.logprobs_from_logits(x, targets, backend="native").backward(upstream)
+    x64 = logits.double().requires_grad_(True)
+    logprobs_from_logits_reference(x64, targets).backward(upstream.double())
+    exact = x64.grad
+    got = x.grad.double()
+    # Half an ulp of bf16 (8 significant bits) at each exact value; 0 stays 0.
+    half_ulp = torch.where(
+        exact != 0, torch.exp2(torch.floor(torch.log2(exact.abs())) - 8), torch.zeros_like(exact)
+    )
+    bound = half_ulp + 2e-5 * exact.abs() + 1e-37
+    worst = ((got - exact).abs() / bound).max()
+    assert worst <= 1.0, f"{isa}: an element {worst:.3f}x past half an ulp + 2e-5"
+    assert (got[3, :100] == 0).all()
+
+
 def test_logprobs_special_values_every_variant(isa):
     logits = torch.randn(4, 600)
     logits[0, :599] = float("-inf")
