@@ -39,16 +39,28 @@ def git_commit() -> str:
     return commit or "unknown"
 
 
+def cpu_model() -> str:
+    """The CPU's model name with its family and model numbers: virtual machines often
+    report only "AMD EPYC", and the numbers tell the generations apart (family 25
+    model 1 is Zen 3, model 17 Zen 4)."""
+    info: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    name = info.get("model name", platform.machine())
+    if "cpu family" in info and "model" in info:
+        name += f" (family {info['cpu family']}, model {info['model']})"
+    return name
+
+
 def environment(device: str) -> dict:
     """device, commit and versions recorded with every result file."""
     commit = git_commit()
     if device == "cuda":
         name = torch.cuda.get_device_name()
     else:
-        name = next((line.split(":", 1)[1].strip()
-                     for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name")), platform.machine())  # fmt: skip
-        name = f"{name}, {torch.get_num_threads()} threads"
+        name = f"{cpu_model()}, {torch.get_num_threads()} threads"
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for module in ("triton", "transformers", "trl", "cut_cross_entropy", "liger_kernel"):
         with contextlib.suppress(ImportError, AttributeError):

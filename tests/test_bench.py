@@ -123,6 +123,20 @@ def test_twins_times_both_dtypes_on_tiny_shapes(monkeypatch):
         assert r["bf16_ms"] > 0 and r["fp32_ms"] > 0 and low <= r["ratio_median"] <= high
 
 
+def test_cpu_results_name_the_cpu_generation(monkeypatch, tmp_path):
+    """The device name carries /proc/cpuinfo's family and model numbers (a virtual
+    machine's "AMD EPYC" alone does not tell Zen 3 from Zen 4)."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\ncpu family\t: 25\nmodel\t\t: 17\n"
+                       "model name\t: AMD EPYC\nprocessor\t: 1\nmodel\t\t: 99\n")  # fmt: skip
+    real_path = render.Path
+    monkeypatch.setattr(
+        render, "Path", lambda p: cpuinfo if str(p) == "/proc/cpuinfo" else real_path(p)
+    )
+    assert render.cpu_model() == "AMD EPYC (family 25, model 17)"
+    assert render.environment("cpu")["device_name"].startswith("AMD EPYC (family 25, model 17), ")
+
+
 def test_twins_interval_is_the_order_statistic_interval_of_the_median():
     """n = 11: the 2nd smallest and 2nd largest (98.8% coverage; the 3rd would give
     93.5%); n < 6: the whole range; the verdict needs the whole interval past 1."""
