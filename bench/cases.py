@@ -130,15 +130,26 @@ def available(provider: str, device: str) -> str:
 # ------------------------------------------------------------------ work
 
 
-def exps(case: Case, mode: str) -> float:
-    """Exponentials the case needs at least: logprobs_from_logits takes one per logit
-    in the forward and one in the backward (the softmax is not stored); elsewhere
-    they are negligible next to the matmuls (token_logprobs: N V exps against 4 N V D
-    FLOPs)."""
+def exps(case: Case, mode: str) -> tuple[float, float]:
+    """Exponentials the case needs at least, (forward, backward): logprobs_from_logits
+    takes one per logit in the forward and one in the backward (the softmax is not
+    stored); elsewhere they are negligible next to the matmuls (token_logprobs: N V
+    exps against 4 N V D FLOPs)."""
     if case.op != "logprobs_from_logits":
-        return 0.0
-    nv = case.dims["N"] * case.dims["V"]
-    return float({"fwd": nv, "bwd": nv, "fwd+bwd": 2 * nv}[mode])
+        return 0.0, 0.0
+    nv = float(case.dims["N"] * case.dims["V"])
+    return {"fwd": (nv, 0.0), "bwd": (0.0, nv), "fwd+bwd": (nv, nv)}[mode]
+
+
+def exp_seconds(case: Case, mode: str, peak: dict[str, float]) -> float:
+    """The case's exponentials at the native kernels' measured exp rates: the forward's
+    logsumexp needs the 1-ulp exp; a bf16 gradient, rounded to 8 bits, is computed
+    with the bf16-accurate exp (about half the ops: its own rate, where measured)."""
+    fwd, bwd = exps(case, mode)
+    bwd_rate = peak["native_exp_per_s"]
+    if case.dtype == torch.bfloat16:
+        bwd_rate = peak.get("native_exp_bf16_per_s", bwd_rate)
+    return fwd / peak["native_exp_per_s"] + bwd / bwd_rate
 
 
 # On CPU, glibc serves allocations of this size and more with freshly mapped pages
@@ -166,7 +177,7 @@ def floor_seconds(case: Case, mode: str, peak: dict[str, float]) -> float:
     matmul rate its inputs allow (bf16 input: the faster of the bf16 and fp32 rates,
     since a CPU without bf16 dot products multiplies faster in fp32; fp32 input: the
     fp32 rate, or on CUDA the bf16 one as before), its bytes at the copy bandwidth,
-    and its exponentials at the native kernels' measured exp rate; on CPU plus the
+    and its exponentials at the native kernels' measured exp rates (exp_seconds); on CPU plus the
     zeroing of a large returned gradient's fresh pages at the measured rate
     (bench/measure.py:fresh_page_rate), which the OS does before any provider's first
     write to them and which overlaps with nothing on a fully busy machine."""
@@ -177,7 +188,7 @@ def floor_seconds(case: Case, mode: str, peak: dict[str, float]) -> float:
         rate = max(rate, fp32) if case.dtype == torch.bfloat16 else fp32
     floor = max(flops / rate, nbytes / peak["copy_bytes_per_s"])
     if "native_exp_per_s" in peak:
-        floor = max(floor, exps(case, mode) / peak["native_exp_per_s"])
+        floor = max(floor, exp_seconds(case, mode, peak))
     if "fresh_page_bytes_per_s" in peak:
         floor += fresh_output_bytes(case, mode) / peak["fresh_page_bytes_per_s"]
     return floor

@@ -107,7 +107,8 @@ def peaks(device: str, repeats: int = 3) -> dict[str, float]:
 
 def _peaks(device: str) -> dict[str, float]:
     """Measured matrix rates (FLOP/s, bf16 and fp32), copy bandwidth (bytes/s) and, on
-    CPU, the native kernels' exp rate (exps/s, decpo.native_backend.library.exp_rate)
+    CPU, the native kernels' exp rates (exps/s, decpo.native_backend.library.exp_rate:
+    the 1-ulp exp, and the bf16-accurate one a bf16 gradient takes)
     and the rate at which fresh pages are zeroed (fresh_page_rate):
     the denominators of every "% of floor" in the reports. Under a forced lesser CPU
     (bench/isa_sweep.py) they are what that CPU class gets: its bf16 matmul can be
@@ -133,6 +134,7 @@ def _peaks(device: str) -> dict[str, float]:
 
         if library.is_available():
             out["native_exp_per_s"] = library.exp_rate()
+            out["native_exp_bf16_per_s"] = library.exp_rate(bf16=True)
             out["fresh_page_bytes_per_s"] = fresh_page_rate()
     return out
 

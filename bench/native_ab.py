@@ -100,12 +100,16 @@ def calls(
     layers, groups, rows, dim = (2, 2, 8, 100) if tiny else SHAPES[shape]
     hidden = torch.randn(layers, groups * rows, dim).to(dtype)  # (L, G n, D)
     offsets = torch.arange(groups + 1, dtype=torch.int64) * rows  # (G + 1,)
+    # Groups come with a row index, as decpo.decorrelation_penalty(segment_ids=...)
+    # passes them (the kernel then copies rows instead of reading them in place).
+    index = torch.arange(groups * rows, dtype=torch.int64) if groups > 1 else None  # (G n,)
     p_sum = torch.empty(layers, dtype=torch.float64)
 
     def penalty(lib: ctypes.CDLL, out: torch.Tensor) -> torch.Tensor:
         lib.decpo_decorrelation_penalty(
             hidden.data_ptr(), code, layers, groups * rows, dim, groups * rows * dim, dim,
-            None, offsets.data_ptr(), groups, 1, 0, 1.0 / (layers * groups * rows * rows),
+            None if index is None else index.data_ptr(), offsets.data_ptr(), groups, 1, 0,
+            1.0 / (layers * groups * rows * rows),
             p_sum.data_ptr(),
             out.data_ptr(),
         )  # fmt: skip

@@ -97,6 +97,8 @@ def _cpu_peaks(peaks: dict) -> str:
         parts.append(f"fp32 matmul {peaks['fp32_matmul_flops'] / 1e12:.2f} TFLOP/s")
     if "native_exp_per_s" in peaks:
         parts.append(f"native exp {peaks['native_exp_per_s'] / 1e9:.1f} G/s")
+    if "native_exp_bf16_per_s" in peaks:
+        parts.append(f"bf16-gradient exp {peaks['native_exp_bf16_per_s'] / 1e9:.1f} G/s")
     if "fresh_page_bytes_per_s" in peaks:
         parts.append(f"fresh pages zeroed at {peaks['fresh_page_bytes_per_s'] / 1e9:.1f} GB/s")
     return "".join(f", {p}" for p in parts)

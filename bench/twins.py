@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.rounds < 6:
         parser.error("--rounds must be at least 6 (a 95% interval for the median needs 6)")
+    if unmatched := [o for o in only if not any(o in key for key in CASES)]:
+        parser.error(f"--cases {unmatched[0]!r} matches none of: {', '.join(CASES)}")
     if not library.is_available():
         parser.error(f"the native library is unavailable: {library.unavailable_reason()}")
     if unknown := [isa for isa in args.variants if isa not in library.ISAS]:

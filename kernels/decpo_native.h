@@ -105,5 +105,7 @@ DECPO_API void decpo_advise_huge_pages(void* data, int64_t bytes);
 
 // The exp-throughput probe behind the log-prob floors: every OpenMP thread sums the
 // kernels' vectorized exp over x (n floats, n a multiple of 64, kept in L1) reps
-// times. out[0] = the sum (so nothing is optimized away), out[1] = exps computed.
-DECPO_API void decpo_exp_probe(const float* x, int64_t n, int64_t reps, double* out);
+// times: the 1-ulp exp, or with bf16_exp the bf16-accurate one that a bf16 gradient
+// is computed with. out[0] = the sum (so nothing is optimized away), out[1] = exps
+// computed.
+DECPO_API void decpo_exp_probe(const float* x, int64_t n, int64_t reps, int bf16_exp, double* out);

@@ -144,7 +144,7 @@ bool targets_ok(const int64_t* targets, int64_t n_rows, int64_t n_vocab, int64_t
 
 }  // namespace
 
-DECPO_API int decpo_abi_version(void) { return 11; }
+DECPO_API int decpo_abi_version(void) { return 12; }
 
 DECPO_API int decpo_cpu_features(void) { return detect_features(); }
 
@@ -241,6 +241,7 @@ DECPO_API int decpo_scale(const void* src, int dtype, int64_t n, float scale, vo
   return 0;
 }
 
-DECPO_API void decpo_exp_probe(const float* x, int64_t n, int64_t reps, double* out) {
-  active().exp_probe(x, n, reps, out);
+DECPO_API void decpo_exp_probe(const float* x, int64_t n, int64_t reps, int bf16_exp,
+                               double* out) {
+  active().exp_probe(x, n, reps, bf16_exp != 0, out);
 }

@@ -28,7 +28,7 @@ struct KernelTable {
                        int64_t layer_stride, int64_t row_stride, const int64_t* rows,
                        const int64_t* offsets, int64_t n_groups, bool normalize, bool offdiag,
                        float grad_scale, double* p_sum, void* grad);
-  void (*exp_probe)(const float* x, int64_t n, int64_t reps, double* out);
+  void (*exp_probe)(const float* x, int64_t n, int64_t reps, bool bf16_exp, double* out);
   bool (*widen_bf16)(const uint16_t* src, int64_t n_rows, int64_t n_cols, int64_t src_stride,
                      float* dst, int64_t dst_stride);
   void (*scale)(const void* src, int dtype, int64_t n, float s, void* dst);
@@ -45,7 +45,7 @@ struct KernelTable {
   int decorrelation(const void*, int, int64_t, int64_t, int64_t, int64_t, int64_t,              \
                     const int64_t*,                                                          \
                     const int64_t*, int64_t, bool, bool, float, double*, void*);              \
-  void exp_probe(const float*, int64_t, int64_t, double*);                                   \
+  void exp_probe(const float*, int64_t, int64_t, bool, double*);                             \
   bool widen_bf16(const uint16_t*, int64_t, int64_t, int64_t, float*, int64_t);              \
   void scale(const void*, int, int64_t, float, void*);                                       \
   }

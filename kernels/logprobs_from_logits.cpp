@@ -226,7 +226,7 @@ void row_backward(const T* row, T* out, int64_t n, int64_t y, float g, float inv
       for (int64_t k = j; k < n; ++k) out[k] = res[k - j];
       j = n;
     }
-  } else if (m == 0.0f && inv_t == 1.0f) {  // the same bits
+  } else if (m == 0.0f && inv_t == 1.0f) {  // NaN / inf rows: outputs NaN, inf or 0 only
     for (; j + kLanes <= n; j += kLanes) vstore(out + j, vg * vexp(vload(row + j) - vlog_s));
   } else {
     for (; j + kLanes <= n; j += kLanes) {
@@ -303,15 +303,23 @@ void logits_bwd(const float* grad_logp, const void* logits, int dtype, int64_t n
   }
 }
 
-void exp_probe(const float* x, int64_t n, int64_t reps, double* out) {
+namespace {
+
+template <bool kBf16Exp>
+void exp_probe_impl(const float* x, int64_t n, int64_t reps, double* out) {
   double total = 0.0, count = 0.0;
 #pragma omp parallel reduction(+ : total, count)
   {
     vf acc0 = vf{}, acc1 = vf{};
     for (int64_t r = 0; r < reps; ++r) {
       for (int64_t j = 0; j + 2 * kLanes <= n; j += 2 * kLanes) {
-        acc0 += vexp(vload(x + j));
-        acc1 += vexp(vload(x + j + kLanes));
+        if constexpr (kBf16Exp) {
+          acc0 += vexp_bf16(vload(x + j));
+          acc1 += vexp_bf16(vload(x + j + kLanes));
+        } else {
+          acc0 += vexp(vload(x + j));
+          acc1 += vexp(vload(x + j + kLanes));
+        }
       }
     }
     total += hsum(acc0 + acc1);
@@ -319,6 +327,12 @@ void exp_probe(const float* x, int64_t n, int64_t reps, double* out) {
   }
   out[0] = total;
   out[1] = count;
+}
+
+}  // namespace
+
+void exp_probe(const float* x, int64_t n, int64_t reps, bool bf16_exp, double* out) {
+  bf16_exp ? exp_probe_impl<true>(x, n, reps, out) : exp_probe_impl<false>(x, n, reps, out);
 }
 
 }  // namespace decpo::DECPO_ISA

@@ -455,14 +455,14 @@ inline vf vexp(vf x) {
 #endif
 
 // exp(x) for results rounded to bf16 next (half a bf16 ulp is 2^-9 = 2e-3 relative):
-// about 3e-6 relative error (5e-6 on SSE2, whose n ln2 is a rounded product), from a
+// about 3e-6 relative error (7e-6 on SSE2, whose n ln2 is a rounded product), from a
 // degree-4 minimax polynomial on |r| <= ln2 / 2 and a one-step range reduction, in
 // about half the vector ops of vexp (AVX2 15 against ~27, SSE2 ~21 against ~35,
 // AVX-512 10 against 14). Lanes below -87.33654 and -inf give 0 (as vexp); x must
 // not be NaN or +inf (the callers pass finite arguments or -inf), and x above 88
 // gives exp(88) off AVX-512. Rounded to bf16 the result is the correctly rounded
-// exp except within 3e-6 of a rounding boundary (0.15% of values): at most half an
-// ulp plus 3e-6, against half an ulp for an exact exp.
+// exp except within that error of a rounding boundary (a few values in 10^4): at
+// most half an ulp plus 7e-6, against half an ulp for an exact exp.
 inline vf exp_bf16_poly(vf r) {
   // exp(r) ~ 1 + r (c1 + c2 r + c3 r^2 + c4 r^3), Estrin: (1 + c1 r) + r^2 ((c2 + c3 r) + c4 r^2).
   const vf r2 = r * r;

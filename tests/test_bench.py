@@ -123,6 +123,23 @@ def test_twins_times_both_dtypes_on_tiny_shapes(monkeypatch):
         assert r["bf16_ms"] > 0 and r["fp32_ms"] > 0 and low <= r["ratio_median"] <= high
 
 
+def test_bf16_gradient_exps_count_at_their_own_rate():
+    """The forward's exps at the 1-ulp rate; a bf16 gradient's at the bf16-accurate
+    exp's rate (where measured); an fp32 gradient's at the 1-ulp rate."""
+    import dataclasses
+
+    import torch
+
+    case = next(c for c in cases.CPU_CASES if c.key == "logprobs_from_logits/N=4096 V=32000")
+    nv = 4096 * 32000
+    peak = {"native_exp_per_s": 1e9, "native_exp_bf16_per_s": 2e9}
+    assert cases.exp_seconds(case, "fwd+bwd", peak) == nv / 1e9 + nv / 2e9
+    assert cases.exp_seconds(case, "fwd", peak) == nv / 1e9
+    fp32 = dataclasses.replace(case, dtype=torch.float32)
+    assert cases.exp_seconds(fp32, "fwd+bwd", peak) == 2 * nv / 1e9
+    assert cases.exp_seconds(case, "bwd", {"native_exp_per_s": 1e9}) == nv / 1e9
+
+
 def test_cpu_results_name_the_cpu_generation(monkeypatch, tmp_path):
     """The device name carries /proc/cpuinfo's family and model numbers (a virtual
     machine's "AMD EPYC" alone does not tell Zen 3 from Zen 4)."""

@@ -79,7 +79,7 @@ def test_kernels_use_the_calling_threads_torch_thread_count():
     def exps_computed(threads: int) -> int:
         torch.set_num_threads(threads)
         out = torch.zeros(2, dtype=torch.float64)
-        library().decpo_exp_probe(x.data_ptr(), 64, 1, out.data_ptr())
+        library().decpo_exp_probe(x.data_ptr(), 64, 1, 0, out.data_ptr())
         return int(out[1])
 
     try:

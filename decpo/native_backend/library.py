@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 LIBRARY_NAME = "libdecpo_native.so"
-ABI_VERSION = 11
+ABI_VERSION = 12
 # Instruction-set variants of the kernels, in the library's numbering (decpo_native.h).
 ISAS = ("baseline", "avx2", "avx512", "avx512bf16")
 # decpo_cpu_features() bits.
@@ -133,7 +133,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.decpo_advise_huge_pages.restype = None
     lib.decpo_advise_huge_pages.argtypes = [ptr, i64]
     lib.decpo_exp_probe.restype = None
-    lib.decpo_exp_probe.argtypes = [ptr, i64, i64, ptr]
+    lib.decpo_exp_probe.argtypes = [ptr, i64, i64, ctypes.c_int, ptr]
     for name in ("decpo_cpu_features", "decpo_compiled_isas", "decpo_active_isa"):
         signatures[name] = []
     for name, argtypes in signatures.items():
@@ -234,10 +234,11 @@ def native_bf16_dot() -> bool:
     return (features["avx512_bf16"] or features["amx_bf16"]) and active_isa() == "avx512bf16"
 
 
-def exp_rate(seconds: float = 0.3, timings: int = 15) -> float:
+def exp_rate(seconds: float = 0.3, timings: int = 15, bf16: bool = False) -> float:
     """Measured exponentials per second of the kernels' vectorized exp (the active
     variant, every OpenMP thread, on an L1-resident block): the exp-throughput bound
-    that bench/cases.py puts next to memory bandwidth in the log-prob floors. The best
+    that bench/cases.py puts next to memory bandwidth in the log-prob floors. bf16:
+    the bf16-accurate exp of a bf16 gradient (vexp_bf16) instead of the 1-ulp one. The best
     of `timings` short timings, because on a shared or virtual machine single timings
     of the same call vary by up to 2x (a core taken away for tens of milliseconds):
     the best is what the cores do when both run, the rate a floor should assume."""
@@ -249,14 +250,14 @@ def exp_rate(seconds: float = 0.3, timings: int = 15) -> float:
     reps = 16
     while True:  # calibrate one timing to about seconds / timings
         start = time.perf_counter()
-        lib.decpo_exp_probe(x.data_ptr(), x.numel(), reps, out.data_ptr())
+        lib.decpo_exp_probe(x.data_ptr(), x.numel(), reps, int(bf16), out.data_ptr())
         if time.perf_counter() - start >= seconds / timings:
             break
         reps *= 2
     best = 0.0
     for _ in range(timings):
         start = time.perf_counter()
-        lib.decpo_exp_probe(x.data_ptr(), x.numel(), reps, out.data_ptr())
+        lib.decpo_exp_probe(x.data_ptr(), x.numel(), reps, int(bf16), out.data_ptr())
         best = max(best, float(out[1]) / (time.perf_counter() - start))
     return best
 
