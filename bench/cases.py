@@ -316,6 +316,8 @@ def build(case: Case, provider: str, mode: str, device: str) -> tuple[Callable, 
         weight = (torch.randn(d["V"], d["D"], device=dev) / d["D"] ** 0.5).to(dtype)
         targets = torch.randint(0, d["V"], (d["N"],), device=dev)
         fn, args = _token_fn(provider), (weight, targets)
+        if case.extra.get("trainable_head"):  # the weight gets a gradient too
+            weight.requires_grad_(True)
     elif case.op == "logprobs_from_logits":
         leaf = torch.randn(d["N"], d["V"], dtype=dtype, device=dev)
         targets = torch.randint(0, d["V"], (d["N"],), device=dev)
@@ -344,6 +346,9 @@ def build(case: Case, provider: str, mode: str, device: str) -> tuple[Callable, 
 
         def setup() -> None:
             x.grad = None
+            for a in args:
+                if isinstance(a, torch.Tensor) and a.requires_grad:
+                    a.grad = None
 
         def run(_: None) -> None:
             out = fn(x, *args)
@@ -360,4 +365,5 @@ def build(case: Case, provider: str, mode: str, device: str) -> tuple[Callable, 
             out.backward(grad_of(out))
 
     run.leaf = leaf  # type: ignore[attr-defined]
+    run.args = args  # type: ignore[attr-defined]
     return setup, run

@@ -33,13 +33,26 @@ import time
 
 import torch
 
-# bench/cases.py keys; each case runs as given (bf16) and with fp32 inputs.
-CASES = (
-    "logprobs_from_logits/N=4096 V=32000",
-    "token_logprobs/N=256 D=512 V=32000",
-    "decorrelation_penalty/4 groups x 512 D=4096",
-    "decorrelation_penalty/last token 8 layers x 64 D=14336",
-)
+# name -> (bench/cases.py key, settings added to the case's extra); each case runs as
+# given (bf16) and with fp32 inputs. The trainable head is token_logprobs with the
+# weight needing a gradient: the forward without the one-pass hidden gradient, and a
+# backward that recomputes every logit tile (three products per tile).
+CASES = {
+    "logprobs_from_logits/N=4096 V=32000": ("logprobs_from_logits/N=4096 V=32000", {}),
+    "token_logprobs/N=256 D=512 V=32000": ("token_logprobs/N=256 D=512 V=32000", {}),
+    "token_logprobs/trainable head N=256 D=512 V=32000": (
+        "token_logprobs/N=256 D=512 V=32000",
+        {"trainable_head": True},
+    ),
+    "decorrelation_penalty/4 groups x 512 D=4096": (
+        "decorrelation_penalty/4 groups x 512 D=4096",
+        {},
+    ),
+    "decorrelation_penalty/last token 8 layers x 64 D=14336": (
+        "decorrelation_penalty/last token 8 layers x 64 D=14336",
+        {},
+    ),
+}
 
 
 def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
@@ -76,8 +89,9 @@ def measure(rounds: int, only: tuple[str, ...] = ()) -> list[dict]:
     warm_memory()
     by_key = {case.key: case for case in cases_for("cpu")}
     rows = []
-    for key in [k for k in CASES if not only or any(o in k for o in only)]:
-        bf16_case = by_key[key]
+    for case_name in [k for k in CASES if not only or any(o in k for o in only)]:
+        key, extra = CASES[case_name]
+        bf16_case = dataclasses.replace(by_key[key], extra={**by_key[key].extra, **extra})
         twins = {"bf16": bf16_case, "fp32": dataclasses.replace(bf16_case, dtype=torch.float32)}
         runs = {name: build(case, "decpo", "fwd+bwd", "cpu") for name, case in twins.items()}
         for setup, run in runs.values():
@@ -95,7 +109,7 @@ def measure(rounds: int, only: tuple[str, ...] = ()) -> list[dict]:
         ratios = [b / f for b, f in zip(times["bf16"], times["fp32"], strict=True)]
         interval = median_interval(ratios)
         rows.append({
-            "case": key, "rounds": rounds,
+            "case": case_name, "rounds": rounds,
             "bf16_ms": 1e3 * statistics.median(times["bf16"]),
             "fp32_ms": 1e3 * statistics.median(times["fp32"]),
             "ratio_median": statistics.median(ratios),

@@ -123,6 +123,23 @@ def test_twins_times_both_dtypes_on_tiny_shapes(monkeypatch):
         assert r["bf16_ms"] > 0 and r["fp32_ms"] > 0 and low <= r["ratio_median"] <= high
 
 
+def test_trainable_head_case_gives_the_weight_a_gradient():
+    """bench.twins' trainable-head twin: the weight needs a gradient, each round
+    starts without one and ends with it."""
+    import dataclasses
+
+    case = next(c for c in cases.CPU_CASES if c.key == "token_logprobs/N=256 D=512 V=32000")
+    case = dataclasses.replace(_tiny(case), extra={"trainable_head": True})
+    setup, run = cases.build(case, "decpo", "fwd+bwd", "cpu")
+    weight = run.args[0]
+    assert weight.requires_grad
+    for _ in range(2):
+        setup()
+        assert weight.grad is None
+        run(None)
+        assert weight.grad is not None and weight.grad.shape == weight.shape
+
+
 def test_bf16_gradient_exps_count_at_their_own_rate():
     """The forward's exps at the 1-ulp rate; a bf16 gradient's at the bf16-accurate
     exp's rate (where measured); an fp32 gradient's at the 1-ulp rate."""
