@@ -186,6 +186,27 @@ def test_twins_interval_is_the_order_statistic_interval_of_the_median():
     assert twins.verdict((0.97, 1.04)) == "tie"
 
 
+def test_twins_pools_processes_and_needs_them_to_agree():
+    """Pooled rounds give the median and interval; a verdict needs every process's
+    median on its side of 1 (one process at 0.88 and one at 1.02: a tie)."""
+    from bench import twins
+
+    def row(ratios: list[float]) -> dict:
+        return {"case": "c", "bf16_ms": 1.0, "fp32_ms": 1.0, "native_isa": "avx2",
+                "ratio_median": sorted(ratios)[len(ratios) // 2], "ratios": ratios}  # fmt: skip
+
+    slow = [1.02 + 0.001 * i for i in range(11)]
+    fast = [0.88 + 0.001 * i for i in range(11)]
+    (agree,) = twins.pool([[row(slow)], [row(slow)]])
+    assert agree["rounds"] == 22 and agree["processes"] == 2
+    assert agree["verdict"] == "bf16 slower"
+    (split,) = twins.pool([[row(slow)], [row(slow)], [row(slow)], [row(fast)]])
+    assert split["process_medians"] == [1.025, 1.025, 1.025, 0.885]
+    assert twins.verdict(tuple(split["ratio_interval95"])) == "bf16 slower"  # pooled alone
+    assert split["verdict"] == "tie"  # but one process disagrees
+    assert twins.median_interval(split["ratios"]) == tuple(split["ratio_interval95"])
+
+
 @pytest.mark.parametrize("op", ["logits_fwd", "logits_bwd", "decorrelation"])
 def test_native_ab_compares_two_builds(op, tmp_path, capsys):
     """bench.native_ab loads two copies of the library side by side, forces both to one
