@@ -84,7 +84,8 @@ def verdict(interval: tuple[float, float]) -> str:
 
 def measure(rounds: int, only: tuple[str, ...] = ()) -> list[dict]:
     """This process's rows: per case (those whose key contains one of `only`, or
-    all), both dtypes' median ms, the median ratio and its 95% interval."""
+    all), both dtypes' median ms and the same-round ratios (pool adds the interval
+    and the verdict)."""
     from bench.cases import build, cases_for
     from bench.measure import cpu_info, warm_memory
 
@@ -109,20 +110,18 @@ def measure(rounds: int, only: tuple[str, ...] = ()) -> list[dict]:
                 run(state)
                 times[name].append(time.perf_counter() - start)
         ratios = [b / f for b, f in zip(times["bf16"], times["fp32"], strict=True)]
-        interval = median_interval(ratios)
         rows.append({
             "case": case_name, "rounds": rounds,
             "bf16_ms": 1e3 * statistics.median(times["bf16"]),
             "fp32_ms": 1e3 * statistics.median(times["fp32"]),
             "ratio_median": statistics.median(ratios),
-            "ratio_range": [min(ratios), max(ratios)], "ratio_interval95": list(interval),
-            "verdict": verdict(interval), "ratios": ratios, **cpu_info(),
+            "ratio_range": [min(ratios), max(ratios)], "ratios": ratios, **cpu_info(),
         })  # fmt: skip
     return rows
 
 
 def pool(runs: list[list[dict]]) -> list[dict]:
-    """One row per case from the rows of several processes (same cases, same order):
+    """One row per case from the rows of one or more processes (same cases, same order):
     the ratios of all their rounds pooled for the median and its interval, and each
     process's own median kept. The interval of one process covers its rounds, not
     what differs between processes (one case's fp32 median moved from 39.5 to 50.4 ms
@@ -205,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     for isa in wanted:
         runs = [run_variant(isa, args.rounds, only) for _ in range(args.processes)]
         if all(runs):
-            rows += runs[0] if args.processes == 1 else pool(runs)
+            rows += pool(runs)
     from bench.render import RESULTS_DIR, environment
 
     stamp = datetime.datetime.now(datetime.timezone.utc)
@@ -218,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         low, high = r["ratio_range"]
         ci_low, ci_high = r["ratio_interval95"]
-        each = " ".join(f"{m:.3f}" for m in r.get("process_medians", [r["ratio_median"]]))
+        each = " ".join(f"{m:.3f}" for m in r["process_medians"])
         print(f"| {r['native_isa']} | {r['case']} | {r['rounds']} | {r['bf16_ms']:.1f} | "
               f"{r['fp32_ms']:.1f} | {r['ratio_median']:.3f} [{ci_low:.3f}, {ci_high:.3f}] "
               f"({low:.2f}-{high:.2f}) | {each} | {r['verdict']} |")  # fmt: skip

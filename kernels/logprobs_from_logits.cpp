@@ -10,10 +10,9 @@
 // per element each way (vexp, vec_math.h: 14 vector ops per kLanes elements on
 // AVX-512, ~27 on AVX2 and SSE, where the chain's latency is the bound; a bf16
 // gradient, rounded to 8 bits, takes vexp_bf16's 3e-6-accurate exp in about half
-// the ops). On 2 AVX-512
-// cores the exps, not the bytes, bound both passes (8.7-9.2 G exp/s against ~40
-// GB/s); bench/cases.py counts both, with the exp rate measured on the machine
-// (decpo.native_backend.library.exp_rate).
+// the ops). On 2 AVX-512 cores the exps, not the bytes, bound both passes (8.7-9.2
+// G exp/s against ~40 GB/s); bench/cases.py counts both, with the exp rates measured
+// on the machine (decpo.native_backend.library.exp_rate).
 // Measured (bf16, N=4096, V=32000, 2 cores, avx512bf16): forward 18-19 ms (20-27 ms
 // with a separate max pass per block), backward 20-21 ms into a reused output and
 // 35-37 ms into a fresh one (the OS zeroes the new pages). Outputs of 16 MiB or more
@@ -189,17 +188,18 @@ void row_backward(const T* row, T* out, int64_t n, int64_t y, float g, float inv
   // A finite lse and g: every logit is finite or -inf (NaN or +inf would have made lse
   // NaN or +inf), so each g p_v is finite and the store needs no NaN test.
   const bool finite = std::isfinite(lse) && std::isfinite(g);
+  // With finite lse and g every exp argument is finite or -inf, and a bf16 gradient is
+  // rounded to 8 bits: the exp it needs is vexp_bf16's (3e-6 against 2e-3 for the
+  // rounding, half vexp's ops). SSE2, N=4096 V=32000 on 2 cores, into a reused output:
+  // bf16 took 1.15x fp32's time with vexp.
+  const auto ex = [](vf x) {
+    if constexpr (std::is_same_v<T, uint16_t>) {
+      return vexp_bf16(x);
+    } else {
+      return vexp(x);
+    }
+  };
   if (m == 0.0f && inv_t == 1.0f && finite) {  // the usual case: p_v = exp(logit_v - lse)
-    // A bf16 gradient is rounded to 8 bits: the exp it needs is vexp_bf16's (3e-6
-    // against 2e-3 for the rounding, half vexp's ops). SSE2, N=4096 V=32000 on 2 cores,
-    // into a reused output: bf16 took 1.15x fp32's time with vexp.
-    const auto ex = [](vf x) {
-      if constexpr (std::is_same_v<T, uint16_t>) {
-        return vexp_bf16(x);
-      } else {
-        return vexp(x);
-      }
-    };
     // Elements before the first kStreamAlign-aligned one: fewer than 2 kLanes.
     const int64_t lead = static_cast<int64_t>(
         (kStreamAlign - reinterpret_cast<uintptr_t>(out) % kStreamAlign) % kStreamAlign / sizeof(T));
@@ -228,6 +228,10 @@ void row_backward(const T* row, T* out, int64_t n, int64_t y, float g, float inv
     }
   } else if (m == 0.0f && inv_t == 1.0f) {  // NaN / inf rows: outputs NaN, inf or 0 only
     for (; j + kLanes <= n; j += kLanes) vstore(out + j, vg * vexp(vload(row + j) - vlog_s));
+  } else if (finite) {  // a temperature, or a row recomputed in the frame of its max
+    for (; j + kLanes <= n; j += kLanes) {
+      vstore_finite(out + j, vg * ex(shifted<true>(vload(row + j), vm, vinv_t) - vlog_s));
+    }
   } else {
     for (; j + kLanes <= n; j += kLanes) {
       vstore(out + j, vg * vexp(shifted<true>(vload(row + j), vm, vinv_t) - vlog_s));

@@ -90,11 +90,12 @@ def test_logprobs_from_logits_every_variant(isa, shape, dtype):
     assert_close(x.grad, x64.grad, dtype, f"{isa} d logits")
 
 
-def test_bf16_logits_gradient_within_half_an_ulp_every_variant(isa):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_bf16_logits_gradient_within_half_an_ulp_every_variant(isa, temperature):
     """The bf16 backward's exp (vexp_bf16, ~3e-6 relative) is rounded to bf16 next:
     every element within half a bf16 ulp of the exact gradient plus 2e-5 relative (an
     exact exp rounds to within half an ulp), across p from 1 down to underflow and at
-    -inf logits (exactly 0)."""
+    -inf logits (exactly 0), with and without a temperature (two code paths)."""
     torch.manual_seed(7)
     n, v = 24, 3000
     scale = torch.logspace(-1, 1.7, n)[:, None]  # spreads 0.1-50: p near 1/V to p ~ 1
@@ -104,9 +105,13 @@ def test_bf16_logits_gradient_within_half_an_ulp_every_variant(isa):
     targets = torch.randint(0, v, (n,))
     upstream = torch.randn(n)
     x = logits.clone().requires_grad_(True)
-    decpo.logprobs_from_logits(x, targets, backend="native").backward(upstream)
+    decpo.logprobs_from_logits(x, targets, temperature=temperature, backend="native").backward(
+        upstream
+    )
     x64 = logits.double().requires_grad_(True)
-    logprobs_from_logits_reference(x64, targets).backward(upstream.double())
+    logprobs_from_logits_reference(x64, targets, temperature=temperature).backward(
+        upstream.double()
+    )
     exact = x64.grad
     got = x.grad.double()
     # Half an ulp of bf16 (8 significant bits) at each exact value; 0 stays 0.
