@@ -61,6 +61,8 @@ case $stage in
     exit 2
     ;;
 esac
-# Results (final, or the partial rows a time limit left) next to the logs.
-cp bench/results/*-cuda-*.json bench/results/*cuda*partial* "$OUT/" 2>/dev/null
+# This stage's results (final, or the partial rows a time limit left) next to the logs;
+# the committed ones are older than the stage's header file.
+find bench/results -maxdepth 1 -name '*cuda*' -newer "$OUT/gpu-$stage.txt" \
+  -exec cp {} "$OUT/" \; 2>/dev/null
 echo "done: $stage"
