@@ -5,7 +5,9 @@ chosen through decpo.backend's registry) -> the custom op decpo::decorrelation_p
 (loss and gradient in one forward) -> its autograd formula (backward scales the stored
 gradient by grad_output, in place unless the graph is retained, natively for the native
 backend) -> the public function
-(validation, backend choice).
+(validation, backend choice). Eager calls on plain tensors take the same forward and
+backward through a plain autograd Function (_EagerDecorrelation), without the custom-op
+dispatcher's host cost; torch.compile, fake tensors and tensor subclasses take the op.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import Tensor
 from decpo import checks
 from decpo.backend import implementation, resolve_backend
 from decpo.numerics import accumulation_dtype, grad_dtype
-from decpo.ops import Inputs, input_grads
+from decpo.ops import Inputs, eager_call, input_grads
 
 REDUCTIONS = ("mean", "sum")
 
@@ -146,6 +148,21 @@ def _last_use(grad: Tensor, grad_loss: Tensor, hidden_dtype: torch.dtype) -> boo
 _decorrelation_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerDecorrelation(torch.autograd.Function):
+    """The op's forward and autograd formula (_setup_context, _backward) without the
+    dispatcher: returns the loss only."""
+
+    @staticmethod
+    def forward(ctx: Any, *inputs: Any) -> Tensor:
+        loss, grad = _decorrelation(*inputs)
+        _setup_context(ctx, inputs, (loss, grad))
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor | None) -> tuple[Tensor | None, ...]:
+        return _backward(ctx, grad_loss, None)
+
+
 def decorrelation_penalty(
     hidden: torch.Tensor,
     *,
@@ -195,7 +212,8 @@ def decorrelation_penalty(
 
     compute_grad = hidden.requires_grad and torch.is_grad_enabled()
     layered = hidden if hidden.dim() == 3 else hidden.unsqueeze(0)  # (L, N, D)
-    loss, _ = _decorrelation_op(
-        layered, mask, segment_ids, normalize, offdiag, reduction, resolved, compute_grad
-    )
+    inputs = (layered, mask, segment_ids, normalize, offdiag, reduction, resolved, compute_grad)
+    if eager_call(hidden, mask, segment_ids):
+        return _EagerDecorrelation.apply(*inputs)
+    loss, _ = _decorrelation_op(*inputs)
     return loss

@@ -94,6 +94,7 @@ autotuning candidates used only with DECPO_TRITON_AUTOTUNE=1 on a GPU.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -883,10 +884,12 @@ def _launch(
 # ------------------------------------------------------------------ plan and costs
 
 
-@dataclass
+@dataclass(eq=False)
 class _Plan:
     """Which group runs where, in packed (bucketed, reordered) row order: groups of the
-    fused Gram kernel first, then large Gram groups, then covariance groups."""
+    fused Gram kernel first, then large Gram groups, then covariance groups. Plans are
+    cached per group sizes (_plan) and not changed after they are made; `tables` keeps
+    their device-side index tables (_table)."""
 
     dim: int
     dim_pad: int
@@ -897,17 +900,53 @@ class _Plan:
     fused: list[int] = field(default_factory=list)  # group sizes, in packed order
     pair: list[int] = field(default_factory=list)
     cov: list[int] = field(default_factory=list)
+    tables: dict[tuple[object, ...], torch.Tensor] = field(default_factory=dict)
 
     @property
     def order(self) -> list[int]:
         return self.fused + self.pair + self.cov
 
 
+def _table(
+    plan: _Plan,
+    name: str,
+    build: Callable[[], list],
+    dtype: torch.dtype,
+    where: tuple[torch.device, int],
+    transpose: bool = False,
+) -> torch.Tensor:
+    """host_table(build(), dtype, device, transpose), made once per plan, name and
+    (device, stream) and then reused: building the lists and copying them cost more
+    host time per call than the last-token case's kernels take on the GPU. Keyed by
+    stream as well, so no stream reads a table before its asynchronous copy is done.
+    The kernels only read the tables."""
+    key = (name, dtype, *where)
+    table = plan.tables.get(key)
+    if table is None:
+        table = plan.tables[key] = host_table(build(), dtype, where[0], transpose)
+    return table
+
+
+def _where(device: torch.device) -> tuple[torch.device, int]:
+    """(device, current stream id): the key of a device's cached tables."""
+    if device.type != "cuda":
+        return device, 0
+    return device, torch._C._cuda_getCurrentRawStream(device.index)  # what Triton launches on
+
+
+@functools.lru_cache(maxsize=64)
 def _plan(
-    sizes: list[int], dim: int, dtype: torch.dtype, normalize: bool, offdiag: bool, interpret: bool
+    sizes: tuple[int, ...],
+    dim: int,
+    dtype: torch.dtype,
+    normalize: bool,
+    offdiag: bool,
+    interpret: bool,
 ) -> tuple[_Plan, list[int]]:
     """(plan, original group index of each packed group); groups without a counted
-    pair (empty, or one row with offdiag) are left out: zero loss, zero gradient."""
+    pair (empty, or one row with offdiag) are left out: zero loss, zero gradient.
+    Cached: a training run sees few distinct group sizes, and each plan keeps its
+    device tables. Callers must not change what it returns."""
     live = [(g, s) for g, s in enumerate(sizes) if s > (1 if offdiag else 0)]
     configs = _configs(dtype, [s for _, s in live if s <= dim], normalize, interpret)
     plan = _Plan(dim, triton.cdiv(dim, PAD) * PAD, configs, dtype, normalize, offdiag)
@@ -926,6 +965,7 @@ def _starts(sizes: list[int], first: int = 0) -> list[int]:
     return out[:-1]
 
 
+@functools.lru_cache(maxsize=256)  # per (cached) plan; callers do not change it
 def _diag_pairs(plan: _Plan) -> list[tuple[int, int, int, int]]:
     block = plan.configs.pair_rows
     starts = _starts(plan.pair, sum(plan.fused))
@@ -936,6 +976,7 @@ def _diag_pairs(plan: _Plan) -> list[tuple[int, int, int, int]]:
     ]
 
 
+@functools.lru_cache(maxsize=256)  # per (cached) plan; callers do not change it
 def _off_pairs(plan: _Plan) -> list[tuple[int, int, int, int]]:
     block = plan.configs.pair_rows
     starts = _starts(plan.pair, sum(plan.fused))
@@ -959,6 +1000,7 @@ def _e_dtype(plan: _Plan) -> torch.dtype:
     return torch.float32
 
 
+@functools.lru_cache(maxsize=256)  # per (cached) plan; callers do not change it
 def _e_layout(plan: _Plan) -> tuple[list[int], int]:
     """(element offset of each large Gram group's E block, elements per layer): a
     (ld x ld) row-major block per group, ld = n rounded up to the pair tile."""
@@ -979,6 +1021,7 @@ def _stores_e(plan: _Plan, layers: int, compute_grad: bool) -> bool:
     return layers * _e_layout(plan)[1] * esize <= E_BUDGET
 
 
+@functools.lru_cache(maxsize=256)  # per (cached) plan; callers do not change it
 def _pair_blocks(plan: _Plan) -> list[tuple[int, int, int, int]]:
     """(start, n, first row, E offset) of every BLOCK_M row block of the gradient GEMM,
     last group first (its Z and E were the last that _gram_error_kernel touched)."""
@@ -993,6 +1036,7 @@ def _pair_blocks(plan: _Plan) -> list[tuple[int, int, int, int]]:
     return out[::-1]
 
 
+@functools.lru_cache(maxsize=256)  # per (cached) plan; callers do not change it
 def _cov_tiles(plan: _Plan, same: bool) -> list[tuple[int, int, int]]:
     t = triton.cdiv(plan.dim_pad, plan.configs.cov[0].blocks["BLOCK_C"])
     if same:
@@ -1000,6 +1044,7 @@ def _cov_tiles(plan: _Plan, same: bool) -> list[tuple[int, int, int]]:
     return [(k, a, b) for k in range(len(plan.cov)) for a in range(t) for b in range(a + 1, t)]
 
 
+@functools.lru_cache(maxsize=256)  # per (cached) plan; callers do not change it
 def _cov_blocks(plan: _Plan) -> list[tuple[int, int]]:
     block = plan.configs.cov_grad[0].blocks["BLOCK_M"]
     return [(k, r0) for k, s in enumerate(plan.cov) for r0 in range(0, s, block)]
@@ -1180,7 +1225,7 @@ def decorrelation_cost_detail(
     """Per kernel and "total": flops, bytes (HBM estimate), tile_bytes, atomic_bytes."""
     if isinstance(sizes, tuple):
         sizes = [sizes[1]] * sizes[0]
-    plan, _ = _plan(list(sizes), dim, dtype, normalize, offdiag, interpret=False)
+    plan, _ = _plan(tuple(sizes), dim, dtype, normalize, offdiag, interpret=False)
     per = _kernel_costs(plan, layers, dtype, compute_grad)
     keys = ("flops", "bytes", "tile_bytes", "atomic_bytes")
     per["total"] = {k: sum(v[k] for v in per.values()) for k in keys}
@@ -1221,7 +1266,11 @@ def decorrelation_penalty(
     backend for the contract. FLOPs and HBM bytes: decorrelation_cost(sizes, D)."""
     n_layers, n, dim = hidden.shape
     device = hidden.device
-    rows, sizes = bucket_rows(n, mask, segment_ids, device)
+    where = _where(device)
+    if mask is None and segment_ids is None:  # one group of all rows: no device work
+        rows, sizes = None, [n] if n else []
+    else:
+        rows, sizes = bucket_rows(n, mask, segment_ids, device)
     pairs = sum(s * (s - 1) if offdiag else s * s for s in sizes)
     shape, gdtype = hidden.shape, grad_dtype(hidden.dtype)
     if pairs == 0 or n_layers == 0:
@@ -1231,22 +1280,26 @@ def decorrelation_penalty(
         return torch.zeros((), dtype=torch.float32, device=device), zero
     scale = 1.0 / n_layers / (pairs if reduction == "mean" else 1)
     interpret = interpreting()
-    plan, order = _plan(sizes, dim, hidden.dtype, normalize, offdiag, interpret)
+    plan, order = _plan(tuple(sizes), dim, hidden.dtype, normalize, offdiag, interpret)
     cfg = plan.configs
     # The kernels write every selected row of a counted group: no zero fill when that
     # is every row.
     alloc = torch.empty if sum(plan.order) == n else torch.zeros
     grad = alloc(shape, dtype=gdtype, device=device) if compute_grad else hidden.new_empty(0)
     # Packed order: fused groups, large Gram groups, covariance groups.
-    parts = torch.split(rows, sizes)
-    rows = torch.cat([parts[g] for g in order]).to(torch.int32).contiguous()
-    n_sel, dp, L = rows.numel(), plan.dim_pad, n_layers
+    if rows is None:  # every row, in order (one group): a cached table
+        rows = _table(plan, f"all {n} rows", lambda: list(range(n)), torch.int32, where)
+    elif order == list(range(len(sizes))):  # already in packed order, every group counted
+        rows = rows.to(torch.int32)
+    else:
+        parts = torch.split(rows, sizes)
+        rows = torch.cat([parts[g] for g in order]).to(torch.int32)
+    n_sel, dp, L = rows.numel(), plan.dim_pad, n_layers  # rows: (S,) int32, contiguous
     dkey = (str(hidden.dtype), dim, normalize, offdiag, compute_grad)
 
     z = torch.empty((L, n_sel, dp), dtype=hidden.dtype, device=device)
-    inv = torch.empty((L, n_sel), dtype=torch.float32, device=device)
-    sq = torch.empty_like(inv)
-    sqx = torch.empty_like(inv)
+    # Per-row statistics in one allocation: 1 / norm, squared norm of z, of x.
+    inv, sq, sqx = torch.empty((3, L, n_sel), dtype=torch.float32, device=device).unbind()
     _launch(
         _pack_kernel,
         lambda c: (triton.cdiv(n_sel, c.blocks["BLOCK_R"]), L),
@@ -1268,7 +1321,9 @@ def decorrelation_penalty(
         NORMALIZE=normalize,
         INTERPRET=interpret,
     )
-    p_sum = torch.zeros(L, dtype=torch.float64, device=device)
+    # The loss: float64 sums of each launch's per-program partials, added at the end.
+    sums: list[torch.Tensor] = []
+    constant = 0.0
     gstrides = {
         "stride_gl": grad.stride(0) if compute_grad else 0,
         "stride_gn": grad.stride(1) if compute_grad else 0,
@@ -1286,8 +1341,8 @@ def decorrelation_penalty(
 
     if plan.fused:
         g = len(plan.fused)
-        starts = host_table(_starts(plan.fused), torch.int32, device)
-        counts = host_table(plan.fused, torch.int32, device)
+        starts = _table(plan, "fused starts", lambda: _starts(plan.fused), torch.int32, where)
+        counts = _table(plan, "fused sizes", lambda: plan.fused, torch.int32, where)
         partial = torch.empty((L, g), dtype=torch.float32, device=device)
         _launch(
             _gram_fused_kernel,
@@ -1315,14 +1370,14 @@ def decorrelation_penalty(
             COMPUTE_GRAD=compute_grad,
             INTERPRET=interpret,
         )
-        p_sum += partial.double().sum(1)
+        sums.append(partial.sum(dtype=torch.float64))
 
     if stores_e:
-        p_sum += _gram_error_path(plan, z, inv, sq, sqx, rows, grad, gstrides, scale, dkey)
-    for same, table in ((True, _diag_pairs(plan)), (False, _off_pairs(plan))):
-        if not table or stores_e:
+        sums += _gram_error_path(plan, z, inv, sq, sqx, rows, grad, gstrides, scale, dkey, where)
+    for same, tiles in ((True, _diag_pairs), (False, _off_pairs)):
+        if stores_e or not plan.pair or not tiles(plan):
             continue
-        t = host_table(table, torch.int32, device, transpose=True)
+        t = _table(plan, f"pairs {same}", lambda f=tiles: f(plan), torch.int32, where, True)
         npairs = t.shape[1]
         partial = torch.empty((L, npairs), dtype=torch.float32, device=device)
         _launch(
@@ -1349,20 +1404,19 @@ def decorrelation_penalty(
             COMPUTE_GRAD=compute_grad,
             INTERPRET=interpret,
         )
-        p_sum += partial.double().sum(1)
+        sums.append(partial.sum(dtype=torch.float64))
 
     if plan.cov:
         k = len(plan.cov)
         first = n_fused + n_pair
         starts_l = _starts(plan.cov, first)
-        group_start = host_table(starts_l, torch.int32, device)
-        group_n = host_table(plan.cov, torch.int32, device)
+        group_start = _table(plan, "cov starts", lambda: starts_l, torch.int32, where)
+        group_n = _table(plan, "cov sizes", lambda: plan.cov, torch.int32, where)
         # s = sum ||z||^2 and q = sum ||z||^4 per (group, layer), in float64.
-        seg = torch.repeat_interleave(  # output_size given: no host sync
-            torch.arange(k, device=device),
-            host_table(plan.cov, torch.int64, device),
-            output_size=sum(plan.cov),
-        )
+        seg = _table(  # the covariance group of each of its rows
+            plan, "cov row group", lambda: [g for g, s in enumerate(plan.cov) for _ in range(s)],
+            torch.int64, where,
+        )  # fmt: skip
         sq_cov = sq[:, first:].double()  # (L, n_cov)
         s_tot = torch.zeros((L, k), dtype=torch.float64, device=device).index_add_(1, seg, sq_cov)
         q_tot = torch.zeros_like(s_tot).index_add_(1, seg, sq_cov.square())
@@ -1370,10 +1424,10 @@ def decorrelation_penalty(
         m_dtype = torch.bfloat16 if hidden.dtype == torch.bfloat16 else torch.float32
         m = torch.empty((k, L, dp, dp), dtype=m_dtype, device=device) if compute_grad else None
         for same in (True, False):
-            table = _cov_tiles(plan, same)
-            if not table:
+            if not _cov_tiles(plan, same):
                 continue
-            t = host_table(table, torch.int32, device, transpose=True)
+            t = _table(plan, f"cov tiles {same}", lambda s_=same: _cov_tiles(plan, s_),
+                       torch.int32, where, True)  # fmt: skip
             npairs = t.shape[1]
             partial = torch.empty((L, npairs), dtype=torch.float32, device=device)
             _launch(
@@ -1400,16 +1454,16 @@ def decorrelation_penalty(
                 COMPUTE_GRAD=compute_grad,
                 INTERPRET=interpret,
             )
-            p_sum += partial.double().sum(1)
-        n_g = host_table(plan.cov, torch.float64, device)
+            sums.append(partial.sum(dtype=torch.float64))
         if offdiag:
             extra = s_tot.square() / dim - q_tot
-        else:
-            extra = (s_tot - dim).square() / dim + (n_g - dim)
-        p_sum += extra.sum(1)
+        else:  # plus sum over groups and layers of (n_g - D), a host constant
+            extra = (s_tot - dim).square() / dim
+            constant += L * sum(s - dim for s in plan.cov)
+        sums.append(extra.sum())
         if compute_grad:
             blocks = _cov_blocks(plan)
-            bt = host_table(blocks, torch.int32, device, transpose=True)
+            bt = _table(plan, "cov blocks", lambda: blocks, torch.int32, where, True)
             _launch(
                 _cov_grad_kernel,
                 lambda c_: (triton.cdiv(dp, c_.blocks["BLOCK_N"]), len(blocks), L),
@@ -1458,9 +1512,11 @@ def decorrelation_penalty(
             NORMALIZE=normalize,
             INTERPRET=interpret,
         )
-    loss = (p_sum.sum() * scale).float()
-    loss = torch.where(torch.isfinite(loss), loss, torch.full_like(loss, float("nan")))
-    return loss, grad
+    total = sums[0] if len(sums) == 1 else torch.stack(sums).sum()
+    loss = ((total + constant if constant else total) * scale).float()
+    # An infinite loss is reported as NaN (as the other backends do): x - x is 0 for
+    # finite x and NaN otherwise; two launches where isfinite and where took three.
+    return loss + (loss - loss), grad
 
 
 def _gram_error_path(
@@ -1474,10 +1530,11 @@ def _gram_error_path(
     gstrides: dict[str, int],
     scale: float,
     dkey: tuple[object, ...],
-) -> torch.Tensor:
+    where: tuple[torch.device, int],
+) -> list[torch.Tensor]:
     """Large Gram groups, deterministic: the tile pairs store E (and the loss and
     radial partials), then the second GEMM writes dh = E Z with the normalization's
-    backward in its epilogue. Returns the loss partial sums per layer (float64)."""
+    backward in its epilogue. Returns the loss sums of its launches (float64)."""
     cfg = plan.configs
     L, n_sel, dp = z.shape
     device = z.device
@@ -1487,12 +1544,13 @@ def _gram_error_path(
     e = torch.empty((L, e_per_layer), dtype=_e_dtype(plan), device=device)
     rpart = torch.empty((L, t_max, n_sel), dtype=torch.float32, device=device)
     off_of = dict(zip(_starts(plan.pair, sum(plan.fused)), offs, strict=True))
-    p_sum = torch.zeros(L, dtype=torch.float64, device=device)
-    for same, table in ((True, _diag_pairs(plan)), (False, _off_pairs(plan))):
-        if not table:
+    sums = []
+    for same, tiles in ((True, _diag_pairs), (False, _off_pairs)):
+        if not tiles(plan):
             continue
-        rows_t = [(*row, off_of[row[0]]) for row in table]
-        t = host_table(rows_t, torch.int32, device, transpose=True)
+        t = _table(plan, f"pairs with E offsets {same}",
+                   lambda f=tiles: [(*row, off_of[row[0]]) for row in f(plan)],
+                   torch.int32, where, True)  # fmt: skip
         npairs = t.shape[1]
         partial = torch.empty((L, npairs), dtype=torch.float32, device=device)
         _launch(
@@ -1520,9 +1578,9 @@ def _gram_error_path(
             OFFDIAG=plan.offdiag,
             INTERPRET=interpreting(),
         )
-        p_sum += partial.double().sum(1)
+        sums.append(partial.sum(dtype=torch.float64))
     blocks = _pair_blocks(plan)
-    bt = host_table(blocks, torch.int32, device, transpose=True)
+    bt = _table(plan, "pair blocks", lambda: blocks, torch.int32, where, True)
     assert all(tile_r % c.blocks["BLOCK_K"] == 0 for c in cfg.pair_grad[1])
     _launch(
         _gram_grad_kernel,
@@ -1552,7 +1610,7 @@ def _gram_error_path(
         NORMALIZE=plan.normalize,
         INTERPRET=interpreting(),
     )
-    return p_sum
+    return sums
 
 
 # ------------------------------------------------------------------ compile gate

@@ -207,6 +207,66 @@ def test_custom_op_opcheck():
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eager_path_matches_the_custom_op(backend):
+    """Eager calls skip the dispatcher (decpo.ops.eager_call): the same loss and
+    gradient bits as the custom op, with upstream scaling, a retained graph and a
+    second backward, and under no_grad."""
+    skip_unless_runs(backend, torch.bfloat16)
+    gen = generator(5)
+    hidden = torch.randn(2, 9, 16, generator=gen).to(torch.bfloat16)
+    seg = torch.tensor([1, 0, 1, 1, 0, 2, 2, 0, 1])
+    results = []
+    for eager in (True, False):
+        h = hidden.clone().requires_grad_(True)
+        if eager:
+            loss = decpo.decorrelation_penalty(h, segment_ids=seg, backend=backend)
+        else:
+            loss, _ = torch.ops.decpo.decorrelation_penalty(h, None, seg, True, False, "mean",
+                                                            backend, True)  # fmt: skip
+        assert loss.requires_grad
+        (loss * 0.3).backward(retain_graph=True)
+        first = h.grad.clone()
+        (loss * -2.0).backward()
+        results.append((loss.detach(), first, h.grad))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        h = hidden.clone().requires_grad_(True)
+        loss = decpo.decorrelation_penalty(h, segment_ids=seg, backend=backend)
+    assert loss.grad_fn is None and torch.equal(loss, results[0][0])
+
+
+def test_eager_call_only_for_plain_eager_tensors():
+    """FakeTensorMode, tensor subclasses and torch.compile take the custom op."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from decpo.ops import eager_call
+
+    plain = torch.randn(3, 4)
+    assert eager_call(plain, None)
+    with FakeTensorMode():
+        fake = torch.randn(2, 3, 4, requires_grad=True)
+        assert not eager_call(fake)
+        loss = decpo.decorrelation_penalty(fake, backend="torch")
+        loss.backward()
+        assert loss.shape == () and fake.grad.shape == fake.shape
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert not eager_call(plain.as_subclass(Sub))
+    seen = []
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def traced(h):
+        seen.append(eager_call(h))
+        return decpo.decorrelation_penalty(h, backend="torch")
+
+    traced(plain)
+    assert seen == [False]
+
+
 # ------------------------------------------------------------------ properties
 
 rows = st.integers(1, 12)

@@ -29,7 +29,7 @@ def _sizes(n: int, mask, segment_ids) -> list[int]:
 
 def _paths(hidden, mask, segment_ids, normalize, offdiag) -> set[str]:
     sizes = _sizes(hidden.shape[-2], mask, segment_ids)
-    plan, _ = dec._plan(sizes, hidden.shape[-1], hidden.dtype, normalize, offdiag, True)
+    plan, _ = dec._plan(tuple(sizes), hidden.shape[-1], hidden.dtype, normalize, offdiag, True)
     return {k for k in ("fused", "pair", "cov") if getattr(plan, k)}
 
 
