@@ -1,9 +1,11 @@
 """Where the time of decorrelation_penalty goes on CUDA, for the benchmark cases: wall
 time per call and the CUDA kernels of one forward+backward under torch.profiler; with
 --host, the host time of each layer of the call (public function, custom op, backend
-launcher) and the functions it is spent in (cProfile).
+launcher) and the functions it is spent in (cProfile); with --backward, the host time
+of the backward's parts (the upstream scaling, the autograd engine) at the last-token
+shape.
 
-    python -m experiments.gpu_decorrelation_profile [--host]
+    python -m experiments.gpu_decorrelation_profile [--host] [--backward]
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ import time
 from collections.abc import Callable
 
 import torch
+import triton
+import triton.language as tl
 from triton.testing import do_bench
 
 import decpo
+from decpo.reference import eager_decorrelation_penalty
 from decpo.triton_backend import decorrelation as triton_decorrelation
 
 CASES = {  # name: (hidden shape, groups)
@@ -73,10 +78,76 @@ def host_breakdown(h: torch.Tensor, seg: torch.Tensor | None) -> None:
     print("\n".join(line for line in out.getvalue().splitlines()[:60] if line.strip()))
 
 
+@triton.jit
+def _scale_kernel(g_ptr, s_ptr, n, BLOCK: tl.constexpr):
+    """g *= s in fp32, rounded once (s: a 0-dim fp32 tensor on the device)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    g = tl.load(g_ptr + offs, mask=ok)
+    s = tl.load(s_ptr)
+    tl.store(g_ptr + offs, (g.to(tl.float32) * s).to(g.dtype), mask=ok)
+
+
+def backward_parts() -> None:
+    """Host time of the backward's parts at 8 x 64 x 14336 bf16."""
+    g = torch.randn(8, 64, 14336, device="cuda", dtype=torch.bfloat16)
+    s0 = torch.full((), 1.0, device="cuda")
+    h = g.clone().requires_grad_(True)
+
+    class NoWork(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+            return s0.clone()
+
+        @staticmethod
+        def backward(ctx: object, grad_out: torch.Tensor) -> torch.Tensor:
+            return g
+
+    def no_work() -> None:
+        h.grad = None
+        NoWork.apply(h).backward()
+
+    def cpp_nodes() -> None:
+        h.grad = None
+        h.sum(dtype=torch.float32).backward()
+
+    def public() -> None:
+        h.grad = None
+        decpo.decorrelation_penalty(h).backward()
+
+    eager = torch.compile(eager_decorrelation_penalty, dynamic=False)
+
+    def compiled() -> None:
+        h.grad = None
+        eager(h).backward()
+
+    def triton_scale() -> None:
+        _scale_kernel[(triton.cdiv(g.numel(), 4096),)](g, s0, g.numel(), BLOCK=4096)
+
+    parts = {
+        "mul out=g, (1,1,1) fp32": lambda: torch.mul(g, s0.reshape(1, 1, 1), out=g),
+        "mul_ 0-dim fp32": lambda: g.mul_(s0),
+        "mul, (1,1,1) fp32, new": lambda: torch.mul(g, s0.reshape(1, 1, 1)),
+        "triton scale kernel": triton_scale,
+        "autograd Function, no work": no_work,
+        "sum().backward(), C++": cpp_nodes,
+        "public fwd": lambda: decpo.decorrelation_penalty(h),
+        "public fwd+bwd": public,
+        "torch.compile fwd+bwd": compiled,
+    }
+    for name, fn in parts.items():
+        host, wall = host_us(fn)
+        print(f"   {name:28s} host {host:8.1f} us   wall {wall:8.1f} us per call")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", action="store_true", help="host time per layer, cProfile")
+    parser.add_argument("--backward", action="store_true", help="host time of backward parts")
     args = parser.parse_args()
+    if args.backward:
+        backward_parts()
+        return
     for name, (shape, groups) in CASES.items():
         torch.manual_seed(0)
         h = torch.randn(*shape, device="cuda", dtype=torch.bfloat16).requires_grad_(True)

@@ -37,16 +37,16 @@ def input_grads(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | N
 
 def eager_call(*tensors: torch.Tensor | None) -> bool:
     """Whether an op call may run its implementation through a plain autograd Function
-    instead of the custom-op dispatcher: not traced by torch.compile, no dispatch or
-    torch-function mode active (FakeTensorMode, tracing), no functorch transform, and
-    plain tensors only (no subclass such as DTensor). The dispatcher costs ~0.3 ms of
-    host time per call on the H100 machine, more than the GPU time of the last-token
-    decorrelation penalty; everything else goes through the op, whose fake
-    implementation and autograd formula the same functions provide."""
+    instead of the custom-op dispatcher: not traced by torch.compile, no dispatch mode
+    active (FakeTensorMode, tracing), no functorch transform, and plain tensors only
+    (no subclass such as DTensor). Torch-function modes (torch.set_default_device's)
+    see the implementation's own torch calls, as for any function made of them. The
+    dispatcher costs ~0.3 ms of host time per call on the H100 machine, more than the
+    GPU time of the last-token decorrelation penalty; everything else goes through the
+    op, whose fake implementation and autograd formula the same functions provide."""
     return (
         not torch.compiler.is_compiling()
         and torch._C._len_torch_dispatch_stack() == 0
-        and not torch._C._is_torch_function_mode_enabled()
         and not torch._C._are_functorch_transforms_active()
         and all(t is None or type(t) is torch.Tensor for t in tensors)
     )

@@ -245,6 +245,8 @@ def test_eager_call_only_for_plain_eager_tensors():
 
     plain = torch.randn(3, 4)
     assert eager_call(plain, None)
+    with torch.device("meta"):  # a torch-function mode: the implementation runs under it
+        assert eager_call(plain)
     with FakeTensorMode():
         fake = torch.randn(2, 3, 4, requires_grad=True)
         assert not eager_call(fake)
