@@ -16,6 +16,7 @@ import io
 import pstats
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import triton
@@ -23,6 +24,7 @@ import triton.language as tl
 from triton.testing import do_bench
 
 import decpo
+from decpo.ops import decorrelation as ops_decorrelation
 from decpo.reference import eager_decorrelation_penalty
 from decpo.triton_backend import decorrelation as triton_decorrelation
 
@@ -115,6 +117,39 @@ def backward_parts() -> None:
         h.grad = None
         decpo.decorrelation_penalty(h).backward()
 
+    def staged(stage: int) -> Callable[[], None]:
+        """A Function with no forward work whose backward does the first `stage` steps
+        of decpo's backward: 1 unpack the saved gradient, 2 + _last_use, 3 + the
+        upstream scaling, 4 decpo's whole _backward (after its _setup_context)."""
+
+        class Staged(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+                loss, grad = s0.clone(), g.clone()
+                if stage == 4:
+                    inputs = (x, None, None, True, False, "mean", "triton", True)
+                    ops_decorrelation._setup_context(ctx, inputs, (loss, grad))
+                else:
+                    ctx.save_for_backward(grad)
+                return loss
+
+            @staticmethod
+            def backward(ctx: Any, grad_loss: torch.Tensor) -> Any:
+                if stage == 4:
+                    return ops_decorrelation._backward(ctx, grad_loss, None)[0]
+                (grad,) = ctx.saved_tensors
+                if stage >= 2:
+                    ops_decorrelation._last_use(grad, grad_loss, grad.dtype)
+                if stage >= 3:
+                    ops_decorrelation._times_fp32(grad, grad_loss, out=grad)
+                return grad
+
+        def run() -> None:
+            h.grad = None
+            Staged.apply(h).backward()
+
+        return run
+
     eager = torch.compile(eager_decorrelation_penalty, dynamic=False)
 
     def compiled() -> None:
@@ -130,6 +165,10 @@ def backward_parts() -> None:
         "mul, (1,1,1) fp32, new": lambda: torch.mul(g, s0.reshape(1, 1, 1)),
         "triton scale kernel": triton_scale,
         "autograd Function, no work": no_work,
+        "+ clone g, unpack saved": staged(1),
+        "+ _last_use": staged(2),
+        "+ upstream scaling": staged(3),
+        "decpo's _setup_context/_backward": staged(4),
         "sum().backward(), C++": cpp_nodes,
         "public fwd": lambda: decpo.decorrelation_penalty(h),
         "public fwd+bwd": public,
