@@ -1,8 +1,9 @@
 # ruff: noqa: E501
 """Where the GPU time of token_logprobs goes: per-kernel CUDA times of one frozen-head
-forward (which computes the gradient) under torch.profiler, and each GEMM 2 config
-timed alone (scaled A as in the frozen forward, and unscaled as in the trainable
-backward), against a cuBLAS product of the same shape.
+forward (which computes the gradient) under torch.profiler, the in-place rescale of q,
+and each GEMM 2 config timed alone (with the target-term epilogue as in the frozen
+forward, and without as in the trainable backward), against a cuBLAS product of the
+same shape.
 
     python -m experiments.gpu_token_profile [--n 8192 --d 4096 --v 128256]
     python -m experiments.gpu_token_profile --sweep   # GEMM 1 / GEMM 2 block configs
@@ -75,18 +76,21 @@ def main() -> None:
     w_padded = torch.nn.functional.pad(w, (0, 0, 0, q.shape[1] - v))  # (V_padded, D)
     ref = do_bench(lambda: torch.mm(q, w_padded), warmup=25, rep=200, return_mode="median")
     print(f"cuBLAS (C, Vp) @ (Vp, D): {ref:.2f} ms, {flops / ref / 1e9:.0f} TFLOP/s")
+    rescale = do_bench(lambda: tlp._launch_rescale(q, scale, chunk, tile_v), warmup=25, rep=200,
+                       return_mode="median")  # fmt: skip
+    print(f"rescale q in place: {rescale:.3f} ms, "
+          f"{2 * q.numel() * q.element_size() / rescale / 1e9:.0f} GB/s")  # fmt: skip
     for config in tlp._GEMM2:
-        for scaled in (True, False):
-            args = dict(q_ptr=q, scale_ptr=scale if scaled else None, w_ptr=w, t_ptr=t[:chunk],
-                        coef_ptr=coef if scaled else None, out_ptr=out, M=chunk, V=v, D=d,
-                        KP=q.shape[1], NT=n_t, stride_qm=q.stride(0), stride_wv=w.stride(0),
-                        stride_wd=w.stride(1), stride_om=out.stride(0), SCALED=scaled,
-                        INTERPRET=False, TILE_V=tile_v, GROUP_M=8)  # fmt: skip
+        for target_term in (True, False):
+            args = dict(q_ptr=q, w_ptr=w, t_ptr=t[:chunk], coef_ptr=coef if target_term else None,
+                        out_ptr=out, M=chunk, V=v, D=d, KP=q.shape[1], stride_qm=q.stride(0),
+                        stride_wv=w.stride(0), stride_wd=w.stride(1), stride_om=out.stride(0),
+                        TARGET_TERM=target_term, INTERPRET=False, GROUP_M=8)  # fmt: skip
             grid = (triton.cdiv(chunk, config.blocks["BLOCK_M"])
                     * triton.cdiv(d, config.blocks["BLOCK_N"]),)  # fmt: skip
             ms = do_bench(lambda c=config, a=args, g=grid: common.launch(tlp._grad_kernel, g, c, **a),
                           warmup=25, rep=200, return_mode="median")  # fmt: skip
-            print(f"GEMM 2 {config.name:<14} scaled={scaled!s:<5} {ms:7.2f} ms "
+            print(f"GEMM 2 {config.name:<14} target term={target_term!s:<5} {ms:7.2f} ms "
                   f"{flops / ms / 1e9:5.0f} TFLOP/s")  # fmt: skip
 
 

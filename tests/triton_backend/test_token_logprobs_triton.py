@@ -134,12 +134,12 @@ def test_masked_vocabulary_bias_is_finite():
 
 def test_cost_model_headline():
     """The headline shape's predicted traffic and FLOPs, from the tiling: compute-bound
-    on an H100 (989 TFLOP/s bf16, 3.35 TB/s) with the memory time under a third of
-    the tensor-core time."""
+    on an H100 (989 TFLOP/s bf16, 3.35 TB/s) with the memory time under half the
+    tensor-core time (0.37 of it: the in-place rescale of q adds 4.2 GB to 17)."""
     c = tlp.token_logprobs_cost(8192, 128256, 4096, torch.bfloat16, frozen_grad=True)
     assert c["flops"] == pytest.approx(4 * 8192 * 128256 * 4096)
     assert c["chunk_rows"] == 4096  # 1 GiB of bf16 q scratch at V = 128256
-    assert c["bytes"] / 3.35e12 < c["flops"] / 989e12 / 3
+    assert c["bytes"] / 3.35e12 < c["flops"] / 989e12 / 2
     fwd = tlp.token_logprobs_cost(8192, 128256, 4096, torch.bfloat16, frozen_grad=False)
     assert fwd["flops"] == pytest.approx(2 * 8192 * 128256 * 4096)
     assert fwd["bytes"] < c["bytes"] / 2
