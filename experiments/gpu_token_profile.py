@@ -79,7 +79,7 @@ def main() -> None:
     rescale = do_bench(lambda: tlp._launch_rescale(q, scale, chunk, tile_v), warmup=25, rep=200,
                        return_mode="median")  # fmt: skip
     print(f"rescale q in place: {rescale:.3f} ms, "
-          f"{2 * q.numel() * q.element_size() / rescale / 1e9:.0f} GB/s")  # fmt: skip
+          f"{2 * q.numel() * q.element_size() / rescale / 1e9:.2f} TB/s")  # fmt: skip
     for config in tlp._GEMM2:
         for target_term in (True, False):
             args = dict(q_ptr=q, w_ptr=w, t_ptr=t[:chunk], coef_ptr=coef if target_term else None,
