@@ -90,6 +90,26 @@ def _latest(pattern: str) -> dict | None:
     return json.loads(files[-1].read_text()) | {"file": files[-1].name} if files else None
 
 
+def _newest_per_case(device: str) -> list[dict]:
+    """The ops result files of `device` that hold the newest measurement of some
+    benchmark case, newest first, each cut to those cases: a run over a subset of the
+    cases (one GPU call) then shows beside the older run that measured the rest, each
+    under its own commit and date. Cases no longer in bench/cases.py are left out."""
+    from bench.cases import cases_for
+
+    current = {(c.op, c.name) for c in cases_for(device)}
+    records, seen = [], set()
+    for path in sorted(RESULTS_DIR.glob(f"ops-{device}-*.json"), reverse=True):
+        record = json.loads(path.read_text()) | {"file": path.name}
+        keys = {(r["op"], r["case"]) for r in record["results"]} & current
+        mine = keys - seen
+        if mine:
+            seen |= mine
+            rows = [r for r in record["results"] if (r["op"], r["case"]) in mine]
+            records.append(record | {"results": rows})
+    return records
+
+
 def _cpu_peaks(peaks: dict) -> str:
     """The CPU-only rates of the floors, as a sentence tail ('' where not measured)."""
     parts = []
@@ -183,14 +203,17 @@ def render() -> Path:
     """Rewrite the results section of bench/README.md from the newest result files."""
     body: list[str] = []
     for device in ("cuda", "cpu"):
-        record = _latest(f"ops-{device}-*.json")
-        if record is None:
+        records = _newest_per_case(device)
+        if not records:
             body += [f"### Ops on {device}", "", "Not measured yet.", ""]
             continue
-        summarize(record["results"])
-        plot = _plot(record)
-        body += [f"### Ops on {device}", "", *_ops_table(record), "",
-                 f"![speed-up over eager]({plot.relative_to(BENCH)})", ""]  # fmt: skip
+        body += [f"### Ops on {device}", ""]
+        for record in records:
+            summarize(record["results"])
+            body += [*_ops_table(record), ""]
+        merged = records[0] | {"results": [r for rec in records for r in rec["results"]]}
+        plot = _plot(merged)
+        body += [f"![speed-up over eager]({plot.relative_to(BENCH)})", ""]
     for device in ("cuda", "cpu"):
         record = _latest(f"train-step-{device}-*.json")
         body += [f"### Training step on {device}", ""]

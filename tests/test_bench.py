@@ -51,24 +51,51 @@ def test_floor_adds_fresh_pages_of_a_large_gradient():
     assert cases.floor_seconds(big, "fwd+bwd", without) == pytest.approx(2 * nv / 1e9)
 
 
+def _ops_record(case: cases.Case, date: str, ms: dict[str, float]) -> dict:
+    rows = [
+        {"op": case.op, "case": case.name, "provider": p, "mode": "fwd+bwd", "median_ms": t,
+         "pct_of_floor": 50.0, "extra_mib": 1.0}
+        for p, t in ms.items()
+    ]  # fmt: skip
+    peaks = {"bf16_matmul_flops": 1e12, "copy_bytes_per_s": 1e10}
+    return {**render.environment("cpu"), "date": date, "peaks": peaks, "results": rows}
+
+
 def test_render_writes_tables(tmp_path, monkeypatch):
     monkeypatch.setattr(render, "RESULTS_DIR", tmp_path)
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n{render.START}\nold\n{render.END}\ntail\n")
     monkeypatch.setattr(render, "BENCH", tmp_path)
-    rows = [
-        {"op": "token_logprobs", "case": "c", "provider": p, "mode": "fwd+bwd", "median_ms": ms,
-         "pct_of_floor": 50.0, "extra_mib": 1.0}
-        for p, ms in (("decpo", 1.0), ("eager", 2.0), ("compile", 1.5))
-    ]  # fmt: skip
-    peaks = {"bf16_matmul_flops": 1e12, "copy_bytes_per_s": 1e10}
-    record = {**render.environment("cpu"), "date": "2026-01-01", "peaks": peaks, "results": rows}
+    case = cases.CPU_CASES[0]
+    record = _ops_record(case, "2026-01-01", {"decpo": 1.0, "eager": 2.0, "compile": 1.5})
     (tmp_path / "ops-cpu-1.json").write_text(json.dumps(record))
     render.render()
     text = readme.read_text()
-    assert "| token_logprobs c | fwd+bwd | **decpo** | 1.00 | 2.00x | 1.50x | 50% | 1.0 |" in text
+    row = f"| {case.op} {case.name} | fwd+bwd | **decpo** | 1.00 | 2.00x | 1.50x | 50% | 1.0 |"
+    assert row in text
     assert text.endswith("tail\n") and "old" not in text
     assert (tmp_path / "ops-cpu.png").is_file()
+
+
+def test_render_takes_each_case_from_its_newest_run(tmp_path, monkeypatch):
+    """A run over some cases shows beside the older run that measured the others, each
+    under its own date; cases bench/cases.py no longer has are left out."""
+    monkeypatch.setattr(render, "RESULTS_DIR", tmp_path)
+    a, b = cases.CPU_CASES[0], cases.CPU_CASES[1]
+    old = _ops_record(a, "2026-01-01", {"decpo": 4.0, "eager": 8.0})
+    old["results"] += _ops_record(b, "2026-01-01", {"decpo": 3.0})["results"]
+    old["results"].append(old["results"][0] | {"case": "a case since removed"})
+    (tmp_path / "ops-cpu-20260101.json").write_text(json.dumps(old))
+    (tmp_path / "ops-cpu-20260102.json").write_text(
+        json.dumps(_ops_record(a, "2026-01-02", {"decpo": 1.0, "eager": 2.0}))
+    )
+    records = render._newest_per_case("cpu")
+    assert [r["date"] for r in records] == ["2026-01-02", "2026-01-01"]
+    assert {(r["case"], r["median_ms"]) for r in records[0]["results"]} == {
+        (a.name, 1.0),
+        (a.name, 2.0),
+    }
+    assert {r["case"] for r in records[1]["results"]} == {b.name}
 
 
 def test_interleaved_rounds_time_every_provider(monkeypatch):
