@@ -50,8 +50,8 @@ case $stage in
     bench_ops token_logprobs 540
     ;;
   bench-rest)
-    bench_ops logprobs_from_logits,decorrelation_penalty 420
-    timeout 120 python3 -m bench.train_step --device cuda 2>&1 | tee "$OUT/train_step.log"
+    bench_ops logprobs_from_logits,decorrelation_penalty 240
+    timeout 330 python3 -m bench.train_step --device cuda 2>&1 | tee "$OUT/train_step.log"
     ;;
   trl)
     timeout 540 python3 -m bench.trl_head --device cuda 2>&1 | tee "$OUT/trl_head.log"
