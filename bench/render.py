@@ -92,20 +92,21 @@ def _latest(pattern: str) -> dict | None:
 
 def _newest_per_case(device: str) -> list[dict]:
     """The ops result files of `device` that hold the newest measurement of some
-    benchmark case, newest first, each cut to those cases: a run over a subset of the
-    cases (one GPU call) then shows beside the older run that measured the rest, each
-    under its own commit and date. Cases no longer in bench/cases.py are left out."""
+    benchmark case and mode, newest first, each cut to those: a run over a subset of
+    the cases or modes (one GPU call) then shows beside the older run that measured
+    the rest, each under its own commit and date. Cases no longer in bench/cases.py
+    are left out."""
     from bench.cases import cases_for
 
     current = {(c.op, c.name) for c in cases_for(device)}
     records, seen = [], set()
     for path in sorted(RESULTS_DIR.glob(f"ops-{device}-*.json"), reverse=True):
         record = json.loads(path.read_text()) | {"file": path.name}
-        keys = {(r["op"], r["case"]) for r in record["results"]} & current
-        mine = keys - seen
+        keys = {(r["op"], r["case"], r["mode"]) for r in record["results"]}  # per mode:
+        mine = {k for k in keys if k[:2] in current} - seen  # a run may time only some
         if mine:
             seen |= mine
-            rows = [r for r in record["results"] if (r["op"], r["case"]) in mine]
+            rows = [r for r in record["results"] if (r["op"], r["case"], r["mode"]) in mine]
             records.append(record | {"results": rows})
     return records
 
@@ -211,7 +212,12 @@ def render() -> Path:
         for record in records:
             summarize(record["results"])
             body += [*_ops_table(record), ""]
-        merged = records[0] | {"results": [r for rec in records for r in rec["results"]]}
+        dates = sorted({rec["date"][:10] for rec in records})
+        merged = records[0] | {
+            "results": [r for rec in records for r in rec["results"]],
+            "device_name": " / ".join(sorted({rec["device_name"] for rec in records})),
+            "date": " to ".join(dict.fromkeys([dates[0], dates[-1]])),
+        }
         plot = _plot(merged)
         body += [f"![speed-up over eager]({plot.relative_to(BENCH)})", ""]
     for device in ("cuda", "cpu"):

@@ -89,8 +89,13 @@ def test_render_takes_each_case_from_its_newest_run(tmp_path, monkeypatch):
     (tmp_path / "ops-cpu-20260102.json").write_text(
         json.dumps(_ops_record(a, "2026-01-02", {"decpo": 1.0, "eager": 2.0}))
     )
+    fwd_only = _ops_record(b, "2026-01-02", {"decpo": 0.5})
+    fwd_only["results"][0]["mode"] = "fwd"
+    (tmp_path / "ops-cpu-20260103.json").write_text(json.dumps(fwd_only))
     records = render._newest_per_case("cpu")
-    assert [r["date"] for r in records] == ["2026-01-02", "2026-01-01"]
+    assert [r["date"] for r in records] == ["2026-01-02", "2026-01-02", "2026-01-01"]
+    assert [(r["case"], r["mode"]) for r in records[0]["results"]] == [(b.name, "fwd")]
+    records = records[1:]  # b's fwd+bwd row stays with the run that timed that mode
     assert {(r["case"], r["median_ms"]) for r in records[0]["results"]} == {
         (a.name, 1.0),
         (a.name, 2.0),

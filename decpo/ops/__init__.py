@@ -7,8 +7,10 @@ their gradients with `input_grads`, instead of writing the parameter list again.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -50,3 +52,25 @@ def eager_call(*tensors: torch.Tensor | None) -> bool:
         and not torch._C._are_functorch_transforms_active()
         and all(t is None or type(t) is torch.Tensor for t in tensors)
     )
+
+
+_eager = threading.local()
+
+
+@contextlib.contextmanager
+def eager_scope() -> Iterator[None]:
+    """Marks an implementation call made by the eager path (see eager_call): only
+    there may a launcher keep small device tables from one call to the next
+    (decpo.triton_backend.decorrelation._table). Under torch.compile the call may run
+    while CUDA graphs are warmed up or captured, whose memory pool owns every tensor
+    made then and may reuse the memory of any that outlives the call."""
+    previous = getattr(_eager, "active", False)
+    _eager.active = True
+    try:
+        yield
+    finally:
+        _eager.active = previous
+
+
+def in_eager_scope() -> bool:
+    return getattr(_eager, "active", False)

@@ -20,7 +20,7 @@ from torch import Tensor
 from decpo import checks
 from decpo.backend import implementation, resolve_backend
 from decpo.numerics import accumulation_dtype, grad_dtype
-from decpo.ops import Inputs, eager_call, input_grads
+from decpo.ops import Inputs, eager_call, eager_scope, input_grads
 
 REDUCTIONS = ("mean", "sum")
 
@@ -154,7 +154,8 @@ class _EagerDecorrelation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, *inputs: Any) -> Tensor:
-        loss, grad = _decorrelation(*inputs)
+        with eager_scope():
+            loss, grad = _decorrelation(*inputs)
         _setup_context(ctx, inputs, (loss, grad))
         return loss
 

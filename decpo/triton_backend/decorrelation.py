@@ -104,6 +104,7 @@ import triton
 import triton.language as tl
 
 from decpo.numerics import bucket_rows, grad_dtype, interpreting
+from decpo.ops import in_eager_scope
 from decpo.triton_backend import common
 from decpo.triton_backend.common import KernelConfig, cast, dot, host_table
 
@@ -919,7 +920,13 @@ def _table(
     (device, stream) and then reused: building the lists and copying them cost more
     host time per call than the last-token case's kernels take on the GPU. Keyed by
     stream as well, so no stream reads a table before its asynchronous copy is done.
-    The kernels only read the tables."""
+    The kernels only read the tables. Kept only for eager calls (decpo.ops.eager_scope)
+    and never while the stream is being captured into a CUDA graph: a graph would
+    keep reading a kept table that a later eviction frees, and torch.compile's CUDA
+    graphs own the memory of the tensors made while they warm up."""
+    capturing = where[0].type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if capturing or not in_eager_scope():
+        return host_table(build(), dtype, where[0], transpose)
     key = (name, dtype, *where)
     table = plan.tables.get(key)
     if table is None:
@@ -931,7 +938,7 @@ def _where(device: torch.device) -> tuple[torch.device, int]:
     """(device, current stream id): the key of a device's cached tables."""
     if device.type != "cuda":
         return device, 0
-    return device, torch._C._cuda_getCurrentRawStream(device.index)  # what Triton launches on
+    return device, torch._C._cuda_getCurrentRawStream(device.index)
 
 
 @functools.lru_cache(maxsize=64)
@@ -1225,7 +1232,7 @@ def decorrelation_cost_detail(
     """Per kernel and "total": flops, bytes (HBM estimate), tile_bytes, atomic_bytes."""
     if isinstance(sizes, tuple):
         sizes = [sizes[1]] * sizes[0]
-    plan, _ = _plan(tuple(sizes), dim, dtype, normalize, offdiag, interpret=False)
+    plan, _ = _plan(tuple(sizes), dim, dtype, normalize, offdiag, False)
     per = _kernel_costs(plan, layers, dtype, compute_grad)
     keys = ("flops", "bytes", "tile_bytes", "atomic_bytes")
     per["total"] = {k: sum(v[k] for v in per.values()) for k in keys}

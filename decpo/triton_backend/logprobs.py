@@ -15,7 +15,7 @@ Frozen head (the LoRA case), forward + gradient in the forward, 4 C V D FLOPs:
   combine `_combine_kernel`: per row, lse from the partials, logp = z_y - lse, the
       statistics, and the per-(row, tile) factor exp(m_t - lse) f'-scale.
   rescale `_rescale_kernel`: q *= its tile's factor in place (fp32 product, one
-      rounding), so that q holds p_v f'(a_v): one read and write of q (2 C V bytes).
+      rounding), so that q holds p_v f'(a_v): one more read and write of q.
   GEMM 2 `_grad_kernel`, 2-D grid over (row tiles x D tiles), K = vocabulary:
       acc = sum_{v != y} p_v f'(a_v) W_v with q as stored as its A operand;
       epilogue d logp / d h = (1 - p_y) f'(a_y) W_y - acc. The target's own term
@@ -622,7 +622,7 @@ _INTERPRET = {
     "rescale": KernelConfig("interp", {"BLOCK_R": 16}, 1, 1),
 }
 _COMBINE = KernelConfig("r8t128", {"BLOCK_R": 8, "BLOCK_T": 128}, 4, 1)
-# The rescale streams q: 16 rows x one 256-wide tile (8 KiB of bf16) per program.
+# The rescale streams q: 16 rows x one vocabulary tile (128 wide in bf16: 4 KiB).
 _RESCALE = KernelConfig("r16", {"BLOCK_R": 16}, 4, 1)
 _GROUP_M = 16  # row tiles per L2 group: 16 x 128 rows x D=4096 x 2 B = 16 MiB of hidden
 
@@ -819,6 +819,9 @@ def _launch_gemm2(
     m_rows = out.shape[0]
     n_vocab, dim = weight.shape
     default, candidates = _configs("gemm2", weight.dtype)
+    # A is read in whole BLOCK_K steps without a column mask: q and G are padded to
+    # whole GEMM 1 tiles, which every candidate's BLOCK_K divides.
+    assert all(a.shape[1] % c.blocks["BLOCK_K"] == 0 for c in candidates), a.shape
     args = dict(
         q_ptr=a,
         w_ptr=weight,

@@ -221,6 +221,7 @@ def test_eager_path_matches_the_custom_op(backend):
         h = hidden.clone().requires_grad_(True)
         if eager:
             loss = decpo.decorrelation_penalty(h, segment_ids=seg, backend=backend)
+            assert type(loss.grad_fn).__name__ == "_EagerDecorrelationBackward"
         else:
             loss, _ = torch.ops.decpo.decorrelation_penalty(h, None, seg, True, False, "mean",
                                                             backend, True)  # fmt: skip

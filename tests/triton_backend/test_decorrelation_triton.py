@@ -199,3 +199,24 @@ def test_costs_count_the_tiled_work():
     flops, nbytes = dec.decorrelation_cost([16384], 4096)
     assert 3 * 16384 * 4096**2 <= flops <= 3.1 * 16384 * 4096**2
     assert nbytes >= 2 * 16384 * 4096 * 2  # read h, write dh at least
+
+
+def test_device_tables_kept_for_eager_calls_only():
+    """The launcher keeps a plan's index tables across eager calls (one host copy per
+    plan, not per call) and builds fresh ones for calls through the custom op, which
+    torch.compile's CUDA graphs may run."""
+    dec._plan.cache_clear()
+    device = torch.get_default_device()
+    h = torch.randn(2, 8, 16, device=device)
+    seg = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2], device=device)
+    sizes, dim = (2, 3, 3), h.shape[-1]
+    torch.ops.decpo.decorrelation_penalty(h, None, seg, True, False, "mean", "triton", True)
+    plan, _ = dec._plan(sizes, dim, h.dtype, True, False, interpreting())
+    assert plan.tables == {}
+    first = decpo.decorrelation_penalty(h, segment_ids=seg, backend="triton")
+    kept = dict(plan.tables)
+    assert kept
+    second = decpo.decorrelation_penalty(h, segment_ids=seg, backend="triton")
+    assert plan.tables.keys() == kept.keys()
+    assert all(plan.tables[k] is table for k, table in kept.items())
+    assert torch.equal(first, second)
