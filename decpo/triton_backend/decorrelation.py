@@ -1294,8 +1294,8 @@ def decorrelation_penalty(
     alloc = torch.empty if sum(plan.order) == n else torch.zeros
     grad = alloc(shape, dtype=gdtype, device=device) if compute_grad else hidden.new_empty(0)
     # Packed order: fused groups, large Gram groups, covariance groups.
-    if rows is None:  # every row, in order (one group): a cached table
-        rows = _table(plan, f"all {n} rows", lambda: list(range(n)), torch.int32, where)
+    if rows is None:  # every row, in order (one group)
+        rows = torch.arange(n, dtype=torch.int32, device=device)
     elif order == list(range(len(sizes))):  # already in packed order, every group counted
         rows = rows.to(torch.int32)
     else:
@@ -1420,10 +1420,9 @@ def decorrelation_penalty(
         group_start = _table(plan, "cov starts", lambda: starts_l, torch.int32, where)
         group_n = _table(plan, "cov sizes", lambda: plan.cov, torch.int32, where)
         # s = sum ||z||^2 and q = sum ||z||^4 per (group, layer), in float64.
-        seg = _table(  # the covariance group of each of its rows
-            plan, "cov row group", lambda: [g for g, s in enumerate(plan.cov) for _ in range(s)],
-            torch.int64, where,
-        )  # fmt: skip
+        seg = torch.repeat_interleave(  # each row's group; output_size given: no host sync
+            torch.arange(k, device=device), group_n, output_size=sum(plan.cov)
+        )
         sq_cov = sq[:, first:].double()  # (L, n_cov)
         s_tot = torch.zeros((L, k), dtype=torch.float64, device=device).index_add_(1, seg, sq_cov)
         q_tot = torch.zeros_like(s_tot).index_add_(1, seg, sq_cov.square())
